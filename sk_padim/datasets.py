@@ -1,0 +1,534 @@
+"""Datasets: a loader for the MVTec AD folder layout and a built-in defect dataset.
+
+This module sits on top of the estimators and imports nothing from them.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from skimage import data as skimage_data
+from sklearn.utils import Bunch, check_random_state
+
+__all__ = ["load_mvtec_ad", "make_defect_textures", "write_mvtec_layout"]
+
+_SPLITS = ("test", "train")
+_GOOD = "good"
+_MASK_SUFFIX = "_mask.png"
+_IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
+
+_TEXTURES = ("brick", "grass", "gravel")
+_DEFECT_KINDS = ("hole", "patch", "scratch", "stain")
+# Test crops come from the right-hand strip of each 512 x 512 photograph, training
+# crops from the rest, so no training pixel is ever seen at test time.
+_TEST_STRIP_FRACTION = 3 / 8
+_MIN_IMAGE_SIZE = 32
+_MAX_IMAGE_SIZE = 256  # largest size whose train and test strips stay disjoint
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def load_mvtec_ad(
+    root: str | os.PathLike,
+    category: str,
+    split: str = "train",
+    *,
+    return_X_y: bool = False,
+    mask_suffix: str = _MASK_SUFFIX,
+) -> Bunch | tuple[list[str], np.ndarray]:
+    """Load one category of a dataset in the MVTec AD folder layout.
+
+    The layout is::
+
+        <root>/<category>/train/good/<name>.png
+        <root>/<category>/test/<defect_type>/<name>.png       (good is one defect type)
+        <root>/<category>/ground_truth/<defect_type>/<name>_mask.png
+
+    Any dataset laid out this way can be read (MVTec AD, BTAD, VisA after conversion,
+    the output of :func:`write_mvtec_layout`). Images are returned as file paths; the
+    estimators read them.
+
+    Parameters
+    ----------
+    root : str or path-like
+        Folder holding one sub-folder per category.
+    category : str
+        Name of the category folder, e.g. ``"bottle"``.
+    split : {"train", "test"}, default="train"
+        ``"train"`` reads ``train/good``; ``"test"`` reads every sub-folder of
+        ``test``.
+    return_X_y : bool, default=False
+        If True, return ``(images, target)`` instead of a Bunch, and read no masks.
+    mask_suffix : str, default="_mask.png"
+        The mask of image ``<name>.<ext>`` is ``ground_truth/<defect_type>/<name>``
+        followed by this suffix. BTAD, for example, needs ``".png"``.
+
+    Returns
+    -------
+    data : :class:`~sklearn.utils.Bunch`
+        Dictionary-like object with attributes:
+
+        images : list of str
+            Image file paths, sorted by defect type, then by file name.
+        target : ndarray of shape (n_images,), dtype int
+            0 for good images, 1 for defective ones.
+        masks : ndarray of shape (n_images, height, width), dtype bool
+            Ground-truth defect masks at the images' size; any nonzero mask pixel is
+            defective, and good images get an all-False mask. When the images do not
+            all have the same size, a list of ``(height_i, width_i)`` arrays instead.
+        defect_types : ndarray of shape (n_images,), dtype str
+            Name of the folder each image came from (``"good"`` for normal images).
+
+    (images, target) : tuple
+        If ``return_X_y`` is True.
+
+    Raises
+    ------
+    ValueError
+        If ``split`` is not ``"train"`` or ``"test"``, or a mask's size differs from
+        its image's.
+    FileNotFoundError
+        If a folder of the layout, an image in it, or a defective image's mask is
+        missing; the message names the path.
+
+    See Also
+    --------
+    make_defect_textures : The built-in dataset.
+    write_mvtec_layout : Write the built-in dataset in this layout.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sk_padim.datasets import (
+    ...     load_mvtec_ad, make_defect_textures, write_mvtec_layout)
+    >>> dataset = make_defect_textures(categories="brick", random_state=0)
+    >>> root = write_mvtec_layout(dataset, tempfile.mkdtemp())
+    >>> test = load_mvtec_ad(root, "brick", split="test")
+    >>> len(test.images), test.masks.shape
+    (30, (30, 128, 128))
+    >>> sorted(set(test.defect_types))
+    ['good', 'hole', 'patch', 'scratch', 'stain']
+    >>> images, target = load_mvtec_ad(root, "brick", return_X_y=True)
+    >>> len(images), target.sum()
+    (40, 0)
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {list(_SPLITS)}, got {split!r}.")
+    category_dir = _existing_dir(Path(root) / category, "Category folder")
+    split_dir = _existing_dir(category_dir / split, "Split folder")
+    if split == "train":
+        type_dirs = [_existing_dir(split_dir / _GOOD, "Folder of good training images")]
+    else:
+        type_dirs = _subfolders(split_dir)
+
+    images, defect_types = [], []
+    for type_dir in type_dirs:
+        paths = _image_paths(type_dir)
+        images += paths
+        defect_types += [type_dir.name] * len(paths)
+    defect_types = np.asarray(defect_types)
+    target = (defect_types != _GOOD).astype(int)
+    if return_X_y:
+        return images, target
+    masks = _read_masks(images, defect_types, category_dir / "ground_truth", mask_suffix)
+    return Bunch(images=images, target=target, masks=masks, defect_types=defect_types)
+
+
+def _existing_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} not found: {path}. Expected the MVTec AD layout "
+            "<root>/<category>/{train/good, test/<defect_type>, ground_truth/<defect_type>}."
+        )
+    return path
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subfolders:
+        raise FileNotFoundError(
+            f"No defect-type folders in {folder}. Put the test images in sub-folders "
+            "named after their defect type, with normal images in 'good'."
+        )
+    return subfolders
+
+
+def _image_paths(folder: Path) -> list[str]:
+    paths = sorted(
+        str(p)
+        for p in folder.iterdir()
+        if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    if not paths:
+        raise FileNotFoundError(f"No image files ({', '.join(_IMAGE_SUFFIXES)}) in {folder}.")
+    return paths
+
+
+def _read_masks(
+    images: list[str], defect_types: np.ndarray, ground_truth: Path, mask_suffix: str
+) -> np.ndarray | list[np.ndarray]:
+    shapes = [_image_shape(path) for path in images]
+    if len(set(shapes)) == 1:
+        masks = np.zeros((len(images), *shapes[0]), dtype=bool)
+    else:
+        masks = [np.zeros(shape, dtype=bool) for shape in shapes]
+    for i in np.flatnonzero(defect_types != _GOOD):
+        mask_path = ground_truth / defect_types[i] / (Path(images[i]).stem + mask_suffix)
+        masks[i] = _read_mask(mask_path, shapes[i], mask_suffix)
+    return masks
+
+
+def _image_shape(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def _read_mask(path: Path, shape: tuple[int, int], mask_suffix: str) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Ground-truth mask not found: {path}. Each image test/<defect_type>/<name>.<ext> "
+            f"needs ground_truth/<defect_type>/<name>{mask_suffix}; pass mask_suffix= if "
+            "your dataset names its masks differently."
+        )
+    with Image.open(path) as image:
+        mask = np.asarray(image.convert("L")) > 0
+    if mask.shape != shape:
+        raise ValueError(
+            f"Mask {path} is {mask.shape[1]}x{mask.shape[0]} pixels but its image is "
+            f"{shape[1]}x{shape[0]}; masks must have their image's size."
+        )
+    return mask
+
+
+# ------------------------------------------------------------- built-in textures
+
+
+def make_defect_textures(
+    categories: str | Iterable[str] = _TEXTURES,
+    *,
+    image_size: int = 128,
+    n_train: int = 40,
+    n_test_good: int = 10,
+    n_test_defective: int = 20,
+    defect_kinds: str | Iterable[str] = _DEFECT_KINDS,
+    random_state: int | np.random.RandomState | None = None,
+) -> Bunch:
+    """Make the built-in anomaly detection dataset from real texture photographs.
+
+    Each category is one of the greyscale 512 x 512 texture photographs that ship
+    with scikit-image (``skimage.data.brick``, ``grass`` and ``gravel``; no
+    download). Normal images are random square crops, repeated to 3 RGB channels.
+    Defective test images are crops with one synthetic defect each, with its exact
+    pixel mask:
+
+    - ``"scratch"``: a thin (1-3 px) bright or dark curved line;
+    - ``"stain"``: a smooth elliptical brightening or darkening;
+    - ``"patch"``: a rotated rectangle pasted from another texture photograph;
+    - ``"hole"``: a dark, irregular region of missing material.
+
+    A defect changes only the pixels inside its mask. Training crops are cut from
+    the left 5/8 of each photograph and test crops from the right 3/8, so no
+    training pixel appears in a test image.
+
+    Parameters
+    ----------
+    categories : str or iterable of str, default=("brick", "grass", "gravel")
+        Texture photographs to use, each a category.
+    image_size : int, default=128
+        Side of the square images in pixels, from 32 to 256 (larger crops would
+        make the training and test strips overlap).
+    n_train : int, default=40
+        Number of normal training images per category.
+    n_test_good : int, default=10
+        Number of normal test images per category.
+    n_test_defective : int, default=20
+        Number of defective test images per category, shared as evenly as possible
+        among ``defect_kinds`` (the first kinds get one more when it does not
+        divide).
+    defect_kinds : str or iterable of str, default=("hole", "patch", "scratch", "stain")
+        Kinds of synthetic defect to make.
+    random_state : int, RandomState instance or None, default=None
+        Controls the crops and the defects. Pass an int for reproducible output.
+
+    Returns
+    -------
+    dataset : :class:`~sklearn.utils.Bunch`
+        Maps each category name to a Bunch with attributes:
+
+        X_train : ndarray of shape (n_train, image_size, image_size, 3), dtype uint8
+            Normal training images.
+        X_test : ndarray of shape (n_test, image_size, image_size, 3), dtype uint8
+            Test images, ``n_test = n_test_good + n_test_defective``, sorted by
+            defect type (as :func:`load_mvtec_ad` orders them).
+        y_test : ndarray of shape (n_test,), dtype int
+            0 for normal test images, 1 for defective ones.
+        masks_test : ndarray of shape (n_test, image_size, image_size), dtype bool
+            Defect masks; all False for normal images.
+        defect_types_test : ndarray of shape (n_test,), dtype str
+            ``"good"`` or the defect kind.
+        origins_train, origins_test : ndarray of shape (n, 2), dtype int
+            (row, column) of each crop's top-left corner in the photograph
+            ``getattr(skimage.data, category)()``.
+
+    Raises
+    ------
+    ValueError
+        If a category or defect kind is unknown, or a size or count is out of range.
+
+    See Also
+    --------
+    write_mvtec_layout : Write the dataset as image files in the MVTec AD layout.
+
+    Examples
+    --------
+    >>> from sk_padim.datasets import make_defect_textures
+    >>> dataset = make_defect_textures(random_state=0)
+    >>> list(dataset)
+    ['brick', 'grass', 'gravel']
+    >>> brick = dataset.brick
+    >>> brick.X_train.shape, brick.X_test.shape, brick.masks_test.shape
+    ((40, 128, 128, 3), (30, 128, 128, 3), (30, 128, 128))
+    >>> int(brick.y_test.sum())
+    20
+    """
+    categories = _check_options("categories", categories, _TEXTURES)
+    defect_kinds = _check_options("defect_kinds", defect_kinds, _DEFECT_KINDS)
+    _check_int("image_size", image_size, _MIN_IMAGE_SIZE, _MAX_IMAGE_SIZE)
+    _check_int("n_train", n_train, 1)
+    _check_int("n_test_good", n_test_good, 0)
+    _check_int("n_test_defective", n_test_defective, 0)
+    rng = check_random_state(random_state)
+
+    photos = {name: getattr(skimage_data, name)() for name in _TEXTURES}
+    test_types = _test_types(n_test_good, n_test_defective, defect_kinds)
+    dataset = Bunch()
+    for name in categories:
+        donors = [photo for other, photo in photos.items() if other != name]
+        dataset[name] = _make_category(photos[name], donors, n_train, test_types, image_size, rng)
+    return dataset
+
+
+def _check_options(name: str, values: str | Iterable[str], valid: tuple[str, ...]) -> list[str]:
+    values = list(dict.fromkeys([values] if isinstance(values, str) else values))
+    unknown = [value for value in values if value not in valid]
+    if unknown or not values:
+        raise ValueError(
+            f"{name} must be a non-empty selection from {list(valid)}, got {values!r}."
+        )
+    return values
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+    valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not valid or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}.")
+
+
+def _test_types(n_good: int, n_defective: int, kinds: list[str]) -> np.ndarray:
+    """Defect type of each test image, sorted as the MVTec AD loader orders them."""
+    counts = [len(part) for part in np.array_split(np.arange(n_defective), len(kinds))]
+    return np.sort(np.repeat([_GOOD, *kinds], [n_good, *counts]))
+
+
+def _make_category(
+    photo: np.ndarray,
+    donors: list[np.ndarray],
+    n_train: int,
+    test_types: np.ndarray,
+    size: int,
+    rng: np.random.RandomState,
+) -> Bunch:
+    width = photo.shape[1]
+    test_start = width - max(size, round(width * _TEST_STRIP_FRACTION))
+    origins_train = _random_origins(photo.shape[0], (0, test_start), size, n_train, rng)
+    origins_test = _random_origins(photo.shape[0], (test_start, width), size, len(test_types), rng)
+
+    painters = {
+        "hole": _hole,
+        "patch": partial(_patch, donors=donors),
+        "scratch": _scratch,
+        "stain": _stain,
+    }
+    X_test, masks_test = [], []
+    for origin, kind in zip(origins_test, test_types):
+        clean = _crop(photo, origin, size)
+        if kind == _GOOD:
+            mask, values = np.zeros_like(clean, dtype=bool), clean
+        else:
+            mask, values = painters[kind](clean.astype(float), rng)
+        X_test.append(np.where(mask, np.clip(np.rint(values), 0, 255), clean).astype(np.uint8))
+        masks_test.append(mask)
+
+    return Bunch(
+        X_train=_to_rgb(np.stack([_crop(photo, origin, size) for origin in origins_train])),
+        X_test=_to_rgb(np.stack(X_test)),
+        y_test=(test_types != _GOOD).astype(int),
+        masks_test=np.stack(masks_test),
+        defect_types_test=test_types,
+        origins_train=origins_train,
+        origins_test=origins_test,
+    )
+
+
+def _random_origins(
+    height: int, columns: tuple[int, int], size: int, n: int, rng: np.random.RandomState
+) -> np.ndarray:
+    """Top-left corners of ``n`` crops lying inside the given column range."""
+    rows = rng.randint(0, height - size + 1, size=n)
+    cols = rng.randint(columns[0], columns[1] - size + 1, size=n)
+    return np.column_stack([rows, cols])
+
+
+def _crop(photo: np.ndarray, origin: np.ndarray, size: int) -> np.ndarray:
+    row, col = origin
+    return photo[row : row + size, col : col + size]
+
+
+def _to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., np.newaxis], 3, axis=-1)
+
+
+# Each painter takes a clean float crop and returns (mask, values): the defective
+# image is ``values`` inside the mask and the clean crop everywhere else.
+
+
+def _scratch(clean: np.ndarray, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    size = clean.shape[0]
+    start = rng.uniform(0.15, 0.85, size=2) * (size - 1)
+    angle = rng.uniform(0, 2 * np.pi)
+    length = rng.uniform(0.3, 0.7) * size
+    direction = np.array([np.sin(angle), np.cos(angle)])
+    end = start + length * direction
+    bend = rng.uniform(-0.15, 0.15) * length * np.array([-direction[1], direction[0]])
+    control = (start + end) / 2 + bend
+    t = np.linspace(0, 1, int(2 * length) + 2)[:, np.newaxis]  # steps under 1 pixel
+    points = np.rint((1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end).astype(int)
+    points = points[((points >= 0) & (points < size)).all(axis=1)]
+    centre_line = np.zeros(clean.shape, dtype=bool)
+    centre_line[points[:, 0], points[:, 1]] = True
+    mask = ndimage.distance_transform_edt(~centre_line) <= rng.uniform(0.5, 1.5)
+    target = 235.0 if rng.rand() < 0.5 else 20.0
+    return mask, clean + rng.uniform(0.6, 0.9) * (target - clean)
+
+
+def _stain(clean: np.ndarray, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    u, v = _ellipse_frame(clean.shape[0], (0.08, 0.22), rng)
+    radius2 = u**2 + v**2
+    amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(35, 70)
+    return radius2 < 1, clean + amplitude * (1 - 0.6 * radius2)
+
+
+def _patch(
+    clean: np.ndarray, rng: np.random.RandomState, donors: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    size = clean.shape[0]
+    u, v = _ellipse_frame(size, (0.1, 0.22), rng)
+    donor = donors[rng.randint(len(donors))]
+    origin = rng.randint(0, np.array(donor.shape) - size + 1)
+    return np.maximum(np.abs(u), np.abs(v)) < 1, _crop(donor, origin, size).astype(float)
+
+
+def _hole(clean: np.ndarray, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    u, v = _ellipse_frame(clean.shape[0], (0.06, 0.18), rng)
+    harmonics = np.arange(2, 5)[:, np.newaxis, np.newaxis]
+    amplitudes = rng.uniform(0, 0.12, size=(3, 1, 1))
+    phases = rng.uniform(0, 2 * np.pi, size=(3, 1, 1))
+    rim = 1 + (amplitudes * np.cos(harmonics * np.arctan2(v, u) + phases)).sum(axis=0)
+    depth = np.hypot(u, v) / rim  # 0 at the centre, 1 on the irregular rim
+    floor = rng.uniform(10, 30)
+    return depth < 1, floor + 25 * depth**2 + rng.normal(0, 2, size=clean.shape)
+
+
+def _ellipse_frame(
+    size: int, axis_range: tuple[float, float], rng: np.random.RandomState
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates in a random ellipse's frame: the ellipse is ``u**2 + v**2 < 1``.
+
+    Its centre lies inside the image, so the ellipse covers at least one pixel.
+    """
+    centre = rng.uniform(0.2, 0.8, size=2) * (size - 1)
+    semi_axes = rng.uniform(*axis_range, size=2) * size
+    angle = rng.uniform(0, np.pi)
+    rows, cols = np.mgrid[:size, :size]
+    dy, dx = rows - centre[0], cols - centre[1]
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / semi_axes[0]
+    v = (dy * np.cos(angle) - dx * np.sin(angle)) / semi_axes[1]
+    return u, v
+
+
+# ------------------------------------------------------------------------ writer
+
+
+def write_mvtec_layout(dataset: Mapping[str, Bunch], root: str | os.PathLike) -> Path:
+    """Write a dataset made by :func:`make_defect_textures` in the MVTec AD layout.
+
+    Images and masks are written as lossless PNG files named ``000.png``,
+    ``001.png``, ... (masks ``000_mask.png``, 0 or 255), so :func:`load_mvtec_ad`
+    reads back the same images, labels and masks in the same order.
+
+    Parameters
+    ----------
+    dataset : mapping of str to Bunch
+        Category name to a Bunch with ``X_train``, ``X_test``, ``masks_test`` and
+        ``defect_types_test``, as returned by :func:`make_defect_textures`.
+    root : str or path-like
+        Folder to write into; created if needed. Each category goes to
+        ``<root>/<category>``, which must not exist yet.
+
+    Returns
+    -------
+    root : pathlib.Path
+        The folder written into.
+
+    Raises
+    ------
+    FileExistsError
+        If ``<root>/<category>`` already exists (its old files would mix with the
+        new ones); remove it or choose another root.
+
+    See Also
+    --------
+    load_mvtec_ad : Read a category back.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sk_padim.datasets import make_defect_textures, write_mvtec_layout
+    >>> dataset = make_defect_textures(categories="grass", n_train=5, random_state=0)
+    >>> root = write_mvtec_layout(dataset, tempfile.mkdtemp())
+    >>> sorted(p.name for p in (root / "grass").iterdir())
+    ['ground_truth', 'test', 'train']
+    >>> sorted(p.name for p in (root / "grass" / "train" / "good").iterdir())
+    ['000.png', '001.png', '002.png', '003.png', '004.png']
+    """
+    root = Path(root)
+    for category, bunch in dataset.items():
+        category_dir = root / category
+        if category_dir.exists():
+            raise FileExistsError(
+                f"{category_dir} already exists; remove it or choose another root."
+            )
+        _write_pngs(bunch.X_train, category_dir / "train" / _GOOD)
+        for kind in np.unique(bunch.defect_types_test):
+            selected = bunch.defect_types_test == kind
+            _write_pngs(bunch.X_test[selected], category_dir / "test" / kind)
+            if kind != _GOOD:
+                masks = bunch.masks_test[selected].astype(np.uint8) * 255
+                _write_pngs(masks, category_dir / "ground_truth" / kind, _MASK_SUFFIX)
+    return root
+
+
+def _write_pngs(images: np.ndarray, folder: Path, suffix: str = ".png") -> None:
+    folder.mkdir(parents=True)
+    digits = max(3, len(str(len(images) - 1)))
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:0{digits}d}{suffix}")

@@ -1,0 +1,324 @@
+"""PadimDetector: a Gaussian per patch position, scored by Mahalanobis distance."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn import get_config
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.exceptions import NotFittedError
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+
+from sk_padim.devices import resolve_device
+from sk_padim.gaussian import GaussianStatistics, whitening_factor
+from sk_padim.mahalanobis import mahalanobis
+from sk_padim.postprocess import anomaly_maps
+
+
+class PadimDetector(OutlierMixin, BaseEstimator):
+    """PaDiM: a multivariate Gaussian per patch position of the feature grid.
+
+    Fitting accumulates, per position, the count, mean and scatter of the training
+    feature vectors in a streaming, mergeable form (memory independent of the number of
+    images); the covariance is ``scatter / (N - 1) + reg * I``. Scoring computes at each
+    position the Mahalanobis distance (the square root) to that position's Gaussian,
+    upsamples the grid bilinearly to ``map_size`` and smooths it with a Gaussian of
+    ``sigma``; the image score is the maximum of the map.
+
+    **Sign convention**: both :meth:`score_samples` and :meth:`decision_function` are
+    *higher for more anomalous* inputs, as in PaDiM, anomalib and PyOD. This is the
+    opposite of scikit-learn's own outlier detectors; :meth:`predict` follows
+    scikit-learn (+1 normal, -1 anomalous).
+
+    Parameters
+    ----------
+    reg : float, default=0.01
+        Added to the diagonal of every covariance.
+    sigma : float, default=4.0
+        Standard deviation, in map pixels, of the Gaussian smoothing; 0 disables it.
+    truncate : float, default=4.0
+        The smoothing kernel is cut at ``truncate * sigma`` (scipy's convention).
+    map_size : int, (int, int) or None, default=None
+        Size of the anomaly maps. ``None`` gives four times the feature grid, which is
+        the transformer's ``image_size`` for layers whose first one has stride 4 (the
+        default layers of every registered backbone).
+    threshold : float or None, default=None
+        Image score above which :meth:`predict` says anomalous. ``None``: :meth:`fit`
+        sets ``threshold_`` to the highest score among the training images, so that no
+        training image is flagged; :meth:`partial_fit` then leaves it unset. For a
+        threshold tuned on labelled data, use :class:`sk_padim.F1ThresholdCalibrator`.
+    batch_size : int, default=32
+        Images per step when fitting and scoring.
+    device : str or torch.device, default="auto"
+        Where fitting and scoring run; ``"auto"`` uses CUDA when available. Fitted
+        statistics are stored as NumPy arrays, so models load on any machine.
+
+    Attributes
+    ----------
+    n_samples_seen_ : int
+        Number of training images.
+    n_features_in_ : int
+        Number of channels ``d`` of the features.
+    feature_shape_ : tuple of int
+        ``(d, h, w)`` of the training features.
+    mean_ : ndarray of shape (h * w, d), float64
+        Per-position mean, positions in row-major order.
+    scatter_ : ndarray of shape (h * w, d, d), float32
+        Per-position scatter matrix ``sum (x - mean)(x - mean)^T``.
+    threshold_ : float
+        See ``threshold``.
+
+    See Also
+    --------
+    PatchFeatureTransformer : Makes the features this detector takes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_padim import PadimDetector
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(20, 5, 4, 4)).astype(np.float32)
+    >>> detector = PadimDetector().fit(X)
+    >>> detector.score_samples(X[:2]).shape
+    (2, 16, 16)
+    >>> bool(detector.decision_function(X[:1] + 10)[0] > detector.threshold_)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "reg": [Interval(Real, 0, None, closed="neither")],
+        "sigma": [Interval(Real, 0, None, closed="left")],
+        "truncate": [Interval(Real, 0, None, closed="neither")],
+        "map_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "threshold": [Real, None],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+    }
+
+    def __init__(
+        self,
+        reg: float = 0.01,
+        sigma: float = 4.0,
+        truncate: float = 4.0,
+        map_size: int | tuple[int, int] | None = None,
+        threshold: float | None = None,
+        batch_size: int = 32,
+        device: str | torch.device = "auto",
+    ):
+        self.reg = reg
+        self.sigma = sigma
+        self.truncate = truncate
+        self.map_size = map_size
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.device = device
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the per-position Gaussians on features of normal images.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, d, h, w)
+            Features of normal images, e.g. from :class:`PatchFeatureTransformer`.
+        y : ignored
+
+        Returns
+        -------
+        self : PadimDetector
+        """
+        features = self._check_features(X, reset=True)
+        stats = self._accumulate(features, None)
+        self._store(stats, features.shape[1:])
+        self.threshold_ = (
+            float(self.threshold)
+            if self.threshold is not None
+            else float(self.decision_function(features).max())
+        )
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Add features of more normal images to the fitted statistics.
+
+        Any split of the training images into ``partial_fit`` calls gives the model that
+        one :meth:`fit` gives (to float32 rounding). Each call refactorises the
+        covariances, so feed large batches. If the call fails, the model is unchanged.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, d, h, w)
+            Features of normal images.
+        y : ignored
+
+        Returns
+        -------
+        self : PadimDetector
+        """
+        first_call = not hasattr(self, "n_samples_seen_")
+        features = self._check_features(X, reset=first_call)
+        stats = self._accumulate(features, None if first_call else self._statistics())
+        self._store(stats, features.shape[1:])
+        if self.threshold is not None:
+            self.threshold_ = float(self.threshold)
+        elif hasattr(self, "threshold_"):
+            del self.threshold_
+        return self
+
+    def score_samples(self, X) -> np.ndarray:
+        """Pixel anomaly maps; higher means more anomalous.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, d, h, w)
+            Features of the images to score.
+
+        Returns
+        -------
+        maps : ndarray of shape (n, H, W), float32
+            ``(H, W)`` is ``map_size``.
+        """
+        features = self._check_features(X, reset=False)
+        maps = np.empty((len(features), *self._map_size()), dtype=np.float32)
+        start = 0
+        for batch_maps in self._iter_maps(features):
+            maps[start : start + len(batch_maps)] = batch_maps.cpu().numpy()
+            start += len(batch_maps)
+        return maps
+
+    def decision_function(self, X) -> np.ndarray:
+        """Image anomaly scores, the maximum of each map; higher means more anomalous.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, d, h, w)
+            Features of the images to score.
+
+        Returns
+        -------
+        scores : ndarray of shape (n,), float32
+        """
+        features = self._check_features(X, reset=False)
+        scores = [batch_maps.amax(dim=(1, 2)).cpu() for batch_maps in self._iter_maps(features)]
+        return torch.cat(scores).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Label images: +1 normal, -1 anomalous (image score above ``threshold_``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n, d, h, w)
+
+        Returns
+        -------
+        labels : ndarray of shape (n,), int
+        """
+        check_is_fitted(self)
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError(
+                "threshold_ is not set: partial_fit does not score the training images. "
+                "Set threshold=<float>, call fit, or calibrate with F1ThresholdCalibrator."
+            )
+        return np.where(self.decision_function(X) > self.threshold_, -1, 1)
+
+    def _accumulate(self, features: np.ndarray, stats: GaussianStatistics | None):
+        d, h, w = features.shape[1:]
+        if stats is None:
+            stats = GaussianStatistics.empty(h * w, d, resolve_device(self.device))
+        for start in range(0, len(features), self.batch_size):
+            batch = torch.as_tensor(features[start : start + self.batch_size])
+            batch = batch.to(stats.mean.device).reshape(len(batch), d, h * w).transpose(1, 2)
+            stats.update(batch)
+        return stats
+
+    def _statistics(self) -> GaussianStatistics:
+        """The fitted statistics as tensors on the estimator's device."""
+        device = resolve_device(self.device)
+        return GaussianStatistics(
+            self.n_samples_seen_,
+            torch.tensor(self.mean_, device=device),
+            torch.tensor(self.scatter_, device=device),
+        )
+
+    def _store(self, stats: GaussianStatistics, feature_shape) -> None:
+        """Set the fitted attributes from the statistics and prepare scoring."""
+        factor = whitening_factor(stats, self.reg)
+        mean = stats.mean.to(torch.float32)
+        self.n_samples_seen_ = stats.count
+        self.n_features_in_ = int(feature_shape[0])
+        self.feature_shape_ = tuple(int(s) for s in feature_shape)
+        self.mean_ = stats.mean.cpu().numpy()
+        self.scatter_ = stats.scatter.cpu().numpy()
+        self._scoring_cache = ((stats.mean.device, self.reg), mean, factor)
+
+    def _scoring_tensors(self, device: torch.device):
+        """Mean (float32) and whitening factor on ``device``, computed once per device."""
+        cache = getattr(self, "_scoring_cache", None)
+        if cache is None or cache[0] != (device, self.reg):
+            stats = self._statistics()
+            cache = ((device, self.reg), stats.mean.to(torch.float32),
+                     whitening_factor(stats, self.reg))
+            self._scoring_cache = cache
+        return cache[1], cache[2]
+
+    def _iter_maps(self, features: np.ndarray):
+        device = resolve_device(self.device)
+        mean, factor = self._scoring_tensors(device)
+        d, h, w = self.feature_shape_
+        # Temporary floats per position: centred and whitened vectors of one batch.
+        budget = get_config()["working_memory"] * 2**20
+        chunk = max(1, int(budget // (2 * 4 * self.batch_size * d)))
+        for start in range(0, len(features), self.batch_size):
+            batch = torch.as_tensor(features[start : start + self.batch_size]).to(device)
+            with torch.inference_mode():
+                distances = mahalanobis(batch, mean, factor, chunk)
+                yield anomaly_maps(distances, self._map_size(), self.sigma, self.truncate)
+
+    def _map_size(self) -> tuple[int, int]:
+        if self.map_size is None:
+            _, h, w = self.feature_shape_
+            return (4 * h, 4 * w)
+        if isinstance(self.map_size, Integral):
+            return (int(self.map_size), int(self.map_size))
+        if len(self.map_size) != 2 or not all(
+            isinstance(s, Integral) and s > 0 for s in self.map_size
+        ):
+            raise ValueError(f"map_size must be an int or (height, width); got {self.map_size!r}.")
+        return (int(self.map_size[0]), int(self.map_size[1]))
+
+    def _check_features(self, X, reset: bool) -> np.ndarray:
+        if not reset:
+            check_is_fitted(self)
+        features = np.asarray(X)
+        if features.ndim != 4:
+            raise ValueError(
+                f"Expected features of shape (n, d, h, w); got shape {features.shape}. "
+                "Pass images through PatchFeatureTransformer first."
+            )
+        if len(features) == 0:
+            raise ValueError("Got no feature maps (n = 0); pass at least one image's features.")
+        if not np.issubdtype(features.dtype, np.number) or features.dtype == np.bool_:
+            raise TypeError(f"Features must be numeric; got dtype {features.dtype}.")
+        if not reset and tuple(features.shape[1:]) != self.feature_shape_:
+            raise ValueError(
+                f"Features have shape (d, h, w) = {tuple(features.shape[1:])} but the "
+                f"detector was fitted on {self.feature_shape_}; use the same transformer "
+                "settings (n_features, layers, image_size) as for fitting."
+            )
+        features = features.astype(np.float32, copy=False)
+        if not np.isfinite(features).all():
+            raise ValueError("Features contain NaN or infinite values.")
+        return features
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_scoring_cache", None)
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        return tags

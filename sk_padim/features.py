@@ -1,0 +1,274 @@
+"""PatchFeatureTransformer: images -> PaDiM patch embeddings ``(n, d, h, w)``."""
+
+from __future__ import annotations
+
+import copy
+import os
+from numbers import Integral
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from sk_padim.backbones import REGISTRY, TruncatedBackbone, check_layers, load_backbone
+from sk_padim.devices import resolve_device
+from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
+
+
+class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
+    """Patch embeddings from a pretrained CNN, as in PaDiM.
+
+    The backbone runs only up to the deepest requested layer. From the concatenation of
+    the requested layers' channels, ``n_features`` channels are drawn once, uniformly
+    without replacement, in :meth:`fit`. Those channels are selected per layer *before*
+    the deeper layers are upsampled (nearest) to the first layer's grid, so the full
+    concatenation is never built.
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="resnet18"
+        A torchvision classification model name (``"resnet18"``, ``"wide_resnet50_2"``,
+        ``"efficientnet_b0"`` ... ``"efficientnet_b7"``, ...), ``"efficientnet_lite0"``
+        (ImageNet weights shipped in the ``lite`` extra, no download), or a module.
+    layers : tuple of str, default=None
+        Names of the modules whose outputs form the embedding, shallowest first (the
+        first one sets the grid). ``None`` uses the backbone's default: ``layer1,
+        layer2, layer3`` for ResNets. Required for backbones outside the registry.
+    n_features : int, default=None
+        Number ``d`` of channels kept. ``None`` uses the backbone's default (ResNet-18:
+        100, Wide-ResNet-50-2: 550, EfficientNets: 100), capped at the channels available.
+    weights : str, path or None, default="DEFAULT"
+        A torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...), a path to
+        a state-dict file, or ``None`` for random initialisation. For an ``nn.Module``,
+        ``"DEFAULT"`` and ``None`` keep the module's own weights.
+    image_size : int or (int, int), default=224
+        Images are resized (bilinear, antialiased) to this size; the aspect ratio is not
+        kept. The feature grid is ``image_size / 4`` for the default layers.
+    batch_size : int, default=32
+        Images per forward pass.
+    device : str or torch.device, default="auto"
+        Where the backbone runs; ``"auto"`` uses CUDA when available. The fitted
+        backbone is kept on the CPU, so pickles load on any machine.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the draw of the channel indices.
+    verbose : bool, default=False
+        Show a progress bar over batches.
+
+    Attributes
+    ----------
+    backbone_ : torch.nn.Module
+        The truncated backbone, on the CPU.
+    layers_ : tuple of str
+        The layers used.
+    layer_channels_ : tuple of int
+        Channels of each layer.
+    channel_indices_ : ndarray of shape (n_features_,)
+        Sorted indices of the kept channels in the concatenation of the layers.
+    n_features_ : int
+        Number of channels kept, ``d``.
+    feature_shape_ : tuple of int
+        ``(d, h, w)`` of one transformed image.
+    normalization_ : tuple
+        ``(mean, std)`` applied to the RGB pixels in [0, 1].
+
+    See Also
+    --------
+    PadimDetector : Fits a Gaussian per patch position on these features.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_padim import PatchFeatureTransformer
+    >>> X = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    >>> feat = PatchFeatureTransformer(weights=None, image_size=64, n_features=20,
+    ...                                random_state=0)
+    >>> feat.fit_transform(X).shape
+    (2, 20, 16, 16)
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str, nn.Module],
+        "layers": [tuple, list, None],
+        "n_features": [Interval(Integral, 1, None, closed="left"), None],
+        "weights": [str, os.PathLike, None],
+        "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        layers: tuple[str, ...] | None = None,
+        n_features: int | None = None,
+        weights: str | os.PathLike | None = "DEFAULT",
+        image_size: int | tuple[int, int] = 224,
+        batch_size: int = 32,
+        device: str | torch.device = "auto",
+        random_state=None,
+        verbose: bool = False,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.n_features = n_features
+        self.weights = weights
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Load the backbone and draw the channel indices.
+
+        Nothing is learnt from the images, so ``X`` is not read.
+
+        Parameters
+        ----------
+        X : ignored
+        y : ignored
+
+        Returns
+        -------
+        self : PatchFeatureTransformer
+        """
+        spec = REGISTRY.get(self.backbone) if isinstance(self.backbone, str) else None
+        layers = self._resolve_layers(spec)
+        size = self._image_size()
+        model = load_backbone(self.backbone, self.weights)
+        check_layers(model, layers)
+        probe = torch.zeros(1, 3, *size)
+        try:
+            truncated = TruncatedBackbone(model, layers, probe)
+            with torch.inference_mode():
+                outputs = truncated(probe)
+        except RuntimeError as error:
+            raise ValueError(
+                f"image_size={self.image_size!r} does not fit the backbone's layers "
+                f"{layers} ({error}); use a larger image_size, e.g. 224."
+            ) from error
+        for name, output in zip(layers, outputs, strict=True):
+            if output.ndim != 4:
+                raise ValueError(
+                    f"Layer {name!r} outputs shape {tuple(output.shape)}; PaDiM needs "
+                    "convolutional feature maps (batch, channels, height, width)."
+                )
+        channels = tuple(int(output.shape[1]) for output in outputs)
+        n_features = self._resolve_n_features(spec, layers, sum(channels))
+        rng = check_random_state(self.random_state)
+        self.channel_indices_ = np.sort(rng.choice(sum(channels), n_features, replace=False))
+        self.backbone_ = truncated.to(memory_format=torch.channels_last)
+        self.layers_ = layers
+        self.layer_channels_ = channels
+        self.n_features_ = n_features
+        self.feature_shape_ = (n_features, *outputs[0].shape[2:])
+        self.normalization_ = (spec.mean, spec.std) if spec else (IMAGENET_MEAN, IMAGENET_STD)
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Compute the patch embeddings of images.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, H, W) or (n, H, W, C), or list
+            Images: an array (uint8 0-255 or float 0-1, grey or RGB), or a list of
+            arrays, PIL images or file paths (sizes may differ).
+
+        Returns
+        -------
+        features : ndarray of shape (n, d, h, w), float32
+        """
+        check_is_fitted(self)
+        images = check_images(X)
+        device = resolve_device(self.device)
+        model = self._model_on(device)
+        out = np.empty((len(images), *self.feature_shape_), dtype=np.float32)
+        batches = iter_batches(images, self._image_size(), self.batch_size, *self.normalization_)
+        start = 0
+        for batch in tqdm(batches, disable=not self.verbose, total=-(-len(out) // self.batch_size),
+                          desc="features", unit="batch"):
+            with torch.inference_mode():
+                layer_maps = model(batch.to(device).contiguous(memory_format=torch.channels_last))
+                features = self._assemble(layer_maps)
+            out[start : start + len(features)] = features.cpu().numpy()
+            start += len(features)
+        return out
+
+    def _assemble(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Select the kept channels of each layer, then upsample them to the first grid."""
+        first = layer_maps[0]
+        grid = tuple(first.shape[2:])
+        out = torch.empty((len(first), self.n_features_, *grid), device=first.device)
+        offsets = np.cumsum((0, *self.layer_channels_))
+        position = 0
+        for layer_map, low, high in zip(layer_maps, offsets[:-1], offsets[1:], strict=True):
+            local = self.channel_indices_[(self.channel_indices_ >= low) & (self.channel_indices_ < high)]
+            if len(local) == 0:
+                continue
+            index = torch.as_tensor(local - low, device=first.device)
+            selected = layer_map.index_select(1, index)
+            if tuple(selected.shape[2:]) != grid:
+                selected = F.interpolate(selected, size=grid, mode="nearest")
+            out[:, position : position + len(local)] = selected
+            position += len(local)
+        return out
+
+    def _model_on(self, device: torch.device) -> nn.Module:
+        if device.type == "cpu":
+            return self.backbone_
+        cached = getattr(self, "_device_backbone", None)
+        if cached is None or cached[0] != device:
+            self._device_backbone = (device, copy.deepcopy(self.backbone_).to(device))
+        return self._device_backbone[1]
+
+    def _resolve_layers(self, spec) -> tuple[str, ...]:
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or not all(isinstance(name, str) for name in layers):
+                raise ValueError(f"layers must be a non-empty tuple of names; got {self.layers!r}.")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers contains a name twice: {self.layers!r}.")
+            return layers
+        if spec is None:
+            raise ValueError(
+                f"backbone={self.backbone!r} has no default layers; pass layers=(...) with "
+                f"module names, or use one of {sorted(REGISTRY)}."
+            )
+        return spec.layers
+
+    def _resolve_n_features(self, spec, layers: tuple[str, ...], n_available: int) -> int:
+        if self.n_features is None:
+            return min(spec.n_features if spec else 100, n_available)
+        if self.n_features > n_available:
+            raise ValueError(
+                f"n_features={self.n_features} but the layers {layers} give only {n_available} channels; use n_features <= {n_available}."
+            )
+        return self.n_features
+
+    def _image_size(self) -> tuple[int, int]:
+        size = self.image_size
+        if isinstance(size, Integral):
+            return (int(size), int(size))
+        if len(size) != 2 or not all(isinstance(s, Integral) and s > 0 for s in size):
+            raise ValueError(f"image_size must be an int or (height, width); got {size!r}.")
+        return (int(size[0]), int(size[1]))
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_device_backbone", None)
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.requires_fit = True
+        return tags

@@ -1,0 +1,288 @@
+"""Tests for sk_padim.datasets: the MVTec AD loader and the built-in texture dataset."""
+
+import doctest
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skimage_data
+
+import sk_padim.datasets
+from sk_padim.datasets import load_mvtec_ad, make_defect_textures, write_mvtec_layout
+
+KINDS = ["hole", "patch", "scratch", "stain"]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_defect_textures(random_state=0)
+
+
+def _crop(category, origin, size):
+    row, col = origin
+    return getattr(skimage_data, category)()[row : row + size, col : col + size]
+
+
+def _save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def _read(path):
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+# ------------------------------------------------------------ make_defect_textures
+
+
+def test_default_shapes_dtypes_and_counts(dataset):
+    assert list(dataset) == ["brick", "grass", "gravel"]
+    for bunch in dataset.values():
+        assert bunch.X_train.shape == (40, 128, 128, 3)
+        assert bunch.X_train.dtype == np.uint8
+        assert bunch.X_test.shape == (30, 128, 128, 3)
+        assert bunch.X_test.dtype == np.uint8
+        assert bunch.masks_test.shape == (30, 128, 128)
+        assert bunch.masks_test.dtype == bool
+        types, counts = np.unique(bunch.defect_types_test, return_counts=True)
+        assert dict(zip(types, counts)) == {"good": 10, **dict.fromkeys(KINDS, 5)}
+        np.testing.assert_array_equal(bunch.y_test, bunch.defect_types_test != "good")
+
+
+def test_test_images_sorted_by_defect_type(dataset):
+    types = dataset.brick.defect_types_test
+    np.testing.assert_array_equal(types, np.sort(types))
+
+
+def test_same_seed_gives_identical_arrays_other_seed_differs(dataset):
+    again = make_defect_textures(random_state=0)
+    other = make_defect_textures(random_state=1)
+    for category, bunch in dataset.items():
+        for key, value in bunch.items():
+            np.testing.assert_array_equal(again[category][key], value)
+        assert not np.array_equal(other[category].X_train, bunch.X_train)
+        assert not np.array_equal(other[category].masks_test, bunch.masks_test)
+
+
+def test_normal_images_are_grey_photo_crops_repeated_to_rgb(dataset):
+    for category, bunch in dataset.items():
+        for image, origin in zip(bunch.X_train, bunch.origins_train):
+            np.testing.assert_array_equal(
+                image, _crop(category, origin, 128)[..., None].repeat(3, 2)
+            )
+        good = bunch.defect_types_test == "good"
+        for image, origin in zip(bunch.X_test[good], bunch.origins_test[good]):
+            np.testing.assert_array_equal(
+                image, _crop(category, origin, 128)[..., None].repeat(3, 2)
+            )
+
+
+def test_defects_change_exactly_the_masked_pixels(dataset):
+    for category, bunch in dataset.items():
+        for image, mask, origin, kind in zip(
+            bunch.X_test, bunch.masks_test, bunch.origins_test, bunch.defect_types_test
+        ):
+            clean = _crop(category, origin, 128)
+            np.testing.assert_array_equal(image[~mask], clean[~mask][:, None].repeat(3, 1))
+            if kind != "good":
+                changed = image[..., 0] != clean
+                assert changed[mask].mean() > 0.9, (category, kind)
+
+
+def test_every_defect_kind_appears_with_a_nonempty_mask(dataset):
+    for bunch in dataset.values():
+        assert set(bunch.defect_types_test) == {"good", *KINDS}
+        areas = bunch.masks_test.sum(axis=(1, 2))
+        assert (areas[bunch.y_test == 1] > 0).all()
+        assert (areas[bunch.y_test == 0] == 0).all()
+
+
+@pytest.mark.parametrize("image_size", [32, 128, 256])
+def test_train_crops_never_overlap_test_crops(image_size):
+    dataset = make_defect_textures(
+        image_size=image_size, n_train=20, n_test_good=5, n_test_defective=8, random_state=0
+    )
+    for bunch in dataset.values():
+        assert bunch.X_train.shape[1:3] == (image_size, image_size)
+        last_train_column = bunch.origins_train[:, 1].max() + image_size - 1
+        assert last_train_column < bunch.origins_test[:, 1].min()
+
+
+def test_defects_shared_evenly_among_selected_kinds():
+    dataset = make_defect_textures(
+        "grass", n_test_good=0, n_test_defective=6, defect_kinds=["stain", "hole", "scratch"],
+        n_train=2, random_state=0,
+    )  # fmt: skip
+    assert list(dataset) == ["grass"]
+    np.testing.assert_array_equal(
+        dataset.grass.defect_types_test, ["hole", "hole", "scratch", "scratch", "stain", "stain"]
+    )
+    uneven = make_defect_textures("grass", n_test_defective=3, n_train=2, random_state=0)
+    types, counts = np.unique(uneven.grass.defect_types_test, return_counts=True)
+    assert dict(zip(types, counts)) == {"good": 10, "hole": 1, "patch": 1, "scratch": 1}
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"categories": ["brick", "marble"]}, "categories must be"),
+        ({"categories": []}, "categories must be"),
+        ({"defect_kinds": ["crack"]}, "defect_kinds must be"),
+        ({"image_size": 300}, "image_size must be an int from 32 to 256"),
+        ({"image_size": 16}, "image_size must be an int from 32 to 256"),
+        ({"n_train": 0}, "n_train must be an int >= 1"),
+        ({"n_train": 2.5}, "n_train must be an int >= 1"),
+        ({"n_test_good": -1}, "n_test_good must be an int >= 0"),
+        ({"n_test_defective": True}, "n_test_defective must be an int >= 0"),
+    ],
+)
+def test_make_defect_textures_rejects_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        make_defect_textures(**params)
+
+
+# ------------------------------------------------------------- write + load round trip
+
+
+def test_round_trip_through_mvtec_layout(dataset, tmp_path):
+    root = write_mvtec_layout(dataset, tmp_path)
+    assert root == tmp_path
+    for category, bunch in dataset.items():
+        train = load_mvtec_ad(root, category, split="train")
+        np.testing.assert_array_equal([_read(p) for p in train.images], bunch.X_train)
+        assert train.target.tolist() == [0] * 40
+        assert not train.masks.any()
+
+        test = load_mvtec_ad(root, category, split="test")
+        np.testing.assert_array_equal([_read(p) for p in test.images], bunch.X_test)
+        np.testing.assert_array_equal(test.masks, bunch.masks_test)
+        np.testing.assert_array_equal(test.target, bunch.y_test)
+        np.testing.assert_array_equal(test.defect_types, bunch.defect_types_test)
+
+
+def test_write_refuses_an_existing_category_folder(tmp_path):
+    dataset = make_defect_textures("brick", n_train=1, n_test_good=1, n_test_defective=1)
+    (tmp_path / "brick").mkdir()
+    with pytest.raises(FileExistsError, match="brick already exists"):
+        write_mvtec_layout(dataset, tmp_path)
+
+
+# -------------------------------------------------------------------- load_mvtec_ad
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A small hand-written MVTec AD tree; each image's value identifies it."""
+    category = tmp_path / "widget"
+    for name, value in [("b.png", 1), ("a.png", 2)]:
+        _save(category / "train" / "good" / name, np.full((6, 8), value))
+    for name, value in [("001.png", 10), ("000.png", 11)]:
+        _save(category / "test" / "good" / name, np.full((6, 8), value))
+    for defect, name, value in [("scratch", "b.png", 20), ("crack", "b.png", 30), ("crack", "a.png", 31)]:  # fmt: skip
+        _save(category / "test" / defect / name, np.full((6, 8), value))
+        mask = np.zeros((6, 8))
+        mask[value % 6, :] = 255  # row of the mask tells which image it belongs to
+        _save(category / "ground_truth" / defect / name.replace(".png", "_mask.png"), mask)
+    (category / "test" / "crack" / "notes.txt").write_text("not an image")
+    (category / "test" / ".cache").mkdir()
+    return tmp_path
+
+
+def test_loader_sorts_by_defect_type_then_name(tree):
+    test = load_mvtec_ad(tree, "widget", split="test")
+    names = [p.split("test/")[1] for p in test.images]
+    assert names == ["crack/a.png", "crack/b.png", "good/000.png", "good/001.png", "scratch/b.png"]
+    assert test.defect_types.tolist() == ["crack", "crack", "good", "good", "scratch"]
+    assert test.target.tolist() == [1, 1, 0, 0, 1]
+    train = load_mvtec_ad(tree, "widget")
+    assert [p.split("good/")[1] for p in train.images] == ["a.png", "b.png"]
+
+
+def test_loader_masks_are_aligned_with_images(tree):
+    test = load_mvtec_ad(tree, "widget", split="test")
+    assert test.masks.shape == (5, 6, 8)
+    assert test.masks.dtype == bool
+    for path, mask, target in zip(test.images, test.masks, test.target):
+        value = _read(path)[0, 0]
+        expected = np.zeros((6, 8), dtype=bool)
+        expected[value % 6, :] = target == 1
+        np.testing.assert_array_equal(mask, expected)
+
+
+def test_loader_return_X_y(tree):
+    images, target = load_mvtec_ad(tree, "widget", split="test", return_X_y=True)
+    bunch = load_mvtec_ad(tree, "widget", split="test")
+    assert images == bunch.images
+    np.testing.assert_array_equal(target, bunch.target)
+
+
+def test_loader_gives_a_list_of_masks_for_images_of_different_sizes(tree):
+    category = tree / "widget"
+    _save(category / "test" / "hole" / "x.png", np.zeros((3, 5)))
+    _save(category / "ground_truth" / "hole" / "x_mask.png", np.full((3, 5), 255))
+    masks = load_mvtec_ad(tree, "widget", split="test").masks
+    assert isinstance(masks, list)
+    assert [m.shape for m in masks] == [(6, 8)] * 5 + [(3, 5)]
+    assert masks[-1].all()
+
+
+def test_loader_mask_suffix_for_other_naming_schemes(tmp_path):
+    _save(tmp_path / "01" / "test" / "ko" / "0000.bmp", np.zeros((4, 4)))
+    _save(tmp_path / "01" / "ground_truth" / "ko" / "0000.png", np.eye(4) * 255)
+    test = load_mvtec_ad(tmp_path, "01", split="test", mask_suffix=".png")
+    np.testing.assert_array_equal(test.masks[0], np.eye(4, dtype=bool))
+
+
+def test_loader_rejects_an_unknown_split(tree):
+    with pytest.raises(ValueError, match=r"split must be one of \['test', 'train'\], got 'val'"):
+        load_mvtec_ad(tree, "widget", split="val")
+
+
+@pytest.mark.parametrize(
+    "category, remove, missing",
+    [
+        ("gadget", None, "gadget"),
+        ("widget", "train", "widget/train"),
+        ("widget", "train/good", "widget/train/good"),
+    ],
+)
+def test_loader_names_a_missing_folder(tree, category, remove, missing):
+    if remove:
+        shutil.rmtree(tree / "widget" / remove)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"not found: {tree / missing}.")):
+        load_mvtec_ad(tree, category, split="train")
+
+
+def test_loader_names_a_test_folder_without_defect_types(tmp_path):
+    (tmp_path / "widget" / "test").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"No defect-type folders in {tmp_path}")):
+        load_mvtec_ad(tmp_path, "widget", split="test")
+
+
+def test_loader_names_a_folder_without_images(tree):
+    (tree / "widget" / "test" / "empty").mkdir()
+    empty = tree / "widget" / "test" / "empty"
+    with pytest.raises(FileNotFoundError, match=f"No image files .* in {re.escape(str(empty))}"):
+        load_mvtec_ad(tree, "widget", split="test")
+
+
+def test_loader_names_a_missing_mask(tree):
+    mask = tree / "widget" / "ground_truth" / "crack" / "b_mask.png"
+    mask.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"Ground-truth mask not found: {mask}.")):
+        load_mvtec_ad(tree, "widget", split="test")
+
+
+def test_loader_rejects_a_mask_of_the_wrong_size(tree):
+    _save(tree / "widget" / "ground_truth" / "crack" / "a_mask.png", np.zeros((8, 6)))
+    with pytest.raises(ValueError, match="is 6x8 pixels but its image is 8x6"):
+        load_mvtec_ad(tree, "widget", split="test")
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(sk_padim.datasets, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
