@@ -113,7 +113,7 @@ def _load_torchvision(name: str, weights: str | None) -> nn.Module:
     weights_enum = torchvision.models.get_model_weights(name)
     try:
         resolved = weights_enum.verify(weights)
-    except ValueError as error:
+    except (ValueError, KeyError) as error:
         raise ValueError(
             f"Unknown weights {weights!r} for {name}; use 'DEFAULT', one of "
             f"{[w.name for w in weights_enum]}, a state-dict file path, or None."
@@ -217,6 +217,11 @@ class TruncatedBackbone(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        # Containers such as ModuleList are never called themselves: a module counts as
+        # reached when it or any of its descendants ran.
+        for name in list(reached):
+            parts = name.split(".")
+            reached.update(".".join(parts[:i]) for i in range(len(parts)))
         for name, _ in list(self.model.named_modules()):
             parent_name, _, child = name.rpartition(".")
             if name and name not in reached and parent_name in reached:

@@ -36,7 +36,9 @@ class PadimDetector(OutlierMixin, BaseEstimator):
     Parameters
     ----------
     reg : float, default=0.01
-        Added to the diagonal of every covariance.
+        Added to the diagonal of every covariance. It is applied when the statistics
+        are factorised, so changing it on a fitted detector (``set_params``) rescores
+        with the new value without refitting.
     sigma : float, default=4.0
         Standard deviation, in map pixels, of the Gaussian smoothing; 0 disables it.
     truncate : float, default=4.0

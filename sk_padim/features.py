@@ -142,9 +142,9 @@ class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
         self : PatchFeatureTransformer
         """
         spec = REGISTRY.get(self.backbone) if isinstance(self.backbone, str) else None
+        model = load_backbone(self.backbone, self.weights)
         layers = self._resolve_layers(spec)
         size = self._image_size()
-        model = load_backbone(self.backbone, self.weights)
         check_layers(model, layers)
         probe = torch.zeros(1, 3, *size)
         try:
@@ -161,6 +161,11 @@ class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
                 raise ValueError(
                     f"Layer {name!r} outputs shape {tuple(output.shape)}; PaDiM needs "
                     "convolutional feature maps (batch, channels, height, width)."
+                )
+            if min(output.shape[2:]) < 2:
+                raise ValueError(
+                    f"image_size={self.image_size!r} leaves layer {name!r} a "
+                    f"{tuple(output.shape[2:])} map; use a larger image_size (224 is usual)."
                 )
         channels = tuple(int(output.shape[1]) for output in outputs)
         n_features = self._resolve_n_features(spec, layers, sum(channels))

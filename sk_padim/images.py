@@ -129,11 +129,11 @@ def _array_to_tensor(image: np.ndarray, has_channel_axis: bool) -> torch.Tensor:
 
 def _read_image(item) -> np.ndarray:
     if isinstance(item, Image.Image):
-        return np.asarray(item.convert("RGB"))
+        return np.array(item.convert("RGB"))
     path = os.fspath(item)
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"Cannot read image file {path!r}: {error}") from error
 

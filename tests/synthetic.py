@@ -1,0 +1,29 @@
+"""Small synthetic images for the tests."""
+
+import numpy as np
+from scipy import ndimage
+
+
+def smooth_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random RGB texture, uint8, (size, size, 3)."""
+    noise = rng.normal(size=(size, size, 3))
+    texture = ndimage.gaussian_filter(noise, sigma=(3, 3, 0))
+    texture = (texture - texture.min()) / (np.ptp(texture) + 1e-12)
+    return (40 + 120 * texture).astype(np.uint8)
+
+
+def textures_with_squares(n_normal: int, n_anomalous: int, size: int = 64, seed: int = 0):
+    """Normal smooth textures, and textures with a bright square pasted in.
+
+    Returns images (n, size, size, 3) uint8, labels (n,) and masks (n, size, size) bool.
+    """
+    rng = np.random.default_rng(seed)
+    images = np.stack([smooth_texture(rng, size) for _ in range(n_normal + n_anomalous)])
+    masks = np.zeros((len(images), size, size), dtype=bool)
+    side = size // 5
+    for i in range(n_normal, len(images)):
+        top, left = rng.integers(side, size - 2 * side, size=2)
+        masks[i, top : top + side, left : left + side] = True
+    images[masks] = 255
+    labels = masks.any(axis=(1, 2)).astype(int)
+    return images, labels, masks

