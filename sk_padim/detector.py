@@ -7,13 +7,13 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn import get_config
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context, clone
 from sklearn.exceptions import NotFittedError
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sk_padim.devices import resolve_device
-from sk_padim.gaussian import GaussianStatistics, whitening_factor
+from sk_padim.gaussian import GaussianStatistics, position_major, whitening_factor
 from sk_padim.mahalanobis import mahalanobis
 from sk_padim.postprocess import anomaly_maps
 
@@ -52,6 +52,10 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         sets ``threshold_`` to the highest score among the training images, so that no
         training image is flagged; :meth:`partial_fit` then leaves it unset. For a
         threshold tuned on labelled data, use :class:`sk_padim.F1ThresholdCalibrator`.
+    covariance_dtype : {"float32", "float16"}, default="float32"
+        Storage of ``packed_covariance_``. ``"float16"`` halves the fitted model's size
+        at a small cost in precision (see docs/performance.md); keep ``"float32"`` while
+        a model is still being trained with :meth:`partial_fit`.
     batch_size : int, default=32
         Images per step when fitting and scoring.
     device : str or torch.device, default="auto"
@@ -68,8 +72,9 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         ``(d, h, w)`` of the training features.
     mean_ : ndarray of shape (h * w, d), float64
         Per-position mean, positions in row-major order.
-    scatter_ : ndarray of shape (h * w, d, d), float32
-        Per-position scatter matrix ``sum (x - mean)(x - mean)^T``.
+    packed_covariance_ : ndarray of shape (h * w, d * (d + 1) / 2)
+        Per-position covariance (N - 1 normalised, without ``reg``), its lower triangle
+        packed row by row (``torch.tril_indices`` order), in ``covariance_dtype``.
     threshold_ : float
         See ``threshold``.
 
@@ -96,6 +101,7 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         "truncate": [Interval(Real, 0, None, closed="neither")],
         "map_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "threshold": [Real, None],
+        "covariance_dtype": [StrOptions({"float32", "float16"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
     }
@@ -107,6 +113,7 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         truncate: float = 4.0,
         map_size: int | tuple[int, int] | None = None,
         threshold: float | None = None,
+        covariance_dtype: str = "float32",
         batch_size: int = 32,
         device: str | torch.device = "auto",
     ):
@@ -115,6 +122,7 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         self.truncate = truncate
         self.map_size = map_size
         self.threshold = threshold
+        self.covariance_dtype = covariance_dtype
         self.batch_size = batch_size
         self.device = device
 
@@ -133,8 +141,7 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         self : PadimDetector
         """
         features = self._check_features(X, reset=True)
-        stats = self._accumulate(features, None)
-        self._store(stats, features.shape[1:])
+        self._store(self._accumulate(features, None), features.shape[1:])
         self.threshold_ = (
             float(self.threshold)
             if self.threshold is not None
@@ -162,13 +169,54 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         """
         first_call = not hasattr(self, "n_samples_seen_")
         features = self._check_features(X, reset=first_call)
-        stats = self._accumulate(features, None if first_call else self._statistics())
-        self._store(stats, features.shape[1:])
+        previous = None if first_call else self._statistics()
+        self._store(self._accumulate(features, previous), features.shape[1:])
         if self.threshold is not None:
             self.threshold_ = float(self.threshold)
         elif hasattr(self, "threshold_"):
             del self.threshold_
         return self
+
+    def merge(self, other: PadimDetector) -> PadimDetector:
+        """A new detector fitted on the images of both ``self`` and ``other``.
+
+        The statistics of two fits combine exactly (to float32 rounding), so fits of
+        separate shards of a dataset, on other machines or by other engines (Dask, Ray,
+        Spark), merge into the model of one fit on all of it. Both operands are left
+        unchanged. The result keeps this detector's parameters; like
+        :meth:`partial_fit`, it sets ``threshold_`` only from an explicit ``threshold``.
+
+        Parameters
+        ----------
+        other : PadimDetector
+            A fitted detector with the same feature shape and the same ``reg`` and
+            ``covariance_dtype``.
+
+        Returns
+        -------
+        merged : PadimDetector
+        """
+        check_is_fitted(self)
+        if not isinstance(other, PadimDetector):
+            raise TypeError(f"Can only merge a PadimDetector; got {type(other).__name__}.")
+        check_is_fitted(other)
+        if other.feature_shape_ != self.feature_shape_:
+            raise ValueError(
+                f"Cannot merge detectors fitted on features of shape {self.feature_shape_} "
+                f"and {other.feature_shape_}; fit both with the same transformer settings."
+            )
+        for name in ("reg", "covariance_dtype"):
+            if getattr(self, name) != getattr(other, name):
+                raise ValueError(
+                    f"Cannot merge detectors with different {name}: {getattr(self, name)!r} "
+                    f"and {getattr(other, name)!r}."
+                )
+        merged = clone(self)
+        stats = self._statistics().merge(other._statistics())
+        merged._store(stats, self.feature_shape_)
+        if self.threshold is not None:
+            merged.threshold_ = float(self.threshold)
+        return merged
 
     def score_samples(self, X) -> np.ndarray:
         """Pixel anomaly maps; higher means more anomalous.
@@ -232,40 +280,39 @@ class PadimDetector(OutlierMixin, BaseEstimator):
             stats = GaussianStatistics.empty(h * w, d, resolve_device(self.device))
         for start in range(0, len(features), self.batch_size):
             batch = torch.as_tensor(features[start : start + self.batch_size])
-            batch = batch.to(stats.mean.device).reshape(len(batch), d, h * w).transpose(1, 2)
-            stats.update(batch)
+            stats.update(position_major(batch.to(stats.mean.device)))
         return stats
 
     def _statistics(self) -> GaussianStatistics:
         """The fitted statistics as tensors on the estimator's device."""
         device = resolve_device(self.device)
-        return GaussianStatistics(
+        return GaussianStatistics.from_packed(
             self.n_samples_seen_,
             torch.tensor(self.mean_, device=device),
-            torch.tensor(self.scatter_, device=device),
+            torch.tensor(self.packed_covariance_, device=device),
         )
 
     def _store(self, stats: GaussianStatistics, feature_shape) -> None:
-        """Set the fitted attributes from the statistics and prepare scoring."""
-        factor = whitening_factor(stats, self.reg)
-        mean = stats.mean.to(torch.float32)
-        self.n_samples_seen_ = stats.count
+        """Set the fitted attributes from the statistics (consumed) and prepare scoring."""
+        count, mean = stats.count, stats.mean
+        packed = stats.consume_packed().to(getattr(torch, self.covariance_dtype))
+        self.n_samples_seen_ = count
         self.n_features_in_ = int(feature_shape[0])
         self.feature_shape_ = tuple(int(s) for s in feature_shape)
-        self.mean_ = stats.mean.cpu().numpy()
-        self.scatter_ = stats.scatter.cpu().numpy()
-        self._scoring_cache = ((stats.mean.device, self.reg), mean, factor)
+        self.mean_ = mean.cpu().numpy()
+        self.packed_covariance_ = packed.cpu().numpy()
+        self._scoring_cache = None
+        self._scoring_tensors(mean.device, mean, packed)
 
-    def _scoring_tensors(self, device: torch.device):
+    def _scoring_tensors(self, device: torch.device, mean=None, packed=None):
         """Mean (float32) and whitening factor on ``device``, computed once per device."""
         cache = getattr(self, "_scoring_cache", None)
         if cache is None or cache[0] != (device, self.reg):
-            stats = self._statistics()
-            cache = (
-                (device, self.reg),
-                stats.mean.to(torch.float32),
-                whitening_factor(stats, self.reg),
-            )
+            if mean is None:
+                mean = torch.tensor(self.mean_, device=device)
+                packed = torch.tensor(self.packed_covariance_, device=device)
+            factor = whitening_factor(packed, self.reg)
+            cache = ((device, self.reg), mean.to(torch.float32), factor)
             self._scoring_cache = cache
         return cache[1], cache[2]
 

@@ -1,7 +1,8 @@
 """Streaming, mergeable Gaussian statistics per patch position.
 
-The state is the count ``n``, the mean (float64) and the scatter matrix
-``S = sum_i (x_i - mean)(x_i - mean)^T`` (float32) at each of ``P`` positions. Batches are
+While fitting, the state is the count ``n``, the mean (float64) and the scatter matrix
+``S = sum_i (x_i - mean)(x_i - mean)^T`` (float32) at each of ``P`` positions; a fitted
+model keeps the covariance ``S / (n - 1)`` packed to its lower triangle. Batches are
 folded in with the pairwise update of Chan, Golub and LeVeque: the batch is centred on its
 own mean, and the shift between the two means enters as one extra rank-one term,
 
@@ -37,18 +38,16 @@ class GaussianStatistics:
             torch.zeros(n_positions, n_features, n_features, dtype=torch.float32, device=device),
         )
 
-    def update(self, batch: torch.Tensor) -> None:
-        """Fold a batch of position-major vectors ``(B, P, d)`` into the statistics."""
-        n_batch = len(batch)
+    def update(self, vectors: torch.Tensor) -> None:
+        """Fold in a batch of position-major vectors ``(P, B, d)`` (float32, contiguous)."""
+        n_batch = vectors.shape[1]
         total = self.count + n_batch
-        batch = batch.to(torch.float64)
-        batch_mean = batch.mean(dim=0)
+        batch_mean = vectors.mean(dim=1, dtype=torch.float64)
         delta = batch_mean - self.mean
         # Rows whose Gram matrix is the batch scatter plus the mean-shift correction.
-        rows = torch.cat(
-            [batch - batch_mean, math.sqrt(self.count * n_batch / total) * delta[None]]
-        )
-        rows = rows.to(torch.float32).transpose(0, 1).contiguous()  # (P, B + 1, d)
+        centred = vectors - batch_mean.to(torch.float32)[:, None, :]
+        correction = math.sqrt(self.count * n_batch / total) * delta.to(torch.float32)
+        rows = torch.cat([centred, correction[:, None, :]], dim=1)
         self.scatter.baddbmm_(rows.transpose(1, 2), rows)
         self.mean += delta * (n_batch / total)
         self.count = total
@@ -62,40 +61,99 @@ class GaussianStatistics:
         mean = self.mean + (other.mean - self.mean) * (other.count / total)
         return GaussianStatistics(total, mean, scatter)
 
-    def covariance(self, reg: float, positions: slice = slice(None)) -> torch.Tensor:
-        """Float64 covariance with N - 1 normalisation plus ``reg * I``.
+    def consume_packed(self) -> torch.Tensor:
+        """Covariance ``scatter / (N - 1)``, packed as ``(P, d (d + 1) / 2)`` float32.
 
-        With a single sample the unbiased estimate does not exist; the scatter is then
-        zero and the covariance is ``reg * I``.
+        The full scatter matrices are released (they are the bulk of the memory), so the
+        statistics cannot be updated afterwards. With a single sample the unbiased
+        estimate does not exist; the scatter is then zero, and so is this covariance.
         """
-        scatter = self.scatter[positions].to(torch.float64)
-        eye = torch.eye(scatter.shape[-1], dtype=torch.float64, device=scatter.device)
-        return scatter / max(self.count - 1, 1) + reg * eye
+        packed = pack_lower(self.scatter).div_(max(self.count - 1, 1))
+        self.scatter = None
+        return packed
+
+    @classmethod
+    def from_packed(
+        cls, count: int, mean: torch.Tensor, packed_covariance: torch.Tensor
+    ) -> GaussianStatistics:
+        """Rebuild the statistics from a count, mean and packed covariance."""
+        n_features = mean.shape[-1]
+        scatter = unpack_symmetric(packed_covariance.to(torch.float32), n_features)
+        return cls(count, mean.to(torch.float64), scatter.mul_(max(count - 1, 1)))
+
+
+def pack_lower(matrices: torch.Tensor) -> torch.Tensor:
+    """Lower triangles of symmetric ``(P, d, d)`` matrices as ``(P, d (d + 1) / 2)``.
+
+    Entries are in ``torch.tril_indices`` order (row by row).
+    """
+    rows, cols = torch.tril_indices(*matrices.shape[-2:], device=matrices.device)
+    return matrices[:, rows, cols]
+
+
+def unpack_symmetric(packed: torch.Tensor, n_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_lower`: full symmetric ``(P, d, d)`` matrices."""
+    rows, cols = torch.tril_indices(n_features, n_features, device=packed.device)
+    full = packed.new_empty(len(packed), n_features, n_features)
+    full[:, rows, cols] = packed
+    full[:, cols, rows] = packed
+    return full
+
+
+def position_major(features: torch.Tensor) -> torch.Tensor:
+    """``(B, d, h, w)`` feature maps -> contiguous ``(h * w, B, d)`` vectors per position.
+
+    Contiguous, so batched matmuls over positions run at full speed (on a permuted view
+    they are many times slower).
+    """
+    n_images, n_features = features.shape[:2]
+    return features.reshape(n_images, n_features, -1).permute(2, 0, 1).contiguous()
 
 
 def whitening_factor(
-    stats: GaussianStatistics, reg: float, chunk_positions: int = 256
+    packed_covariance: torch.Tensor, reg: float, chunk_positions: int = 256
 ) -> torch.Tensor:
     """Upper-triangular ``U`` (float32, ``(P, d, d)``) with ``|(x - mean) @ U|`` the distance.
 
-    ``U = L^{-T}`` for the Cholesky factor ``L`` of each regularised covariance, so the
+    ``U = L^{-T}`` for the Cholesky factor ``L`` of each covariance plus ``reg * I``, so the
     squared Mahalanobis distance ``(x - m)^T C^{-1} (x - m)`` equals ``|(x - m) @ U|^2``:
     scoring is one batched matmul and a sum of squares, never negative. Factorisation
     runs in float64, a chunk of positions at a time to bound memory. Where it fails
     (never for finite statistics and ``reg > 0`` in exact arithmetic), ``reg`` is raised
     tenfold for the failing positions with a warning.
     """
-    n_positions, n_features = stats.mean.shape
-    factor = torch.empty(
-        n_positions, n_features, n_features, dtype=torch.float32, device=stats.mean.device
-    )
-    eye = torch.eye(n_features, dtype=torch.float64, device=stats.mean.device)
+    n_positions = len(packed_covariance)
+    n_features = int((math.isqrt(8 * packed_covariance.shape[1] + 1) - 1) // 2)
+    device = packed_covariance.device
+    factor = torch.empty(n_positions, n_features, n_features, device=device)
+    eye = torch.eye(n_features, dtype=torch.float64, device=device)
     for start in range(0, n_positions, chunk_positions):
         positions = slice(start, start + chunk_positions)
-        lower = _robust_cholesky(stats.covariance(reg, positions), reg, start)
-        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-        factor[positions] = inverse.transpose(1, 2)
+        covariance = unpack_symmetric(packed_covariance[positions].to(torch.float64), n_features)
+        lower = _robust_cholesky(covariance + reg * eye, reg, start)
+        factor[positions] = lower_triangular_inverse(lower).transpose(1, 2)
     return factor
+
+
+def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """Inverse of a batch of lower-triangular matrices by recursive 2x2 blocking.
+
+    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: the work goes into
+    batched matmuls, which run several times faster than torch's batched triangular
+    solve on small matrices on the CPU.
+    """
+    n = lower.shape[-1]
+    if n <= 32:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device).expand_as(lower)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = n // 2
+    inv_a = lower_triangular_inverse(lower[:, :k, :k])
+    inv_d = lower_triangular_inverse(lower[:, k:, k:])
+    inverse = torch.zeros_like(lower)
+    inverse[:, :k, :k] = inv_a
+    inverse[:, k:, k:] = inv_d
+    inverse[:, k:, :k] = -torch.bmm(inv_d, torch.bmm(lower[:, k:, :k], inv_a))
+    return inverse
 
 
 def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:

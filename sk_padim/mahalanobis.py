@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from sk_padim.gaussian import position_major
+
 
 def mahalanobis(
     features: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, chunk_positions: int
@@ -26,9 +28,8 @@ def mahalanobis(
     distances : Tensor of shape (B, h, w)
         ``sqrt((x - m)^T C^{-1} (x - m))``, the square root as in PaDiM.
     """
-    n_images, n_features, height, width = features.shape
-    # Position-major and contiguous, so the matmul runs over P independent small GEMMs.
-    vectors = features.reshape(n_images, n_features, height * width).permute(2, 0, 1)
+    n_images, _, height, width = features.shape
+    vectors = position_major(features)
     distances = torch.empty(height * width, n_images, device=features.device)
     for start in range(0, height * width, chunk_positions):
         stop = start + chunk_positions

@@ -78,7 +78,9 @@ def test_partial_fit_in_chunks_equals_fit(features):
         streamed.partial_fit(chunk)
     assert streamed.n_samples_seen_ == full.n_samples_seen_ == 40
     np.testing.assert_allclose(streamed.mean_, full.mean_, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(streamed.scatter_, full.scatter_, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        streamed.packed_covariance_, full.packed_covariance_, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(streamed.score_samples(test), full.score_samples(test), rtol=1e-5)
 
 
@@ -186,3 +188,45 @@ def test_changing_reg_after_fit_rescores_with_new_reg(features):
     detector.set_params(reg=1.0)
     expected = reference_maps(train, test, (20, 28), reg=1.0)
     np.testing.assert_allclose(detector.score_samples(test), expected, atol=1e-4 * np.ptp(expected))
+
+
+def test_merge_equals_fit_on_the_union(features):
+    train, test = features
+    left, right = PadimDetector().fit(train[:15]), PadimDetector().fit(train[15:])
+    before = left.mean_.copy()
+    merged = left.merge(right)
+    full = PadimDetector().fit(train)
+    assert merged.n_samples_seen_ == 40
+    np.testing.assert_allclose(merged.mean_, full.mean_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(merged.score_samples(test), full.score_samples(test), rtol=1e-5)
+    np.testing.assert_array_equal(left.mean_, before)
+    assert left.n_samples_seen_ == 15 and right.n_samples_seen_ == 25
+
+
+def test_merge_refuses_mismatched_detectors(features):
+    train, _ = features
+    detector = PadimDetector().fit(train)
+    with pytest.raises(ValueError, match="shape"):
+        detector.merge(PadimDetector().fit(train[:, :4]))
+    with pytest.raises(ValueError, match="reg"):
+        detector.merge(PadimDetector(reg=0.1).fit(train))
+
+
+def test_covariance_is_stored_packed_and_unpacks_to_numpy_cov(features):
+    train, _ = features
+    detector = PadimDetector().fit(train)
+    d, h, w = detector.feature_shape_
+    rows, cols = np.tril_indices(d)
+    position = 7
+    expected = np.cov(train.reshape(len(train), d, h * w)[:, :, position], rowvar=False)
+    np.testing.assert_allclose(
+        detector.packed_covariance_[position], expected[rows, cols], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_float16_storage_halves_size_and_keeps_scores_close(features):
+    train, test = features
+    full = PadimDetector().fit(train)
+    half = PadimDetector(covariance_dtype="float16").fit(train)
+    assert half.packed_covariance_.nbytes * 2 == full.packed_covariance_.nbytes
+    np.testing.assert_allclose(half.score_samples(test), full.score_samples(test), rtol=1e-2)

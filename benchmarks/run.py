@@ -1,0 +1,252 @@
+"""Speed and memory of the PaDiM pipeline, stage by stage.
+
+Example (the figures in docs/performance.md)::
+
+    python benchmarks/run.py --backbone resnet18 --n-features 100 --image-size 224 \
+        --n-train 200 --n-test 100
+
+Images are deterministic synthetic textures already in memory (uint8). Weights are random
+(``--weights none``, the default) since speed does not depend on their values. The script
+prints a Markdown table and writes it, with the raw numbers as JSON, to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from sklearn.pipeline import Pipeline
+
+from sk_padim import PadimDetector, PatchFeatureTransformer
+from sk_padim.devices import resolve_device
+from sk_padim.gaussian import GaussianStatistics, position_major, whitening_factor
+from sk_padim.images import iter_batches
+from sk_padim.mahalanobis import mahalanobis
+from sk_padim.postprocess import anomaly_maps
+
+
+def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Smooth random RGB textures, uint8 (n, size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (n, size // 8, size // 8, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+
+
+class StageTimer:
+    """Accumulates wall-clock seconds per named stage (synchronising CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _staged_features(feat, images, phase, timer):
+    """Yield feature batches, timing decoding, the backbone and assembly."""
+    device = resolve_device(feat.device)
+    model = feat._model_on(device)
+    batches = iter_batches(images, feat._image_size(), feat.batch_size, *feat.normalization_)
+    while True:
+        with timer(f"{phase}: decode + resize"):
+            batch = next(batches, None)
+            if batch is not None:
+                batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+        if batch is None:
+            return
+        with torch.inference_mode():
+            with timer(f"{phase}: backbone forward"):
+                layer_maps = model(batch)
+            with timer(f"{phase}: feature assembly"):
+                features = feat._assemble(layer_maps)
+        yield features
+
+
+def staged_fit(feat, detector, images, timer):
+    """The fit path through the library's stages; returns (mean, factor)."""
+    d, h, w = feat.feature_shape_
+    stats = GaussianStatistics.empty(h * w, d, resolve_device(feat.device))
+    for features in _staged_features(feat, images, "fit", timer):
+        with torch.inference_mode(), timer("fit: statistics update"):
+            stats.update(position_major(features))
+    with timer("fit: finalisation"):
+        return stats.mean.to(torch.float32), whitening_factor(stats, detector.reg)
+
+
+def staged_score(feat, detector, images, mean, factor, timer):
+    """The scoring path through the library's stages."""
+    _, h, w = feat.feature_shape_
+    for features in _staged_features(feat, images, "score", timer):
+        with torch.inference_mode():
+            with timer("score: distance kernel"):
+                distances = mahalanobis(features, mean, factor, chunk_positions=h * w)
+            with timer("score: upsample + blur"):
+                maps = anomaly_maps(distances, (4 * h, 4 * w), detector.sigma, 4.0)
+            with timer("score: image score"):
+                maps.amax(dim=(1, 2)).cpu()
+
+
+def bare_backbone_seconds(feat, images) -> float:
+    """Seconds for the truncated backbone alone on preprocessed batches."""
+    device = resolve_device(feat.device)
+    model = feat._model_on(device)
+    batches = [
+        b.to(device).contiguous(memory_format=torch.channels_last)
+        for b in iter_batches(images, feat._image_size(), feat.batch_size, *feat.normalization_)
+    ]
+    timer = StageTimer(device)
+    with torch.inference_mode(), timer("backbone"):
+        for batch in batches:
+            model(batch)
+    return timer.seconds["backbone"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_sizes_mb(pipe) -> tuple[float, float]:
+    detector = pipe.named_steps["padim"]
+    arrays = [v for v in vars(detector).values() if isinstance(v, np.ndarray)]
+    params = pipe.named_steps["feat"].backbone_.parameters()
+    in_memory = sum(a.nbytes for a in arrays) + sum(p.numel() * 4 for p in params)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.joblib")
+        joblib.dump(pipe, path)
+        on_disk = os.path.getsize(path)
+    return in_memory / 2**20, on_disk / 2**20
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    feat = PatchFeatureTransformer(
+        backbone=args.backbone,
+        weights=None if args.weights == "none" else args.weights,
+        n_features=args.n_features,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        random_state=0,
+    )
+    detector = PadimDetector(batch_size=args.batch_size, device=args.device, threshold=0.0)
+    pipe = Pipeline([("feat", feat), ("padim", detector)])
+    train = synthetic_images(args.n_train, args.image_size, seed=0)
+    test = synthetic_images(args.n_test, args.image_size, seed=1)
+    feat.fit()
+
+    backbone_s = bare_backbone_seconds(feat, test)
+    timer = StageTimer(resolve_device(args.device))
+    mean, factor = staged_fit(feat, detector, train, timer)
+    staged_score(feat, detector, test, mean, factor, timer)
+
+    start = time.perf_counter()
+    pipe.fit(train)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    pipe.decision_function(test)
+    score_s = time.perf_counter() - start
+    in_memory_mb, joblib_mb = model_sizes_mb(pipe)
+
+    backbone_rate = args.n_test / backbone_s
+    return {
+        "config": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(resolve_device(args.device)),
+        },
+        "stages_ms_per_image": {
+            stage: 1000 * seconds / (args.n_train if stage.startswith("fit") else args.n_test)
+            for stage, seconds in timer.seconds.items()
+        },
+        "fit_images_per_s": args.n_train / fit_s,
+        "score_images_per_s": args.n_test / score_s,
+        "bare_backbone_images_per_s": backbone_rate,
+        "score_to_backbone_ratio": (args.n_test / score_s) / backbone_rate,
+        "fit_to_backbone_ratio": (args.n_train / fit_s) / backbone_rate,
+        "peak_rss_mb": peak_rss_mb(),
+        "model_mb_in_memory": in_memory_mb,
+        "model_mb_joblib": joblib_mb,
+    }
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"### {c['backbone']}, d={c['n_features']}, {c['image_size']} px, "
+        f"batch {c['batch_size']}, {result['machine']['device']}, "
+        f"{result['machine']['threads']} threads, torch {result['machine']['torch']}",
+        "",
+        "| stage | ms / image | share of its phase |",
+        "|---|---:|---:|",
+    ]
+    stages = result["stages_ms_per_image"]
+    for phase in ("fit", "score"):
+        total = sum(v for k, v in stages.items() if k.startswith(phase))
+        for stage, ms in stages.items():
+            if stage.startswith(phase):
+                lines.append(f"| {stage} | {ms:.2f} | {100 * ms / total:.0f}% |")
+    lines += [
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| fit, images/s (pipeline `fit`, {c['n_train']} images) | "
+        f"{result['fit_images_per_s']:.1f} |",
+        f"| scoring, images/s (pipeline `decision_function`, {c['n_test']} images) | "
+        f"{result['score_images_per_s']:.1f} |",
+        f"| bare truncated backbone, images/s | {result['bare_backbone_images_per_s']:.1f} |",
+        f"| scoring / bare backbone | {result['score_to_backbone_ratio']:.2f} |",
+        f"| fit / bare backbone | {result['fit_to_backbone_ratio']:.2f} |",
+        f"| peak RSS, MB | {result['peak_rss_mb']:.0f} |",
+        f"| fitted model in memory, MB | {result['model_mb_in_memory']:.1f} |",
+        f"| fitted model as joblib file, MB | {result['model_mb_joblib']:.1f} |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--weights", default="none", help="'none', a name or a file")
+    parser.add_argument("--n-features", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    result = run(args)
+    table = markdown(result)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.backbone}_d{args.n_features}_{args.image_size}_{result['machine']['device']}"
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
