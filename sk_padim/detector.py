@@ -140,8 +140,8 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         -------
         self : PadimDetector
         """
-        features = self._check_features(X, reset=True)
-        self._store(self._accumulate(features, None), features.shape[1:])
+        features = self._check_features(X)
+        self._fit_batches([features])
         self.threshold_ = (
             float(self.threshold)
             if self.threshold is not None
@@ -168,13 +168,8 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         self : PadimDetector
         """
         first_call = not hasattr(self, "n_samples_seen_")
-        features = self._check_features(X, reset=first_call)
-        previous = None if first_call else self._statistics()
-        self._store(self._accumulate(features, previous), features.shape[1:])
-        if self.threshold is not None:
-            self.threshold_ = float(self.threshold)
-        elif hasattr(self, "threshold_"):
-            del self.threshold_
+        self._fit_batches([X], None if first_call else self._statistics())
+        self._set_threshold_without_scores()
         return self
 
     def merge(self, other: PadimDetector) -> PadimDetector:
@@ -214,8 +209,7 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         merged = clone(self)
         stats = self._statistics().merge(other._statistics())
         merged._store(stats, self.feature_shape_)
-        if self.threshold is not None:
-            merged.threshold_ = float(self.threshold)
+        merged._set_threshold_without_scores()
         return merged
 
     def score_samples(self, X) -> np.ndarray:
@@ -231,7 +225,7 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         maps : ndarray of shape (n, H, W), float32
             ``(H, W)`` is ``map_size``.
         """
-        features = self._check_features(X, reset=False)
+        features = self._check_features(X, self._fitted_shape())
         maps = np.empty((len(features), *self._map_size()), dtype=np.float32)
         start = 0
         for batch_maps in self._iter_maps(features):
@@ -251,7 +245,7 @@ class PadimDetector(OutlierMixin, BaseEstimator):
         -------
         scores : ndarray of shape (n,), float32
         """
-        features = self._check_features(X, reset=False)
+        features = self._check_features(X, self._fitted_shape())
         scores = [batch_maps.amax(dim=(1, 2)).cpu() for batch_maps in self._iter_maps(features)]
         return torch.cat(scores).numpy()
 
@@ -273,6 +267,29 @@ class PadimDetector(OutlierMixin, BaseEstimator):
                 "Set threshold=<float>, call fit, or calibrate with F1ThresholdCalibrator."
             )
         return np.where(self.decision_function(X) > self.threshold_, -1, 1)
+
+    def _set_threshold_without_scores(self) -> None:
+        """``threshold_`` from the parameter alone, when training scores are unavailable."""
+        if self.threshold is not None:
+            self.threshold_ = float(self.threshold)
+        elif hasattr(self, "threshold_"):
+            del self.threshold_
+
+    def _fit_batches(self, feature_batches, previous: GaussianStatistics | None = None):
+        """Fold feature arrays into ``previous`` (or fresh) statistics, then store them.
+
+        Nothing is stored unless every batch is valid, so a failure or an interruption
+        leaves the detector as it was.
+        """
+        stats = previous
+        shape = None if previous is None else self.feature_shape_
+        for X in feature_batches:
+            features = self._check_features(X, shape)
+            shape = features.shape[1:]
+            stats = self._accumulate(features, stats)
+        if stats is None:
+            raise ValueError("No feature batches to fit on; pass at least one.")
+        self._store(stats, shape)
 
     def _accumulate(self, features: np.ndarray, stats: GaussianStatistics | None):
         d, h, w = features.shape[1:]
@@ -341,9 +358,11 @@ class PadimDetector(OutlierMixin, BaseEstimator):
             raise ValueError(f"map_size must be an int or (height, width); got {self.map_size!r}.")
         return (int(self.map_size[0]), int(self.map_size[1]))
 
-    def _check_features(self, X, reset: bool) -> np.ndarray:
-        if not reset:
-            check_is_fitted(self)
+    def _fitted_shape(self) -> tuple[int, int, int]:
+        check_is_fitted(self)
+        return self.feature_shape_
+
+    def _check_features(self, X, expected_shape=None) -> np.ndarray:
         features = np.asarray(X)
         if features.ndim != 4:
             raise ValueError(
@@ -354,10 +373,10 @@ class PadimDetector(OutlierMixin, BaseEstimator):
             raise ValueError("Got no feature maps (n = 0); pass at least one image's features.")
         if not np.issubdtype(features.dtype, np.number) or features.dtype == np.bool_:
             raise TypeError(f"Features must be numeric; got dtype {features.dtype}.")
-        if not reset and tuple(features.shape[1:]) != self.feature_shape_:
+        if expected_shape is not None and tuple(features.shape[1:]) != tuple(expected_shape):
             raise ValueError(
                 f"Features have shape (d, h, w) = {tuple(features.shape[1:])} but the "
-                f"detector was fitted on {self.feature_shape_}; use the same transformer "
+                f"detector was fitted on {tuple(expected_shape)}; use the same transformer "
                 "settings (n_features, layers, image_size) as for fitting."
             )
         features = features.astype(np.float32, copy=False)

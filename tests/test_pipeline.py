@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 from synthetic import textures_with_squares
 
-from sk_padim import PadimDetector, PatchFeatureTransformer
+from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
 
 
 def make_pipeline(weights, **feat_params):
@@ -83,3 +83,19 @@ def test_pipeline_predict_uses_the_detector_threshold(fitted, data):
     scores = fitted.decision_function(test)
     threshold = fitted.named_steps["padim"].threshold_
     np.testing.assert_array_equal(fitted.predict(test), np.where(scores > threshold, -1, 1))
+
+
+def test_fit_streaming_equals_pipeline_fit(data, resnet18_weights):
+    train, test, _, _ = data
+    full = make_pipeline(resnet18_weights).fit(train)
+    streamed = fit_streaming(make_pipeline(resnet18_weights), list(train), chunk_size=7)
+    detector = streamed.named_steps["padim"]
+    assert detector.n_samples_seen_ == len(train) and not hasattr(detector, "threshold_")
+    np.testing.assert_allclose(
+        streamed.score_samples(test), full.score_samples(test), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_fit_streaming_needs_feature_and_detector_steps():
+    with pytest.raises(TypeError, match="PatchFeatureTransformer"):
+        fit_streaming(Pipeline([("padim", PadimDetector())]), np.zeros((2, 8, 8)))

@@ -1,0 +1,84 @@
+"""Fit a PaDiM pipeline on more images than fit in memory.
+
+A plain ``Pipeline.fit`` hands the detector every image's features at once, by
+scikit-learn's design: ``n * d * h * w * 4`` bytes (1.25 MB per image for ResNet-18,
+d=100 at 224 px; 6.9 MB for Wide-ResNet-50-2, d=550). :func:`fit_streaming` instead
+transforms a chunk of images at a time and folds each chunk into the detector's running
+statistics, so memory stays flat whatever the number of images.
+"""
+
+from __future__ import annotations
+
+from sklearn.pipeline import Pipeline
+from tqdm.auto import tqdm
+
+from sk_padim.detector import PadimDetector
+from sk_padim.features import PatchFeatureTransformer
+from sk_padim.images import check_images
+
+
+def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = False):
+    """Fit a ``[PatchFeatureTransformer, PadimDetector]`` pipeline chunk by chunk.
+
+    The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
+    ``threshold_``: the training images are not scored a second time, so the detector
+    sets ``threshold_`` only from an explicit ``threshold`` parameter (as
+    :meth:`PadimDetector.partial_fit` does). If the fit fails or is interrupted, the
+    detector keeps its previous state.
+
+    Parameters
+    ----------
+    pipeline : Pipeline
+        Two steps: a :class:`PatchFeatureTransformer` then a :class:`PadimDetector`.
+    X : array-like or list
+        Images of normal parts: an array, or a list of file paths, PIL images or arrays.
+        A list of paths is the way to fit on more images than fit in memory.
+    chunk_size : int, default=256
+        Images transformed at a time; memory grows with it, not with ``len(X)``.
+    verbose : bool, default=False
+        Show a progress bar over chunks.
+
+    Returns
+    -------
+    pipeline : Pipeline
+        The same pipeline, fitted.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import Pipeline
+    >>> from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
+    >>> X = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    >>> pipe = Pipeline([
+    ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
+    ...     ("padim", PadimDetector()),
+    ... ])
+    >>> fit_streaming(pipe, X, chunk_size=4).named_steps["padim"].n_samples_seen_
+    6
+    """
+    feat, detector = _feature_and_detector_steps(pipeline)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    images = check_images(X)
+    feat.fit(images)
+    detector._validate_params()
+    starts = range(0, len(images), chunk_size)
+    chunks = (feat.transform(images[i : i + chunk_size]) for i in starts)
+    detector._fit_batches(tqdm(chunks, total=len(starts), disable=not verbose, unit="chunk"))
+    detector._set_threshold_without_scores()
+    return pipeline
+
+
+def _feature_and_detector_steps(pipeline) -> tuple[PatchFeatureTransformer, PadimDetector]:
+    steps = getattr(pipeline, "steps", None)
+    if (
+        steps is None
+        or len(steps) != 2
+        or not isinstance(steps[0][1], PatchFeatureTransformer)
+        or not isinstance(steps[1][1], PadimDetector)
+    ):
+        raise TypeError(
+            "fit_streaming needs Pipeline([(name, PatchFeatureTransformer(...)), "
+            "(name, PadimDetector(...))])."
+        )
+    return steps[0][1], steps[1][1]
