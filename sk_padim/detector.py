@@ -13,12 +13,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sk_padim.devices import resolve_device
+from sk_padim.versioning import VersionedPickleMixin
 from sk_padim.gaussian import GaussianStatistics, position_major, whitening_factor
 from sk_padim.mahalanobis import mahalanobis
 from sk_padim.postprocess import anomaly_maps
 
 
-class PadimDetector(OutlierMixin, BaseEstimator):
+class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     """PaDiM: a multivariate Gaussian per patch position of the feature grid.
 
     Fitting accumulates, per position, the count, mean and scatter of the training

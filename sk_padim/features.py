@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from sk_padim.backbones import REGISTRY, TruncatedBackbone, check_layers, load_backbone
 from sk_padim.devices import resolve_device
+from sk_padim.versioning import VersionedPickleMixin
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
 
 
-class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
+class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstimator):
     """Patch embeddings from a pretrained CNN, as in PaDiM.
 
     The backbone runs only up to the deepest requested layer. From the concatenation of

@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 from synthetic import textures_with_squares
 
+import sk_padim
 from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
 
 
@@ -99,3 +100,14 @@ def test_fit_streaming_equals_pipeline_fit(data, resnet18_weights):
 def test_fit_streaming_needs_feature_and_detector_steps():
     with pytest.raises(TypeError, match="PatchFeatureTransformer"):
         fit_streaming(Pipeline([("padim", PadimDetector())]), np.zeros((2, 8, 8)))
+
+
+def test_model_from_another_minor_version_warns_on_load(fitted, tmp_path):
+    from sk_padim.versioning import VersionMismatchWarning
+
+    detector = fitted.named_steps["padim"]
+    state = detector.__getstate__()
+    assert state["_saved_versions"]["sk_padim"] == sk_padim.__version__
+    state["_saved_versions"] = {**state["_saved_versions"], "torch": "1.0.0"}
+    with pytest.warns(VersionMismatchWarning, match="torch 1.0.0"):
+        PadimDetector.__new__(PadimDetector).__setstate__(state)
