@@ -1,9 +1,11 @@
+import os
 import subprocess
 import sys
 
 import joblib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
@@ -111,3 +113,28 @@ def test_model_from_another_minor_version_warns_on_load(fitted, tmp_path):
     state["_saved_versions"] = {**state["_saved_versions"], "torch": "1.0.0"}
     with pytest.warns(VersionMismatchWarning, match="torch 1.0.0"):
         PadimDetector.__new__(PadimDetector).__setstate__(state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_fitted_on_gpu_scores_the_same_on_a_cpu_only_process(
+    data, resnet18_weights, tmp_path
+):
+    train, test, _, _ = data
+    pipe = make_pipeline(resnet18_weights, device="cuda")
+    pipe.set_params(padim__device="cuda").fit(train)
+    gpu_maps = pipe.score_samples(test)
+    model_path, images_path, out_path = (tmp_path / n for n in ("m.joblib", "x.npy", "s.npy"))
+    joblib.dump(pipe.set_params(feat__device="auto", padim__device="auto"), model_path)
+    np.save(images_path, test)
+    script = (
+        "import sys, joblib, numpy as np, torch\n"
+        "assert not torch.cuda.is_available()\n"
+        "model = joblib.load(sys.argv[1])\n"
+        "np.save(sys.argv[3], model.score_samples(np.load(sys.argv[2])))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(model_path), str(images_path), str(out_path)],
+        check=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    np.testing.assert_allclose(np.load(out_path), gpu_maps, rtol=1e-3, atol=1e-3)
