@@ -131,29 +131,9 @@ def whitening_factor(
         positions = slice(start, start + chunk_positions)
         covariance = unpack_symmetric(packed_covariance[positions].to(torch.float64), n_features)
         lower = _robust_cholesky(covariance + reg * eye, reg, start)
-        factor[positions] = lower_triangular_inverse(lower).transpose(1, 2)
+        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+        factor[positions] = inverse.transpose(1, 2)
     return factor
-
-
-def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """Inverse of a batch of lower-triangular matrices by recursive 2x2 blocking.
-
-    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: the work goes into
-    batched matmuls, which run several times faster than torch's batched triangular
-    solve on small matrices on the CPU.
-    """
-    n = lower.shape[-1]
-    if n <= 32:
-        eye = torch.eye(n, dtype=lower.dtype, device=lower.device).expand_as(lower)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
-    k = n // 2
-    inv_a = lower_triangular_inverse(lower[:, :k, :k])
-    inv_d = lower_triangular_inverse(lower[:, k:, k:])
-    inverse = torch.zeros_like(lower)
-    inverse[:, :k, :k] = inv_a
-    inverse[:, k:, k:] = inv_d
-    inverse[:, k:, :k] = -torch.bmm(inv_d, torch.bmm(lower[:, k:, :k], inv_a))
-    return inverse
 
 
 def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
