@@ -91,7 +91,8 @@ def staged_fit(feat, detector, images, timer):
         with torch.inference_mode(), timer("fit: statistics update"):
             stats.update(position_major(features))
     with timer("fit: finalisation"):
-        return stats.mean.to(torch.float32), whitening_factor(stats, detector.reg)
+        mean = stats.mean.to(torch.float32)
+        return mean, whitening_factor(stats.consume_packed(), detector.reg)
 
 
 def staged_score(feat, detector, images, mean, factor, timer):

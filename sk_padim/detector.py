@@ -297,8 +297,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if stats is None:
             stats = GaussianStatistics.empty(h * w, d, resolve_device(self.device))
         for start in range(0, len(features), self.batch_size):
-            batch = torch.as_tensor(features[start : start + self.batch_size])
-            stats.update(position_major(batch.to(stats.mean.device)))
+            batch = _finite_batch(features[start : start + self.batch_size], stats.mean.device)
+            stats.update(position_major(batch))
         return stats
 
     def _statistics(self) -> GaussianStatistics:
@@ -342,7 +342,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         budget = get_config()["working_memory"] * 2**20
         chunk = max(1, int(budget // (2 * 4 * self.batch_size * d)))
         for start in range(0, len(features), self.batch_size):
-            batch = torch.as_tensor(features[start : start + self.batch_size]).to(device)
+            batch = _finite_batch(features[start : start + self.batch_size], device)
             with torch.inference_mode():
                 distances = mahalanobis(batch, mean, factor, chunk)
                 yield anomaly_maps(distances, self._map_size(), self.sigma, self.truncate)
@@ -380,10 +380,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 f"detector was fitted on {tuple(expected_shape)}; use the same transformer "
                 "settings (n_features, layers, image_size) as for fitting."
             )
-        features = features.astype(np.float32, copy=False)
-        if not np.isfinite(features).all():
-            raise ValueError("Features contain NaN or infinite values.")
-        return features
+        return features.astype(np.float32, copy=False)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -394,3 +391,13 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         return tags
+
+
+def _finite_batch(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch of features on ``device``, checked there for NaN and infinity."""
+    batch = torch.as_tensor(features).to(device)
+    if not bool(torch.isfinite(batch).all()):
+        raise ValueError(
+            "Features contain NaN or infinite values; check the images and the backbone."
+        )
+    return batch

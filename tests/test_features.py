@@ -37,7 +37,12 @@ def images():
 
 def test_features_equal_independent_extraction(images, resnet18_weights):
     feat = PatchFeatureTransformer(
-        weights=resnet18_weights, image_size=64, n_features=50, random_state=0, batch_size=2
+        weights=resnet18_weights,
+        image_size=64,
+        n_features=50,
+        random_state=0,
+        batch_size=2,
+        device="cpu",  # the reference runs on the CPU; CUDA convolutions may use TF32
     )
     features = feat.fit_transform(images)
     expected = reference_features(images, resnet18_weights, 64, feat.channel_indices_)
