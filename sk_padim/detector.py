@@ -13,10 +13,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sk_padim.devices import resolve_device
-from sk_padim.versioning import VersionedPickleMixin
 from sk_padim.gaussian import GaussianStatistics, position_major, whitening_factor
 from sk_padim.mahalanobis import mahalanobis
 from sk_padim.postprocess import anomaly_maps
+from sk_padim.versioning import VersionedPickleMixin
 
 
 class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):

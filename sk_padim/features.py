@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from sk_padim.backbones import REGISTRY, TruncatedBackbone, check_layers, load_backbone
 from sk_padim.devices import resolve_device
-from sk_padim.versioning import VersionedPickleMixin
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
+from sk_padim.versioning import VersionedPickleMixin
 
 
 class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstimator):
