@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
@@ -58,6 +58,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         backbone is kept on the CPU, so pickles load on any machine.
     random_state : int, RandomState instance or None, default=None
         Seeds the draw of the channel indices.
+    autocast : {"bfloat16", "float16"} or None, default=None
+        Run the backbone under ``torch.autocast`` with this dtype (features are still
+        returned as float32). Much faster for some backbones on some hardware (on a
+        2-core AVX2 CPU, ``"bfloat16"`` made EfficientNet-Lite0 4x faster but ResNet-18
+        slower); features then differ from float32 ones by about 1e-2 relative.
     verbose : bool, default=False
         Show a progress bar over batches.
 
@@ -102,6 +107,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "random_state": ["random_state"],
+        "autocast": [StrOptions({"bfloat16", "float16"}), None],
         "verbose": ["boolean"],
     }
 
@@ -115,6 +121,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         batch_size: int = 32,
         device: str | torch.device = "auto",
         random_state=None,
+        autocast: str | None = None,
         verbose: bool = False,
     ):
         self.backbone = backbone
@@ -125,6 +132,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self.batch_size = batch_size
         self.device = device
         self.random_state = random_state
+        self.autocast = autocast
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -207,12 +215,16 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             desc="features",
             unit="batch",
         ):
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast(device):
                 layer_maps = model(batch.to(device).contiguous(memory_format=torch.channels_last))
                 features = self._assemble(layer_maps)
             out[start : start + len(features)] = features.cpu().numpy()
             start += len(features)
         return out
+
+    def _autocast(self, device: torch.device):
+        dtype = None if self.autocast is None else getattr(torch, self.autocast)
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     def _assemble(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
         """Select the kept channels of each layer, then upsample them to the first grid."""

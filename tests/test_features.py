@@ -221,3 +221,13 @@ def test_clone_keeps_params_and_drops_fit():
     copy = clone(feat)
     assert copy.get_params()["layers"] == ("0",) and copy.backbone is not module
     assert set(copy.get_params()) == set(feat.get_params())
+
+
+def test_bfloat16_autocast_features_are_close_to_float32(images, resnet18_weights):
+    params = {"weights": resnet18_weights, "image_size": 64, "n_features": 30, "random_state": 0}
+    exact = PatchFeatureTransformer(**params, device="cpu").fit_transform(images)
+    fast = PatchFeatureTransformer(**params, device="cpu", autocast="bfloat16")
+    features = fast.fit_transform(images)
+    assert features.dtype == np.float32
+    np.testing.assert_allclose(features, exact, atol=0.05 * np.abs(exact).max())
+    assert np.abs(features - exact).max() > 0, "autocast had no effect"
