@@ -1,0 +1,69 @@
+"""The optimised kernels against straightforward NumPy computations."""
+
+import numpy as np
+import pytest
+import sklearn
+import torch
+
+from sk_padim import PadimDetector
+from sk_padim.gaussian import (
+    GaussianStatistics,
+    pack_lower,
+    position_major,
+    unpack_symmetric,
+    whitening_factor,
+)
+from sk_padim.mahalanobis import mahalanobis
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(25, 6, 3, 4)) * rng.uniform(0.1, 3, size=(1, 6, 1, 1))
+    test = rng.normal(size=(5, 6, 3, 4))
+    return train.astype(np.float32), test.astype(np.float32)
+
+
+@pytest.mark.parametrize("batch_sizes", [[25], [1] * 25, [3, 10, 12], [24, 1]])
+def test_streaming_statistics_equal_numpy_mean_and_cov(problem, batch_sizes):
+    train, _ = problem
+    stats = GaussianStatistics.empty(12, 6, "cpu")
+    for chunk in np.split(train, np.cumsum(batch_sizes)[:-1]):
+        stats.update(position_major(torch.tensor(chunk)))
+    vectors = train.reshape(25, 6, 12).astype(np.float64)
+    np.testing.assert_allclose(stats.mean.numpy(), vectors.mean(axis=0).T, atol=1e-6)
+    expected = np.stack([np.cov(vectors[:, :, p], rowvar=False) for p in range(12)])
+    packed = stats.consume_packed()
+    np.testing.assert_allclose(unpack_symmetric(packed, 6).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 5, 12, 100])
+def test_kernel_equals_per_position_solve_for_any_chunking(problem, chunk_positions):
+    train, test = problem
+    vectors = train.reshape(25, 6, 12).astype(np.float64)
+    covariances = np.stack([np.cov(vectors[:, :, p], rowvar=False) for p in range(12)])
+    mean = vectors.mean(axis=0).T
+    factor = whitening_factor(pack_lower(torch.tensor(covariances)), 0.01)
+    distances = mahalanobis(
+        torch.tensor(test), torch.tensor(mean, dtype=torch.float32), factor, chunk_positions
+    ).numpy()
+    diff = test.reshape(5, 6, 12).transpose(2, 0, 1) - mean[:, None, :]
+    regularised = covariances + 0.01 * np.eye(6)
+    solved = np.linalg.solve(regularised, diff.transpose(0, 2, 1))
+    expected = np.sqrt(np.einsum("pnd,pdn->pn", diff, solved)).T.reshape(5, 3, 4)
+    np.testing.assert_allclose(distances, expected, rtol=1e-5)
+
+
+def test_working_memory_budget_does_not_change_maps(problem):
+    train, test = problem
+    detector = PadimDetector().fit(train)
+    expected = detector.score_samples(test)
+    with sklearn.config_context(working_memory=1e-5):
+        np.testing.assert_allclose(detector.score_samples(test), expected, rtol=1e-6)
+
+
+def test_pack_and_unpack_round_trip():
+    matrices = torch.randn(3, 5, 5)
+    symmetric = matrices + matrices.transpose(1, 2)
+    assert pack_lower(symmetric).shape == (3, 15)
+    torch.testing.assert_close(unpack_symmetric(pack_lower(symmetric), 5), symmetric)
