@@ -117,9 +117,11 @@ def bare_backbone_seconds(feat, images) -> float:
         for b in iter_batches(images, feat._image_size(), feat.batch_size, *feat.normalization_)
     ]
     timer = StageTimer(device)
-    with torch.inference_mode(), timer("backbone"):
-        for batch in batches:
-            model(batch)
+    with torch.inference_mode():
+        model(batches[0])  # warm-up: CUDA kernels selection, allocator, caches
+        with timer("backbone"):
+            for batch in batches:
+                model(batch)
     return timer.seconds["backbone"]
 
 
