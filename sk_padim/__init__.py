@@ -1,8 +1,37 @@
 """PaDiM image anomaly detection and localisation as scikit-learn estimators."""
 
+from sk_padim.calibration import F1ThresholdCalibrator, f1_optimal_threshold
+from sk_padim.datasets import load_mvtec_ad, make_defect_textures, write_mvtec_layout
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
+from sk_padim.metrics import (
+    aupro,
+    aupro_scorer,
+    image_auroc,
+    image_auroc_scorer,
+    pixel_auroc,
+    pixel_auroc_scorer,
+)
+from sk_padim.model_selection import NormalTrainSplit
+from sk_padim.streaming import fit_streaming
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["PadimDetector", "PatchFeatureTransformer", "__version__"]
+__all__ = [
+    "F1ThresholdCalibrator",
+    "NormalTrainSplit",
+    "PadimDetector",
+    "PatchFeatureTransformer",
+    "__version__",
+    "aupro",
+    "aupro_scorer",
+    "f1_optimal_threshold",
+    "fit_streaming",
+    "image_auroc",
+    "image_auroc_scorer",
+    "pixel_auroc",
+    "pixel_auroc_scorer",
+    "load_mvtec_ad",
+    "make_defect_textures",
+    "write_mvtec_layout",
+]

@@ -36,7 +36,9 @@ def pixel_masks(y: ArrayLike, shape: tuple[int, ...] | None = None) -> NDArray[n
     """Boolean masks ``(n, H, W)``, resized with nearest interpolation to ``shape``.
 
     Masks of another ``(H, W)`` than ``shape = (n, H', W')`` take, at each output
-    pixel, the mask pixel whose centre is nearest (PIL's ``NEAREST`` rule).
+    pixel, the mask pixel whose centre is nearest; an exact tie (the output centre on a
+    border between mask pixels) goes to the later pixel. For integer scale factors this
+    is what PIL's ``NEAREST`` and torch's ``nearest-exact`` give.
     """
     masks = np.asarray(y)
     if masks.ndim != 3:
@@ -123,5 +125,8 @@ def _check_no_nan(scores: NDArray, name: str) -> None:
 
 
 def _nearest_indices(size_in: int, size_out: int) -> NDArray[np.intp]:
-    """Source index of each output pixel whose centre is nearest."""
+    """Index of the input pixel whose centre is nearest each output pixel's centre.
+
+    That is ``floor((i + 1/2) * size_in / size_out)``, in exact integer arithmetic.
+    """
     return (2 * np.arange(size_out) + 1) * size_in // (2 * size_out)

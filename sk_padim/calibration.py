@@ -248,9 +248,7 @@ class F1ThresholdCalibrator(BaseEstimator):
     def _check_params(self) -> str:
         """Validate ``level`` and ``estimator``; return the score method to threshold."""
         if self.level not in _SCORE_METHODS:
-            raise ValueError(
-                f"level must be one of {sorted(_SCORE_METHODS)}; got {self.level!r}."
-            )
+            raise ValueError(f"level must be one of {sorted(_SCORE_METHODS)}; got {self.level!r}.")
         method = _SCORE_METHODS[self.level]
         if not hasattr(self.estimator, method):
             raise TypeError(

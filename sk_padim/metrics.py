@@ -5,7 +5,8 @@ Every metric takes the ground truth first and the scores second, as
 may be image labels ``(n,)`` (0 = normal, 1 = anomalous) or pixel masks ``(n, H, W)``;
 an image's label is ``mask.any()``. Masks of another ``(H, W)`` than the anomaly maps
 are resized to the maps with nearest interpolation (each map pixel takes the mask pixel
-whose centre is nearest, as PIL's ``NEAREST``); nothing else is resized or dropped.
+whose centre is nearest, as PIL's ``NEAREST`` does for integer scale factors); nothing
+else is resized or dropped.
 
 The scorers ``image_auroc_scorer``, ``pixel_auroc_scorer`` and ``aupro_scorer`` have the
 ``scorer(estimator, X, y) -> float`` signature of scikit-learn's ``scoring`` argument.
