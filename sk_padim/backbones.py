@@ -58,13 +58,22 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) -> nn.Module:
+def load_backbone(
+    backbone: str | nn.Module, weights: str | os.PathLike | None, init_seed: int
+) -> nn.Module:
     """Build the full backbone in eval mode, on the CPU, with the requested weights.
 
     ``weights`` is a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...),
-    a path to a state-dict file, or ``None`` for random initialisation. For an
-    ``nn.Module`` (copied, never modified), ``None`` and ``"DEFAULT"`` keep its weights.
+    a path to a state-dict file, or ``None`` for random initialisation, seeded by
+    ``init_seed`` (torch's global generator is left untouched). For an ``nn.Module``
+    (copied, never modified), ``None`` and ``"DEFAULT"`` keep its weights.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return _load_backbone(backbone, weights)
+
+
+def _load_backbone(backbone, weights) -> nn.Module:
     weights_path = _as_existing_path(weights)
     if isinstance(backbone, nn.Module):
         if weights_path is None and weights not in (None, "DEFAULT"):

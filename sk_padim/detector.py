@@ -12,6 +12,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from sk_padim._checks import image_labels
 from sk_padim.devices import resolve_device
 from sk_padim.gaussian import GaussianStatistics, position_major, whitening_factor
 from sk_padim.mahalanobis import mahalanobis
@@ -135,13 +136,18 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         ----------
         X : array-like of shape (n, d, h, w)
             Features of normal images, e.g. from :class:`PatchFeatureTransformer`.
-        y : ignored
+        y : array-like of shape (n,) or (n, H, W), default=None
+            Optional image labels (1 = anomalous) or pixel masks. When given, only the
+            normal images (label 0, empty mask) are fitted on, so that a pipeline refitted
+            by ``GridSearchCV`` on labelled data never learns its defects as normal.
 
         Returns
         -------
         self : PadimDetector
         """
         features = self._check_features(X)
+        if y is not None:
+            features = features[_normal_rows(y, len(features))]
         self._fit_batches([features])
         self.threshold_ = (
             float(self.threshold)
@@ -391,6 +397,15 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         return tags
+
+
+def _normal_rows(y, n_samples: int) -> np.ndarray:
+    anomalous = image_labels(y)
+    if len(anomalous) != n_samples:
+        raise ValueError(f"y has {len(anomalous)} entries but X has {n_samples} images.")
+    if anomalous.all():
+        raise ValueError("Every image in y is anomalous; fit needs normal images (label 0).")
+    return ~anomalous
 
 
 def _finite_batch(features: np.ndarray, device: torch.device) -> torch.Tensor:

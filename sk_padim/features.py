@@ -57,7 +57,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         Where the backbone runs; ``"auto"`` uses CUDA when available. The fitted
         backbone is kept on the CPU, so pickles load on any machine.
     random_state : int, RandomState instance or None, default=None
-        Seeds the draw of the channel indices.
+        Seeds the draw of the channel indices and, with ``weights=None``, the random
+        initialisation of the backbone.
     autocast : {"bfloat16", "float16"} or None, default=None
         Run the backbone under ``torch.autocast`` with this dtype (features are still
         returned as float32). Much faster for some backbones on some hardware (on a
@@ -151,7 +152,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self : PatchFeatureTransformer
         """
         spec = REGISTRY.get(self.backbone) if isinstance(self.backbone, str) else None
-        model = load_backbone(self.backbone, self.weights)
+        rng = check_random_state(self.random_state)
+        model = load_backbone(self.backbone, self.weights, int(rng.randint(2**31 - 1)))
         layers = self._resolve_layers(spec)
         size = self._image_size()
         check_layers(model, layers)
@@ -178,7 +180,6 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                 )
         channels = tuple(int(output.shape[1]) for output in outputs)
         n_features = self._resolve_n_features(spec, layers, sum(channels))
-        rng = check_random_state(self.random_state)
         self.channel_indices_ = np.sort(rng.choice(sum(channels), n_features, replace=False))
         self.backbone_ = truncated.to(memory_format=torch.channels_last)
         self.layers_ = layers

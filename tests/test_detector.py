@@ -230,3 +230,24 @@ def test_float16_storage_halves_size_and_keeps_scores_close(features):
     half = PadimDetector(covariance_dtype="float16").fit(train)
     assert half.packed_covariance_.nbytes * 2 == full.packed_covariance_.nbytes
     np.testing.assert_allclose(half.score_samples(test), full.score_samples(test), rtol=1e-2)
+
+
+@pytest.mark.parametrize("as_masks", [False, True])
+def test_fit_with_labels_uses_only_normal_images(features, as_masks):
+    train, test = features
+    labels = np.zeros(len(train), dtype=int)
+    labels[::4] = 1
+    y = np.zeros((len(train), 3, 3), dtype=bool) if as_masks else labels
+    if as_masks:
+        y[labels == 1, 1, 1] = True
+    polluted = train.copy()
+    polluted[labels == 1] += 50
+    expected = PadimDetector().fit(train[labels == 0])
+    fitted = PadimDetector().fit(polluted, y)
+    assert fitted.n_samples_seen_ == (labels == 0).sum()
+    np.testing.assert_allclose(fitted.score_samples(test), expected.score_samples(test))
+
+
+def test_fit_with_only_anomalous_labels_is_an_error(features):
+    with pytest.raises(ValueError, match="normal images"):
+        PadimDetector().fit(features[0], np.ones(len(features[0])))

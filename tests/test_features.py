@@ -231,3 +231,12 @@ def test_bfloat16_autocast_features_are_close_to_float32(images, resnet18_weight
     assert features.dtype == np.float32
     np.testing.assert_allclose(features, exact, atol=0.05 * np.abs(exact).max())
     assert np.abs(features - exact).max() > 0, "autocast had no effect"
+
+
+def test_random_state_seeds_random_initial_weights(images):
+    params = {"weights": None, "image_size": 32, "n_features": 10}
+    a = PatchFeatureTransformer(**params, random_state=1).fit_transform(images)
+    b = PatchFeatureTransformer(**params, random_state=1).fit_transform(images)
+    c = PatchFeatureTransformer(**params, random_state=2).fit_transform(images)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
