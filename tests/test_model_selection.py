@@ -154,6 +154,7 @@ def test_grid_search_picks_the_layer_that_localises(serial_search):
 
 def test_refit_gives_a_usable_best_pipeline(serial_search):
     best, params = serial_search.best_estimator_, serial_search.best_params_
+    assert best["padim"].n_samples_seen_ == 12, "refit must use the 12 normal images only"
     assert best["feat"].n_features_ == params["feat__n_features"]
     assert best["feat"].layers_ == params["feat__layers"]
     images, labels, masks = textures_with_squares(6, 6, size=32, seed=1)  # unseen images
