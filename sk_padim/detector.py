@@ -317,26 +317,26 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         )
 
     def _store(self, stats: GaussianStatistics, feature_shape) -> None:
-        """Set the fitted attributes from the statistics (consumed) and prepare scoring."""
-        count, mean = stats.count, stats.mean
+        """Set the fitted attributes from the statistics (consumed).
+
+        The whitening factor is computed lazily, at the first scoring, so that partial
+        fits and merges that are never scored (shards of a distributed fit) skip it.
+        """
         packed = stats.consume_packed().to(getattr(torch, self.covariance_dtype))
-        self.n_samples_seen_ = count
+        self.n_samples_seen_ = stats.count
         self.n_features_in_ = int(feature_shape[0])
         self.feature_shape_ = tuple(int(s) for s in feature_shape)
-        self.mean_ = mean.cpu().numpy()
+        self.mean_ = stats.mean.cpu().numpy()
         self.packed_covariance_ = packed.cpu().numpy()
         self._scoring_cache = None
-        self._scoring_tensors(mean.device, mean, packed)
 
-    def _scoring_tensors(self, device: torch.device, mean=None, packed=None):
+    def _scoring_tensors(self, device: torch.device):
         """Mean (float32) and whitening factor on ``device``, computed once per device."""
         cache = getattr(self, "_scoring_cache", None)
         if cache is None or cache[0] != (device, self.reg):
-            if mean is None:
-                mean = torch.tensor(self.mean_, device=device)
-                packed = torch.tensor(self.packed_covariance_, device=device)
-            factor = whitening_factor(packed, self.reg)
-            cache = ((device, self.reg), mean.to(torch.float32), factor)
+            mean = torch.tensor(self.mean_, device=device, dtype=torch.float32)
+            packed = torch.tensor(self.packed_covariance_, device=device)
+            cache = ((device, self.reg), mean, whitening_factor(packed, self.reg))
             self._scoring_cache = cache
         return cache[1], cache[2]
 
