@@ -1,0 +1,282 @@
+"""Fits and scores on a local two-process Dask cluster equal the single-machine ones."""
+
+import importlib
+import os
+import sys
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from synthetic import textures_with_squares
+from torch import nn
+
+from sk_padim import NormalTrainSplit, PadimDetector, PatchFeatureTransformer, image_auroc_scorer
+
+distributed = pytest.importorskip("dask.distributed")
+da = pytest.importorskip("dask.array")
+joblib = pytest.importorskip("joblib")
+
+from sk_padim.dask import fit_distributed, score_distributed  # noqa: E402
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    """Train images (all normal) and test images in two folders with clashing names."""
+    root = tmp_path_factory.mktemp("images")
+    train, _, _ = textures_with_squares(20, 0, size=SIZE, seed=1)
+    test, labels, _ = textures_with_squares(4, 4, size=SIZE, seed=2)
+    train_paths = _write(root / "train", train, range(len(train)))
+    good = _write(root / "test" / "good", test[labels == 0], range(4))
+    bad = _write(root / "test" / "bad", test[labels == 1], range(4))  # same file names
+    return train_paths, good + bad
+
+
+def _write(folder, images, numbers):
+    folder.mkdir(parents=True)
+    paths = []
+    for image, number in zip(images, numbers, strict=True):
+        path = folder / f"{number:03d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def tiny_backbone():
+    """A two-layer CNN (strides 4 and 8): fast to build, pickle and run."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 3, stride=4, padding=1),
+            relu=nn.ReLU(),
+            conv2=nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        )
+    )
+
+
+def make_pipeline(backbone=None, **detector_params):
+    """ResNet-18 (random weights) or a tiny CNN, then a detector."""
+    if backbone is None:
+        feat = PatchFeatureTransformer(
+            tiny_backbone(), ("conv1", "conv2"), n_features=12, image_size=SIZE, random_state=0
+        )
+    else:
+        feat = PatchFeatureTransformer(
+            backbone, weights=None, image_size=SIZE, n_features=12, random_state=0
+        )
+    return Pipeline([("feat", feat), ("padim", PadimDetector(**detector_params))])
+
+
+def local_detector(pipe, paths, **detector_params):
+    """The single-machine fit on the features of the same fitted transformer."""
+    return PadimDetector(**detector_params).fit(pipe[0].transform(paths))
+
+
+def assert_same_model(detector, expected, atol=1e-5):
+    assert detector.n_samples_seen_ == expected.n_samples_seen_
+    assert detector.feature_shape_ == expected.feature_shape_
+    np.testing.assert_allclose(detector.mean_, expected.mean_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        detector.packed_covariance_.astype(np.float64),
+        expected.packed_covariance_.astype(np.float64),
+        rtol=1e-3 if detector.covariance_dtype == "float16" else 1e-5,
+        atol=atol,
+    )
+
+
+class FlakyPath(os.PathLike):
+    """A path whose first read, in any process, raises (a transient file-system error)."""
+
+    def __init__(self, path, flag):
+        self.path, self.flag = path, flag
+
+    def __fspath__(self):
+        try:
+            os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return self.path
+        raise RuntimeError("simulated transient read failure")
+
+
+@pytest.fixture(scope="module")
+def distributed_fit(client, image_paths):
+    """ResNet-18 pipeline fitted on the cluster in 4 partitions (6, 6, 6, 2 images)."""
+    return fit_distributed(make_pipeline("resnet18"), image_paths[0], client, partition_size=6)
+
+
+@pytest.fixture(scope="module")
+def local_fit(image_paths):
+    return make_pipeline().fit(image_paths[0])
+
+
+def test_distributed_fit_equals_local_fit(distributed_fit, image_paths):
+    train, test = image_paths
+    detector = distributed_fit[-1]
+    expected = local_detector(distributed_fit, train)
+    assert detector.get_params() == PadimDetector().get_params()
+    assert_same_model(detector, expected)
+    test_features = distributed_fit[0].transform(test)
+    np.testing.assert_allclose(
+        detector.score_samples(test_features), expected.score_samples(test_features), rtol=1e-4
+    )
+
+
+def test_threshold_is_left_unset_without_the_parameter(distributed_fit, image_paths):
+    assert not hasattr(distributed_fit[-1], "threshold_")
+    with pytest.raises(NotFittedError, match="threshold_"):
+        distributed_fit.predict(image_paths[1])
+
+
+def test_odd_merge_tree_keeps_threshold_and_float16_parameters(client, image_paths):
+    train, _ = image_paths
+    params = {"threshold": 2.5, "covariance_dtype": "float16"}
+    pipe = fit_distributed(make_pipeline(**params), train, client, partition_size=3)  # 7 parts
+    assert pipe[-1].get_params() == PadimDetector(**params).get_params()
+    assert pipe[-1].threshold_ == 2.5
+    assert pipe[-1].packed_covariance_.dtype == np.float16
+    assert_same_model(pipe[-1], local_detector(pipe, train, **params), atol=1e-3)
+
+
+def test_distributed_scores_equal_local_scores_in_input_order(client, image_paths, local_fit):
+    pipe, test = local_fit, image_paths[1]
+    scores = score_distributed(pipe, test, client, partition_size=3)
+    assert isinstance(scores, da.Array)
+    assert scores.chunks == ((3, 3, 2),)
+    np.testing.assert_allclose(scores.compute(), pipe.decision_function(test), rtol=1e-5)
+
+
+def test_heat_maps_are_written_per_image_under_relative_names(
+    client, image_paths, local_fit, tmp_path
+):
+    pipe, test = local_fit, image_paths[1]
+    scores = score_distributed(pipe, test, client, partition_size=3, heatmap_dir=tmp_path)
+    scores = scores.compute()
+    maps = pipe.score_samples(test)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [f"{kind}/{i:03d}.npy" for kind in ("bad", "good") for i in range(4)]
+    for path, anomaly_map, score in zip(test, maps, scores, strict=True):
+        kind, name = path.split(os.sep)[-2:]
+        saved = np.load(tmp_path / kind / name.replace(".png", ".npy"))
+        np.testing.assert_allclose(saved, anomaly_map, rtol=1e-5)
+        assert score == saved.max()
+
+
+def test_task_failing_once_is_retried_to_the_same_model(client, image_paths, tmp_path):
+    train, _ = image_paths
+    flaky = [*train[:9], FlakyPath(train[9], str(tmp_path / "failed-once")), *train[10:]]
+    pipe = fit_distributed(make_pipeline(), flaky, client, partition_size=6, retries=1)
+    assert (tmp_path / "failed-once").exists()  # the failure did happen
+    expected = local_detector(pipe, train)
+    assert pipe[-1].n_samples_seen_ == len(train)
+    np.testing.assert_allclose(pipe[-1].mean_, expected.mean_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pipe[-1].packed_covariance_, expected.packed_covariance_, atol=1e-5)
+
+
+def test_failing_partition_is_a_clear_error_and_leaves_pipeline_unchanged(
+    client, image_paths, tmp_path
+):
+    train, _ = image_paths
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    pipe = make_pipeline()
+    feat, detector = pipe[0], pipe[-1]
+    paths = [*train[:8], str(corrupt), *train[8:]]
+    with pytest.raises(RuntimeError, match=r"partition 2 of 4 \(images 6 to 11.*corrupt\.png"):
+        fit_distributed(pipe, paths, client, partition_size=6)
+    assert pipe[0] is feat and pipe[-1] is detector
+    assert not hasattr(feat, "backbone_") and not hasattr(detector, "mean_")
+
+
+def test_failing_scoring_partition_names_it(client, image_paths, local_fit, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    paths = [*image_paths[1], str(corrupt)]
+    scores = score_distributed(local_fit, paths, client, partition_size=4)
+    with pytest.raises(RuntimeError, match=r"Scoring partition 3 of 3 .*corrupt\.png"):
+        scores.compute()
+
+
+@pytest.mark.parametrize(
+    "function, args, error, message",
+    [
+        ("fit", lambda p: (PadimDetector(), p), TypeError, "needs Pipeline"),
+        ("fit", lambda p: (make_pipeline(), p[0]), TypeError, r"wrap a single path as \[path\]"),
+        ("fit", lambda p: (make_pipeline(), []), ValueError, "empty list of paths"),
+        (
+            "fit",
+            lambda p: (make_pipeline(), np.zeros((2, SIZE, SIZE, 3), np.uint8)),
+            TypeError,
+            "fit_streaming",
+        ),
+        ("fit", lambda p: (make_pipeline(), [*p, 3]), TypeError, r"paths\[20\] is a int"),
+        ("score", lambda p: (make_pipeline(), p), NotFittedError, "not fitted"),
+    ],
+    ids=["not-a-pipeline", "single-path", "empty", "image-array", "non-path-item", "unfitted"],
+)
+def test_mismatched_inputs_are_clear_errors(client, image_paths, function, args, error, message):
+    pipeline, paths = args(image_paths[0])
+    run = fit_distributed if function == "fit" else score_distributed
+    with pytest.raises(error, match=message):
+        run(pipeline, paths, client)
+
+
+def test_bad_client_and_partition_size_are_clear_errors(client, image_paths):
+    train, _ = image_paths
+    with pytest.raises(TypeError, match="dask.distributed.Client"):
+        fit_distributed(make_pipeline(), train, "tcp://127.0.0.1:8786")
+    with pytest.raises(ValueError, match="partition_size must be an int >= 1; got 0"):
+        fit_distributed(make_pipeline(), train, client, partition_size=0)
+
+
+def test_clashing_heat_map_names_are_an_error(client, image_paths, local_fit, tmp_path):
+    first = image_paths[0][0]
+    twin = first.replace(".png", ".jpg")
+    with pytest.raises(ValueError, match="would both write the heat map"):
+        score_distributed(local_fit, [first, twin], client, heatmap_dir=tmp_path)
+
+
+def test_grid_search_on_the_dask_joblib_backend_equals_local_search(client):
+    images, labels, _ = textures_with_squares(8, 4, size=SIZE, seed=3)
+    pipe = make_pipeline()
+    search = GridSearchCV(
+        pipe,
+        {"feat__n_features": [4, 16], "padim__sigma": [0.0, 4.0]},
+        scoring=image_auroc_scorer,
+        cv=NormalTrainSplit(n_splits=2),
+        n_jobs=2,
+    )
+    local = clone(search).set_params(n_jobs=1).fit(images, labels)
+    with distributed.get_task_stream(client) as stream:
+        with joblib.parallel_backend("dask"):
+            search.fit(images, labels)
+    assert stream.data, "no task ran on the cluster"
+    np.testing.assert_allclose(
+        search.cv_results_["mean_test_score"], local.cv_results_["mean_test_score"]
+    )
+    assert search.best_params_ == local.best_params_
+
+
+def test_missing_dask_names_the_extra(monkeypatch):
+    for name in ("dask", "dask.array", "distributed"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "sk_padim.dask")
+    with pytest.raises(ImportError, match=r"pip install 'sk-padim\[dask\]'"):
+        importlib.import_module("sk_padim.dask")
