@@ -61,9 +61,10 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         initialisation of the backbone.
     autocast : {"bfloat16", "float16"} or None, default=None
         Run the backbone under ``torch.autocast`` with this dtype (features are still
-        returned as float32). Much faster for some backbones on some hardware (on a
-        2-core AVX2 CPU, ``"bfloat16"`` made EfficientNet-Lite0 4x faster but ResNet-18
-        slower); features then differ from float32 ones by about 1e-2 relative.
+        returned as float32). Faster on GPUs and on CPUs with native bfloat16 support,
+        but much slower on others (on this project's 2-core AVX2 test machine it slowed
+        both ResNet-18 and EfficientNet-Lite0): measure first. Features then differ from
+        float32 ones by about 1e-2 relative.
     verbose : bool, default=False
         Show a progress bar over batches.
 

@@ -1,0 +1,609 @@
+"""Pictures of anomaly maps and image scores, in scikit-learn's Display style.
+
+matplotlib is imported only when something is drawn; install it with the ``plot`` extra,
+``pip install 'sk-padim[plot]'``. This module sits on top of the estimators: the core
+never imports it.
+
+- :class:`AnomalyMapDisplay`: one image, its anomaly map over it, the ground-truth
+  defect outline and the thresholded map.
+- :class:`ImageScoreDisplay`: the image-level ROC curve and the histograms of the
+  image scores of normal and anomalous images.
+- :func:`save_heatmaps`: an :class:`AnomalyMapDisplay` PNG file per image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import roc_curve
+
+from sk_padim._checks import image_labels
+from sk_padim.images import _read_image, check_images
+from sk_padim.metrics import image_auroc
+
+__all__ = ["AnomalyMapDisplay", "ImageScoreDisplay", "save_heatmaps"]
+
+_PANEL_INCHES = 3.0
+# Fixed layouts (fractions of the figure): faster than a layout engine, and the pictures
+# keep their size. Maps need room for titles and a colour bar, plots for axis labels.
+_MAP_LAYOUT = {"left": 0.01, "right": 0.99, "bottom": 0.02, "top": 0.9, "wspace": 0.3}
+_PLOT_LAYOUT = {"left": 0.1, "right": 0.97, "bottom": 0.15, "top": 0.9, "wspace": 0.35}
+_TRUTH_COLOR = "white"
+_PREDICTION_COLOR = (1.0, 0.1, 0.1)
+
+
+def _pyplot(caller: str):
+    """matplotlib.pyplot, or an ImportError that says how to install it."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(
+            f"{caller} needs matplotlib: pip install 'sk-padim[plot]' (or pip install matplotlib)."
+        ) from error
+    return plt
+
+
+def _new_axes(caller: str, n_panels: int, layout: dict, *, pyplot: bool) -> np.ndarray:
+    """``n_panels`` Axes side by side on a new figure of fixed layout.
+
+    With ``pyplot=False`` the figure is not registered with pyplot: no GUI backend is
+    touched and nothing needs closing, which suits writing files in a loop.
+    """
+    plt = _pyplot(caller)
+    figsize = (_PANEL_INCHES * n_panels, _PANEL_INCHES + 0.3)
+    if pyplot:
+        figure = plt.figure(figsize=figsize)
+    else:
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=figsize)
+    return figure.subplots(1, n_panels, squeeze=False, gridspec_kw=layout)[0]
+
+
+def _check_axes(ax, n_panels: int, caller: str, layout: dict) -> np.ndarray:
+    """``ax`` as an array of ``n_panels`` Axes; new ones on a pyplot figure if None."""
+    if ax is None:
+        return _new_axes(caller, n_panels, layout, pyplot=True)
+    axes = np.ravel(np.asarray(ax, dtype=object))
+    if axes.size != n_panels:
+        raise ValueError(
+            f"{caller} draws {n_panels} panels but got {axes.size} Axes; pass ax as a "
+            f"sequence of {n_panels} Axes, or ax=None for a new figure."
+        )
+    return axes
+
+
+def _display_image(image) -> np.ndarray:
+    """One image (array, file path or PIL image) as an array ``imshow`` can draw."""
+    (item,) = check_images([image])
+    array = np.asarray(item) if isinstance(item, np.ndarray) else _read_image(item)
+    return array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+
+
+def _pixel_centres(n_in: int, n_out: int) -> np.ndarray:
+    """Centres of ``n_in`` pixels spread over ``n_out`` image pixels, in image coordinates."""
+    return (np.arange(n_in) + 0.5) * n_out / n_in - 0.5
+
+
+class AnomalyMapDisplay:
+    """Anomaly map visualisation of one image.
+
+    Draws up to three panels side by side:
+
+    1. the image;
+    2. the anomaly map over the image (higher = more anomalous, hotter colours), with
+       the ground-truth defect outlined;
+    3. the predicted defect, the map ``>= threshold``, in red over the image, with the
+       ground truth outlined (only when ``threshold`` is given).
+
+    The map is stretched over the image when their sizes differ, and so is the mask.
+    Use :meth:`from_estimator` or :meth:`from_predictions` to make one; all parameters
+    are stored as attributes.
+
+    Parameters
+    ----------
+    image : ndarray of shape (H, W) or (H, W, 3), file path or PIL image
+        The image, uint8 (0-255) or float (0-1) pixels.
+    anomaly_map : ndarray of shape (H', W')
+        Pixel anomaly scores of the image, e.g. from ``score_samples``.
+    mask : ndarray of shape (H'', W''), default=None
+        Ground-truth defect mask (nonzero = defective), outlined in white.
+    threshold : float, default=None
+        Pixels whose score is ``>=`` it are predicted defective. ``None`` leaves out
+        the third panel.
+    score : float, default=None
+        Image anomaly score, shown in the title of the map panel.
+    vmin, vmax : float, default=None
+        Scores mapped to the ends of the colour map; by default the map's median (a
+        typical normal pixel) and maximum. The overlay is transparent at ``vmin`` and
+        below. Give several images the same values to compare them.
+
+    Attributes
+    ----------
+    im_ : matplotlib.image.AxesImage
+        The image in the first panel.
+    heatmap_ : matplotlib.image.AxesImage
+        The anomaly map overlay.
+    colorbar_ : matplotlib.colorbar.Colorbar
+        Colour scale of the anomaly map.
+    prediction_ : matplotlib.image.AxesImage or None
+        The red predicted-defect overlay; None without ``threshold``.
+    contours_ : list of matplotlib.contour.QuadContourSet
+        The ground-truth outlines, one per panel that shows them; empty without
+        ``mask``.
+    ax_ : ndarray of matplotlib Axes
+        The panels.
+    figure_ : matplotlib Figure
+        The figure holding the panels.
+
+    See Also
+    --------
+    save_heatmaps : Write one such picture per image.
+    ImageScoreDisplay : Image-level ROC curve and score histograms.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import numpy as np
+    >>> from sk_padim.plotting import AnomalyMapDisplay
+    >>> image = np.full((64, 64), 128, dtype=np.uint8)
+    >>> anomaly_map = np.zeros((64, 64))
+    >>> anomaly_map[20:30, 20:30] = 5.0
+    >>> display = AnomalyMapDisplay.from_predictions(
+    ...     image, anomaly_map, mask=anomaly_map > 0, threshold=2.5)
+    >>> len(display.ax_), len(display.contours_)
+    (3, 2)
+    """
+
+    def __init__(
+        self,
+        image,
+        anomaly_map: ArrayLike,
+        *,
+        mask: ArrayLike | None = None,
+        threshold: float | None = None,
+        score: float | None = None,
+        vmin: float | None = None,
+        vmax: float | None = None,
+    ):
+        self.image = image
+        self.anomaly_map = anomaly_map
+        self.mask = mask
+        self.threshold = threshold
+        self.score = score
+        self.vmin = vmin
+        self.vmax = vmax
+
+    def plot(self, ax=None, *, cmap: str = "jet", alpha: float = 0.7) -> AnomalyMapDisplay:
+        """Draw the panels.
+
+        Parameters
+        ----------
+        ax : sequence of matplotlib Axes, default=None
+            One Axes per panel (2, or 3 with ``threshold``). ``None`` makes a new
+            pyplot figure.
+        cmap : str, default="jet"
+            Colour map of the anomaly map.
+        alpha : float, default=0.7
+            Opacity of the anomaly map over the image at ``vmax``; lower scores are
+            drawn more transparent, down to invisible at ``vmin``.
+
+        Returns
+        -------
+        display : AnomalyMapDisplay
+            This object, with the artists stored as attributes.
+        """
+        image = _display_image(self.image)
+        anomaly_map = np.asarray(self.anomaly_map, dtype=float)
+        if anomaly_map.ndim != 2:
+            raise ValueError(
+                f"anomaly_map must have shape (H, W); got {anomaly_map.shape}. Pass one "
+                "image's map, e.g. score_samples(X)[i]."
+            )
+        n_panels = 2 if self.threshold is None else 3
+        self.ax_ = _check_axes(ax, n_panels, "AnomalyMapDisplay", _MAP_LAYOUT)
+        self.figure_ = self.ax_[0].figure
+        height, width = image.shape[:2]
+        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+        grey = {"cmap": "gray", "vmin": 0, "vmax": 1 if image.dtype.kind == "f" else 255}
+        self.im_ = self.ax_[0].imshow(image, **grey)
+        self.ax_[0].set_title("image")
+
+        self.ax_[1].imshow(image, **grey)
+        self.heatmap_ = self._plot_heatmap(self.ax_[1], anomaly_map, extent, cmap, alpha)
+        # The colour bar sits in the gap right of the panel, so all panels keep one size.
+        colorbar_ax = self.ax_[1].inset_axes((1.02, 0.1, 0.04, 0.8))
+        self.colorbar_ = self.figure_.colorbar(self.heatmap_, cax=colorbar_ax)
+        title = "anomaly map" if self.score is None else f"anomaly map, score {self.score:.3g}"
+        self.ax_[1].set_title(title)
+
+        self.prediction_ = None
+        if self.threshold is not None:
+            self.prediction_ = self._plot_prediction(self.ax_[2], image, anomaly_map, extent, grey)
+        self.contours_ = []
+        if self.mask is not None:
+            self.contours_ = [self._plot_truth(axes, height, width) for axes in self.ax_[1:]]
+        for axes in self.ax_:
+            axes.set_axis_off()
+        return self
+
+    def _plot_heatmap(self, axes, anomaly_map, extent, cmap, alpha):
+        from matplotlib.colors import Normalize
+
+        norm = Normalize(
+            np.median(anomaly_map) if self.vmin is None else self.vmin,
+            anomaly_map.max() if self.vmax is None else self.vmax,
+        )
+        # Opacity grows with the score: normal regions stay visible, defects glow.
+        opacity = alpha * np.clip(norm(anomaly_map), 0, 1)
+        return axes.imshow(
+            anomaly_map,
+            cmap=cmap,
+            norm=norm,
+            alpha=opacity,
+            extent=extent,
+            interpolation="bilinear",
+        )
+
+    def _plot_prediction(self, axes, image, anomaly_map, extent, grey):
+        predicted = anomaly_map >= self.threshold
+        overlay = np.zeros((*predicted.shape, 4))
+        overlay[predicted] = (*_PREDICTION_COLOR, 0.55)
+        axes.imshow(image, **grey)
+        axes.set_title(f"map >= {self.threshold:.3g}")
+        return axes.imshow(overlay, extent=extent, interpolation="nearest")
+
+    def _plot_truth(self, axes, height: int, width: int):
+        mask = np.asarray(self.mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must have shape (H, W); got {mask.shape}.")
+        rows = _pixel_centres(mask.shape[0], height)
+        cols = _pixel_centres(mask.shape[1], width)
+        return axes.contour(
+            cols, rows, (mask != 0).astype(float), levels=[0.5], colors=_TRUTH_COLOR, linewidths=1.2
+        )
+
+    @classmethod
+    def from_predictions(
+        cls,
+        image,
+        anomaly_map: ArrayLike,
+        *,
+        mask: ArrayLike | None = None,
+        threshold: float | None = None,
+        score: float | None = None,
+        vmin: float | None = None,
+        vmax: float | None = None,
+        ax=None,
+        cmap: str = "jet",
+        alpha: float = 0.7,
+    ) -> AnomalyMapDisplay:
+        """Draw an anomaly map that was already computed.
+
+        Parameters
+        ----------
+        image : ndarray of shape (H, W) or (H, W, 3), file path or PIL image
+            The image.
+        anomaly_map : ndarray of shape (H', W')
+            Its anomaly map.
+        mask, threshold, score, vmin, vmax
+            See :class:`AnomalyMapDisplay`.
+        ax, cmap, alpha
+            See :meth:`plot`.
+
+        Returns
+        -------
+        display : AnomalyMapDisplay
+        """
+        display = cls(
+            image, anomaly_map, mask=mask, threshold=threshold, score=score, vmin=vmin, vmax=vmax
+        )
+        return display.plot(ax=ax, cmap=cmap, alpha=alpha)
+
+    @classmethod
+    def from_estimator(
+        cls,
+        estimator,
+        image,
+        *,
+        mask: ArrayLike | None = None,
+        threshold: float | None = None,
+        vmin: float | None = None,
+        vmax: float | None = None,
+        ax=None,
+        cmap: str = "jet",
+        alpha: float = 0.7,
+    ) -> AnomalyMapDisplay:
+        """Score one image with a fitted detector and draw its anomaly map.
+
+        Parameters
+        ----------
+        estimator : fitted estimator
+            A Pipeline of ``PatchFeatureTransformer`` and ``PadimDetector`` (or any
+            estimator whose ``score_samples`` maps images to anomaly maps).
+        image : ndarray of shape (H, W) or (H, W, 3), file path or PIL image
+            The image.
+        mask, threshold, vmin, vmax
+            See :class:`AnomalyMapDisplay`; the image score shown is the map's maximum
+            (PaDiM's image score).
+        ax, cmap, alpha
+            See :meth:`plot`.
+
+        Returns
+        -------
+        display : AnomalyMapDisplay
+        """
+        anomaly_map = estimator.score_samples([image])[0]
+        return cls.from_predictions(
+            image,
+            anomaly_map,
+            mask=mask,
+            threshold=threshold,
+            score=float(anomaly_map.max()),
+            vmin=vmin,
+            vmax=vmax,
+            ax=ax,
+            cmap=cmap,
+            alpha=alpha,
+        )
+
+
+class ImageScoreDisplay:
+    """Image-level evaluation: the ROC curve and the score histograms by class.
+
+    Use :meth:`from_estimator` or :meth:`from_predictions` to make one; all parameters
+    are stored as attributes.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,) or (n, H, W)
+        Image labels (1 = anomalous) or pixel masks (an image is anomalous if its mask
+        has a nonzero pixel).
+    scores : array-like of shape (n,)
+        Image anomaly scores, higher = more anomalous.
+    threshold : float, default=None
+        A decision threshold, drawn on the histograms and as a point on the ROC curve
+        (images scoring ``>=`` it are anomalous).
+
+    Attributes
+    ----------
+    fpr_, tpr_ : ndarray
+        The ROC curve, from :func:`sklearn.metrics.roc_curve`.
+    roc_auc_ : float
+        Image AUROC.
+    roc_line_ : matplotlib Line2D
+        The ROC curve.
+    hist_ : dict of str to matplotlib BarContainer
+        The histograms, keys ``"normal"`` and ``"anomalous"``.
+    threshold_lines_ : list of matplotlib Artists
+        The threshold point on the ROC curve and line on the histograms; empty
+        without ``threshold``.
+    ax_ : ndarray of matplotlib Axes
+        The ROC panel and the histogram panel.
+    figure_ : matplotlib Figure
+        The figure holding them.
+
+    See Also
+    --------
+    sklearn.metrics.RocCurveDisplay : The ROC curve alone.
+    AnomalyMapDisplay : Pixel-level pictures of one image.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sk_padim.plotting import ImageScoreDisplay
+    >>> display = ImageScoreDisplay.from_predictions(
+    ...     [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], threshold=0.5)
+    >>> display.roc_auc_
+    0.75
+    """
+
+    def __init__(self, y_true: ArrayLike, scores: ArrayLike, *, threshold: float | None = None):
+        self.y_true = y_true
+        self.scores = scores
+        self.threshold = threshold
+
+    def plot(self, ax=None, *, bins: int = 20) -> ImageScoreDisplay:
+        """Draw the ROC curve and the histograms.
+
+        Parameters
+        ----------
+        ax : sequence of two matplotlib Axes, default=None
+            Where to draw the ROC curve and the histograms. ``None`` makes a new pyplot
+            figure.
+        bins : int, default=20
+            Number of histogram bins, shared by both classes.
+
+        Returns
+        -------
+        display : ImageScoreDisplay
+            This object, with the artists stored as attributes.
+        """
+        labels = image_labels(self.y_true)
+        scores = np.asarray(self.scores, dtype=float)
+        self.roc_auc_ = image_auroc(labels, scores)
+        self.fpr_, self.tpr_, _ = roc_curve(labels, scores)
+        self.ax_ = _check_axes(ax, 2, "ImageScoreDisplay", _PLOT_LAYOUT)
+        self.figure_ = self.ax_[0].figure
+        roc_ax, hist_ax = self.ax_
+
+        (self.roc_line_,) = roc_ax.plot(self.fpr_, self.tpr_, label=f"AUROC {self.roc_auc_:.3f}")
+        roc_ax.plot([0, 1], [0, 1], "k:", linewidth=1)
+        roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image ROC")
+        roc_ax.set_aspect("equal")
+
+        edges = np.histogram_bin_edges(scores, bins=bins)
+        self.hist_ = {
+            name: hist_ax.hist(scores[selected], bins=edges, alpha=0.6, label=name)[2]
+            for name, selected in (("normal", ~labels), ("anomalous", labels))
+        }
+        hist_ax.set(xlabel="image anomaly score", ylabel="images", title="image scores")
+
+        self.threshold_lines_ = []
+        if self.threshold is not None:
+            predicted = scores >= self.threshold
+            point = (predicted[~labels].mean(), predicted[labels].mean())
+            self.threshold_lines_ = [
+                roc_ax.plot(*point, "o", color="k", label=f"threshold {self.threshold:.3g}")[0],
+                hist_ax.axvline(self.threshold, color="k", linestyle="--", label="threshold"),
+            ]
+        roc_ax.legend(loc="lower right")
+        hist_ax.legend()
+        return self
+
+    @classmethod
+    def from_predictions(
+        cls,
+        y_true: ArrayLike,
+        scores: ArrayLike,
+        *,
+        threshold: float | None = None,
+        ax=None,
+        bins: int = 20,
+    ) -> ImageScoreDisplay:
+        """Draw image scores that were already computed.
+
+        Parameters
+        ----------
+        y_true, scores, threshold
+            See :class:`ImageScoreDisplay`.
+        ax, bins
+            See :meth:`plot`.
+
+        Returns
+        -------
+        display : ImageScoreDisplay
+        """
+        return cls(y_true, scores, threshold=threshold).plot(ax=ax, bins=bins)
+
+    @classmethod
+    def from_estimator(
+        cls,
+        estimator,
+        X,
+        y: ArrayLike,
+        *,
+        threshold: float | None = None,
+        ax=None,
+        bins: int = 20,
+    ) -> ImageScoreDisplay:
+        """Score images with a fitted detector and draw the image-level evaluation.
+
+        Parameters
+        ----------
+        estimator : fitted estimator
+            Anything with ``decision_function(X) -> (n,)`` image anomaly scores, e.g. a
+            Pipeline of ``PatchFeatureTransformer`` and ``PadimDetector``.
+        X : array-like or list
+            The images, whatever ``estimator`` takes.
+        y : array-like of shape (n,) or (n, H, W)
+            Image labels or pixel masks.
+        threshold : float, default=None
+            See :class:`ImageScoreDisplay`.
+        ax, bins
+            See :meth:`plot`.
+
+        Returns
+        -------
+        display : ImageScoreDisplay
+        """
+        scores = estimator.decision_function(X)
+        return cls.from_predictions(y, scores, threshold=threshold, ax=ax, bins=bins)
+
+
+def save_heatmaps(
+    images,
+    maps: ArrayLike,
+    folder: str | os.PathLike,
+    *,
+    masks: ArrayLike | Sequence[ArrayLike] | None = None,
+    threshold: float | None = None,
+    names: Sequence[str] | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    dpi: int = 100,
+) -> list[Path]:
+    """Write one :class:`AnomalyMapDisplay` PNG file per image.
+
+    All pictures share one colour scale, so a normal image looks cool and a defect
+    stands out hot: by default from the median of all the maps' pixels (a typical
+    normal pixel, drawn transparent) to their maximum. Each PNG is 3 inches per panel
+    by 3.3 inches at ``dpi``, whatever the image size: 900 x 330 pixels for three
+    panels at the default 100 dpi.
+
+    Parameters
+    ----------
+    images : ndarray of shape (n, H, W[, C]) or list
+        The images: an array, or a list of arrays, file paths or PIL images.
+    maps : array-like of shape (n, H', W')
+        Their anomaly maps, e.g. ``score_samples(images)``.
+    folder : str or path-like
+        Where to write; created if needed. Existing files of the same names are
+        replaced.
+    masks : array-like of shape (n, H'', W'') or list of (H_i, W_i) arrays, default=None
+        Ground-truth defect masks, outlined in the pictures.
+    threshold : float, default=None
+        Pixel-score threshold of the predicted-defect panel; ``None`` leaves it out.
+    names : sequence of str, default=None
+        File names without the ``.png`` suffix; by default ``000``, ``001``, ...
+    vmin, vmax : float, default=None
+        Colour scale of the maps; by default the median and the maximum of all ``maps``.
+    dpi : int, default=100
+        Resolution of the PNG files.
+
+    Returns
+    -------
+    paths : list of pathlib.Path
+        The files written, in the order of ``images``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from sk_padim.plotting import save_heatmaps
+    >>> images = np.full((2, 32, 32), 100, dtype=np.uint8)
+    >>> maps = np.zeros((2, 32, 32))
+    >>> maps[1, 10:20, 10:20] = 1.0
+    >>> paths = save_heatmaps(images, maps, tempfile.mkdtemp(), names=["good", "bad"])
+    >>> [path.name for path in paths], Image.open(paths[0]).size
+    (['good.png', 'bad.png'], (600, 330))
+    """
+    images = check_images(images)
+    maps = np.asarray(maps, dtype=float)
+    names = [f"{i:03d}" for i in range(len(images))] if names is None else list(names)
+    if not len(images) == len(maps) == len(names) or (
+        masks is not None and len(masks) != len(maps)
+    ):
+        raise ValueError(
+            f"Got {len(images)} images, {len(maps)} maps, {len(names)} names"
+            + ("" if masks is None else f" and {len(masks)} masks")
+            + "; pass one of each per image."
+        )
+    vmin = np.median(maps) if vmin is None else vmin
+    vmax = maps.max() if vmax is None else vmax
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_panels = 2 if threshold is None else 3
+    paths = []
+    for i, (image, anomaly_map, name) in enumerate(zip(images, maps, names, strict=True)):
+        axes = _new_axes("save_heatmaps", n_panels, _MAP_LAYOUT, pyplot=False)
+        display = AnomalyMapDisplay.from_predictions(
+            image,
+            anomaly_map,
+            mask=None if masks is None else masks[i],
+            threshold=threshold,
+            score=float(anomaly_map.max()),
+            vmin=vmin,
+            vmax=vmax,
+            ax=axes,
+        )
+        paths.append(folder / f"{name}.png")
+        display.figure_.savefig(paths[-1], dpi=dpi)
+    return paths

@@ -1,0 +1,88 @@
+"""Every script in examples/ runs, at the small size that SK_PADIM_EXAMPLES_SMALL selects."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from sk_padim import make_defect_textures, write_mvtec_layout
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name, *args, cwd):
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "SK_PADIM_EXAMPLES_SMALL": "1"},
+    )
+
+
+def metric(text, name):
+    """The number printed after ``name``; a metric must lie in [0, 1]."""
+    value = float(re.search(rf"{name}\s+([0-9.]+)", text).group(1))
+    assert 0 <= value <= 1, (name, value)
+    return value
+
+
+def test_every_example_is_tested():
+    tested = {"quickstart.py", "mvtec_evaluation.py", "custom_backbone.py", "calibration.py"}
+    assert {path.name for path in EXAMPLES.glob("*.py")} == tested
+
+
+def test_quickstart(tmp_path):
+    process = run_example("quickstart.py", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    assert "maps (30, 64, 64), scores (30,)" in process.stdout
+    # A pretrained backbone finds the built-in defects far better than chance.
+    assert metric(process.stdout, "image AUROC") > 0.8
+    assert metric(process.stdout, "pixel AUROC") > 0.8
+    metric(process.stdout, "AUPRO")
+    assert len(list((tmp_path / "quickstart-heatmaps").glob("*.png"))) == 3
+
+
+def test_mvtec_evaluation_without_a_path_uses_the_built_in_textures(tmp_path):
+    process = run_example("mvtec_evaluation.py", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    rows = process.stdout.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["brick", "grass", "gravel"]
+
+
+def test_mvtec_evaluation_reads_the_given_root_and_category(tmp_path):
+    dataset = make_defect_textures(
+        ("brick", "grass"),
+        image_size=48,
+        n_train=5,
+        n_test_good=2,
+        n_test_defective=3,
+        random_state=0,
+    )
+    root = write_mvtec_layout(dataset, tmp_path / "data")
+    process = run_example("mvtec_evaluation.py", root, "grass", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    (row,) = process.stdout.splitlines()[1:]
+    assert row.split()[0] == "grass"
+    assert all(0 <= float(value) <= 1 for value in row.split()[1:4])
+
+
+def test_custom_backbone(tmp_path):
+    process = run_example("custom_backbone.py", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    out = process.stdout
+    assert "'block1', 'block1.0'" in out
+    # The state-dict file holds the module's weights, so the results are identical.
+    assert metric(out, r"SmallCNN \(random weights\): image AUROC") == metric(
+        out, r"SmallCNN \(weights from file\): image AUROC"
+    )
+
+
+def test_calibration(tmp_path):
+    process = run_example("calibration.py", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    image_line, pixel_line = process.stdout.splitlines()
+    assert image_line.startswith("image threshold") and pixel_line.startswith("pixel threshold")
+    for line in (image_line, pixel_line):
+        assert metric(line, "validation F1") > 0 and metric(line, "test F1") > 0

@@ -1,0 +1,162 @@
+import sys
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import Pipeline
+
+from sk_padim import PadimDetector, PatchFeatureTransformer
+from sk_padim.plotting import AnomalyMapDisplay, ImageScoreDisplay, save_heatmaps
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def picture():
+    """A grey 48 x 48 image, a 24 x 24 map hot in one corner block, the true mask there."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 200, size=(48, 48), dtype=np.uint8)
+    anomaly_map = rng.uniform(0, 1, size=(24, 24))
+    anomaly_map[4:10, 4:10] += 5
+    mask = np.zeros((48, 48), dtype=bool)
+    mask[8:20, 8:20] = True  # the same block at the image's resolution
+    return image, anomaly_map, mask
+
+
+def test_anomaly_map_display_draws_the_three_panels(picture):
+    image, anomaly_map, mask = picture
+    display = AnomalyMapDisplay.from_predictions(image, anomaly_map, mask=mask, threshold=3.0)
+    assert len(display.ax_) == 3 and display.figure_ is display.ax_[0].figure
+    np.testing.assert_array_equal(display.im_.get_array(), image)
+    np.testing.assert_array_equal(display.heatmap_.get_array(), anomaly_map)
+    # The map is stretched over the whole image although it has half its resolution.
+    assert display.heatmap_.get_extent() == [-0.5, 47.5, 47.5, -0.5]
+    # The red overlay marks exactly the map pixels >= threshold: the hot block.
+    red = display.prediction_.get_array()[..., 3] > 0
+    np.testing.assert_array_equal(red, anomaly_map >= 3.0)
+    assert len(display.contours_) == 2
+
+
+def test_ground_truth_outline_surrounds_the_mask_in_image_coordinates(picture):
+    image, anomaly_map, mask = picture
+    display = AnomalyMapDisplay.from_predictions(image, anomaly_map, mask=mask)
+    vertices = np.concatenate(display.contours_[0].allsegs[0])
+    # The 0.5 level of the mask lies half a pixel outside the True block (rows/cols 8..19).
+    np.testing.assert_allclose(vertices.min(axis=0), [7.5, 7.5])
+    np.testing.assert_allclose(vertices.max(axis=0), [19.5, 19.5])
+
+
+def test_without_threshold_or_mask_there_are_two_panels_and_no_outline(picture):
+    image, anomaly_map, _ = picture
+    display = AnomalyMapDisplay(image, anomaly_map).plot()
+    assert len(display.ax_) == 2 and display.prediction_ is None and display.contours_ == []
+
+
+def test_default_colour_scale_runs_from_the_median_to_the_maximum(picture):
+    image, anomaly_map, _ = picture
+    display = AnomalyMapDisplay.from_predictions(image, anomaly_map)
+    assert display.heatmap_.norm.vmin == pytest.approx(np.median(anomaly_map))
+    assert display.heatmap_.norm.vmax == pytest.approx(anomaly_map.max())
+
+
+def test_plot_draws_on_given_axes_and_checks_their_number(picture):
+    image, anomaly_map, _ = picture
+    fig, axes = plt.subplots(1, 2)
+    display = AnomalyMapDisplay(image, anomaly_map).plot(ax=axes)
+    assert display.figure_ is fig
+    with pytest.raises(ValueError, match="draws 3 panels but got 2 Axes"):
+        AnomalyMapDisplay(image, anomaly_map, threshold=1.0).plot(ax=axes)
+
+
+def test_from_estimator_shows_the_estimators_map(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    feat = PatchFeatureTransformer(weights=None, image_size=32, n_features=8, random_state=0)
+    pipe = Pipeline([("feat", feat), ("padim", PadimDetector())]).fit(X[:5])
+    path = tmp_path / "image.png"
+    Image.fromarray(X[5]).save(path)
+    display = AnomalyMapDisplay.from_estimator(pipe, str(path))
+    expected = pipe.score_samples(X[5:])[0]
+    np.testing.assert_allclose(display.heatmap_.get_array(), expected, rtol=1e-6)
+    assert display.score == pytest.approx(pipe.decision_function(X[5:])[0], rel=1e-6)
+    np.testing.assert_array_equal(display.im_.get_array(), X[5])
+
+
+def test_image_score_display_matches_sklearn_roc():
+    y = np.array([0, 0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.8])
+    display = ImageScoreDisplay.from_predictions(y, scores, threshold=0.45)
+    assert display.roc_auc_ == pytest.approx(roc_auc_score(y, scores))
+    assert display.roc_line_.get_xydata()[-1].tolist() == [1.0, 1.0]
+    counts = {name: sum(bar.get_height() for bar in bars) for name, bars in display.hist_.items()}
+    assert counts == {"normal": 4, "anomalous": 3}
+    # Threshold 0.45: 1 of 4 normal images (0.5) and 2 of 3 anomalous ones are flagged.
+    point = display.threshold_lines_[0].get_xydata()[0]
+    np.testing.assert_allclose(point, [1 / 4, 2 / 3])
+
+
+def test_image_score_display_takes_masks_as_ground_truth():
+    masks = np.zeros((4, 5, 5), dtype=bool)
+    masks[2:, 1, 1] = True
+    display = ImageScoreDisplay.from_predictions(masks, [0.1, 0.2, 0.3, 0.4])
+    assert display.roc_auc_ == 1.0
+
+
+@pytest.mark.parametrize(("threshold", "width"), [(None, 600), (2.0, 900)])
+def test_save_heatmaps_writes_pngs_of_the_documented_size(tmp_path, picture, threshold, width):
+    image, anomaly_map, mask = picture
+    images = np.stack([image, image])
+    maps = np.stack([anomaly_map, np.zeros_like(anomaly_map)])
+    paths = save_heatmaps(
+        images, maps, tmp_path / "out", masks=[mask, mask], threshold=threshold, names=["a", "b"]
+    )
+    assert paths == [tmp_path / "out" / "a.png", tmp_path / "out" / "b.png"]
+    for path in paths:
+        with Image.open(path) as png:
+            assert png.format == "PNG"
+            assert png.size == (width, 330)  # 3 inches per panel by 3.3 inches, at 100 dpi
+
+
+def test_save_heatmaps_size_follows_dpi(tmp_path, picture):
+    image, anomaly_map, _ = picture
+    (path,) = save_heatmaps(image[None], anomaly_map[None], tmp_path, dpi=50)
+    assert path.name == "000.png"
+    with Image.open(path) as png:
+        assert png.size == (300, 165)
+
+
+def test_save_heatmaps_uses_one_colour_scale_for_all_images(tmp_path, monkeypatch, picture):
+    image, anomaly_map, _ = picture
+    scales = []
+    original = AnomalyMapDisplay.plot
+
+    def record(self, *args, **kwargs):
+        scales.append((self.vmin, self.vmax))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AnomalyMapDisplay, "plot", record)
+    maps = np.stack([anomaly_map, anomaly_map / 2])
+    save_heatmaps(np.stack([image, image]), maps, tmp_path)
+    assert scales == [(np.median(maps), maps.max())] * 2
+
+
+def test_save_heatmaps_rejects_mismatched_lengths(tmp_path, picture):
+    image, anomaly_map, _ = picture
+    with pytest.raises(ValueError, match="Got 1 images, 2 maps"):
+        save_heatmaps(image[None], np.stack([anomaly_map] * 2), tmp_path)
+
+
+def test_missing_matplotlib_names_the_plot_extra(monkeypatch, picture):
+    image, anomaly_map, _ = picture
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"pip install 'sk-padim\[plot\]'"):
+        AnomalyMapDisplay(image, anomaly_map).plot()
