@@ -116,12 +116,24 @@ def test_single_training_image_uses_regularised_identity():
     np.testing.assert_allclose(grid, expected, rtol=1e-5)
 
 
-def test_default_threshold_flags_no_training_image(features):
-    train, test = features
+def test_default_threshold_is_the_highest_held_out_training_score(features):
+    train, _ = features
     detector = PadimDetector().fit(train)
-    assert detector.threshold_ == pytest.approx(detector.decision_function(train).max())
+    even, odd = PadimDetector().fit(train[0::2]), PadimDetector().fit(train[1::2])
+    held_out = np.concatenate(
+        [even.decision_function(train[1::2]), odd.decision_function(train[0::2])]
+    )
+    assert detector.threshold_ == pytest.approx(held_out.max())
     assert (detector.predict(train) == 1).all()
     assert (detector.predict(train + 100) == -1).all()
+
+
+def test_default_threshold_does_not_flag_new_normal_images_when_n_is_below_d():
+    rng = np.random.default_rng(0)
+    train, new = (rng.normal(size=(n, 30, 3, 3)).astype(np.float32) for n in (20, 20))
+    detector = PadimDetector().fit(train)
+    assert (detector.predict(new) == 1).mean() > 0.8
+    assert (detector.predict(new + 3) == -1).all()
 
 
 def test_explicit_threshold_is_used(features):
