@@ -152,6 +152,7 @@ def run(args) -> dict:
         device=args.device,
         random_state=0,
     )
+    # An explicit threshold: the default one costs two half fits and a scoring pass.
     detector = PadimDetector(batch_size=args.batch_size, device=args.device, threshold=0.0)
     pipe = Pipeline([("feat", feat), ("padim", detector)])
     train = synthetic_images(args.n_train, args.image_size, seed=0)
@@ -165,6 +166,7 @@ def run(args) -> dict:
 
     start = time.perf_counter()
     pipe.fit(train)
+    detector._scoring_tensors(resolve_device(args.device))  # the factorisation, done lazily
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     pipe.decision_function(test)
