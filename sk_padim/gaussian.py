@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,13 +128,36 @@ def whitening_factor(
     device = packed_covariance.device
     factor = torch.empty(n_positions, n_features, n_features, device=device)
     eye = torch.eye(n_features, dtype=torch.float64, device=device)
-    for start in range(0, n_positions, chunk_positions):
-        positions = slice(start, start + chunk_positions)
-        covariance = unpack_symmetric(packed_covariance[positions].to(torch.float64), n_features)
-        lower = _robust_cholesky(covariance + reg * eye, reg, start)
-        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-        factor[positions] = inverse.transpose(1, 2)
+    with _one_cpu_thread(device):
+        for start in range(0, n_positions, chunk_positions):
+            positions = slice(start, start + chunk_positions)
+            covariance = unpack_symmetric(
+                packed_covariance[positions].to(torch.float64), n_features
+            )
+            lower = _robust_cholesky(covariance + reg * eye, reg, start)
+            inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+            factor[positions] = inverse.transpose(1, 2)
     return factor
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run torch's CPU ops on one thread for the duration.
+
+    Batched Cholesky and triangular solves of small matrices gain nothing from threads,
+    and when another process competes for the cores their thread synchronisation made
+    them 5-10x slower (measured on 2 cores: 15.8 s with 2 threads vs 1.5 s with one for
+    3,136 matrices of 100 x 100).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
