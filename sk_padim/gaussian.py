@@ -1,6 +1,7 @@
 """Streaming, mergeable Gaussian statistics per patch position.
 
-While fitting, the state is the count ``n``, the mean (float64) and the scatter matrix
+While fitting, the state is the count ``n``, the mean (float64 across batches; each
+batch's own mean is taken in float32) and the scatter matrix
 ``S = sum_i (x_i - mean)(x_i - mean)^T`` (float32) at each of ``P`` positions; a fitted
 model keeps the covariance ``S / (n - 1)`` packed to its lower triangle. Batches are
 folded in with the pairwise update of Chan, Golub and LeVeque: the batch is centred on its
@@ -43,12 +44,13 @@ class GaussianStatistics:
         """Fold in a batch of position-major vectors ``(P, B, d)`` (float32, contiguous)."""
         n_batch = vectors.shape[1]
         total = self.count + n_batch
-        batch_mean = vectors.mean(dim=1, dtype=torch.float64)
-        delta = batch_mean - self.mean
-        # Rows whose Gram matrix is the batch scatter plus the mean-shift correction.
-        centred = vectors - batch_mean.to(torch.float32)[:, None, :]
-        correction = math.sqrt(self.count * n_batch / total) * delta.to(torch.float32)
-        rows = torch.cat([centred, correction[:, None, :]], dim=1)
+        batch_mean32 = vectors.mean(dim=1)
+        delta = batch_mean32.to(torch.float64) - self.mean
+        # Rows whose Gram matrix is the batch scatter plus the mean-shift correction,
+        # written into one buffer (no concatenation copy).
+        rows = vectors.new_empty(len(vectors), n_batch + 1, vectors.shape[2])
+        torch.sub(vectors, batch_mean32[:, None, :], out=rows[:, :n_batch])
+        rows[:, n_batch] = math.sqrt(self.count * n_batch / total) * delta.to(torch.float32)
         self.scatter.baddbmm_(rows.transpose(1, 2), rows)
         self.mean += delta * (n_batch / total)
         self.count = total
