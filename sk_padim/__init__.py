@@ -13,6 +13,7 @@ from sk_padim.metrics import (
     pixel_auroc_scorer,
 )
 from sk_padim.model_selection import NormalTrainSplit
+from sk_padim.persistence import load_model, load_npz, save_model, save_npz
 from sk_padim.streaming import fit_streaming
 
 __version__ = "0.1.0.dev0"
@@ -34,4 +35,8 @@ __all__ = [
     "load_mvtec_ad",
     "make_defect_textures",
     "write_mvtec_layout",
+    "load_model",
+    "load_npz",
+    "save_model",
+    "save_npz",
 ]
