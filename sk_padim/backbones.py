@@ -108,7 +108,18 @@ def _as_existing_path(weights) -> str | None:
 
 
 def _load_state_dict_file(model: nn.Module, path: str) -> None:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types, with unsafe advice
+        raise ValueError(
+            f"Cannot read {path!r} as a state dict (the output of "
+            "torch.save(model.state_dict(), path)); it is not one, or it is damaged."
+        ) from error
+    if not isinstance(state_dict, dict):
+        raise ValueError(
+            f"{path!r} holds a {type(state_dict).__name__}, not a state dict; save one with "
+            "torch.save(model.state_dict(), path)."
+        )
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:

@@ -149,16 +149,19 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         self : PadimDetector
         """
+        self._explicit_map_size()
         features = self._check_features(X)
         if y is not None:
             features = features[_normal_rows(y, len(features))]
-        self._fit_batches([features])
+        # Fit a copy and adopt its state at the end, so that an error or an interrupt
+        # (while fitting or while scoring for the threshold) changes nothing.
+        model = clone(self)
+        model._fit_batches([features])
         if self.threshold is not None:
-            self.threshold_ = float(self.threshold)
+            model.threshold_ = float(self.threshold)
         elif len(features) >= 2:
-            self.threshold_ = self._cross_fitted_threshold(features)
-        elif hasattr(self, "threshold_"):
-            del self.threshold_
+            model.threshold_ = model._cross_fitted_threshold(features)
+        self._adopt_fitted_state(model)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -179,6 +182,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         self : PadimDetector
         """
+        self._validate_params()  # scikit-learn skips it once fitted; set_params may have run
         first_call = not hasattr(self, "n_samples_seen_")
         self._fit_batches([X], None if first_call else self._statistics())
         self._set_threshold_without_scores()
@@ -296,6 +300,13 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             held_out.append(half_model.decision_function(score_half))
         return float(np.concatenate(held_out).max())
 
+    def _adopt_fitted_state(self, model: PadimDetector) -> None:
+        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("__")]:
+            delattr(self, name)
+        for name, value in vars(model).items():
+            if name.endswith("_") or name == "_scoring_cache":
+                setattr(self, name, value)
+
     def _set_threshold_without_scores(self) -> None:
         """``threshold_`` from the parameter alone, when training scores are unavailable."""
         if self.threshold is not None:
@@ -317,6 +328,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             stats = self._accumulate(features, stats)
         if stats is None:
             raise ValueError("No feature batches to fit on; pass at least one.")
+        if not bool(torch.isfinite(stats.scatter).all()):
+            raise FloatingPointError(
+                "The features are too large for float32 statistics (their squares "
+                "overflow); scale them down, e.g. by a constant factor."
+            )
         self._store(stats, shape)
 
     def _accumulate(self, features: np.ndarray, stats: GaussianStatistics | None):
@@ -362,6 +378,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         return cache[1], cache[2]
 
     def _iter_maps(self, features: np.ndarray):
+        self._validate_params()  # set_params may have run since fit
         device = resolve_device(self.device)
         mean, factor = self._scoring_tensors(device)
         d, h, w = self.feature_shape_
@@ -375,9 +392,16 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 yield anomaly_maps(distances, self._map_size(), self.sigma, self.truncate)
 
     def _map_size(self) -> tuple[int, int]:
+        explicit = self._explicit_map_size()
+        if explicit is not None:
+            return explicit
+        _, h, w = self.feature_shape_
+        return (4 * h, 4 * w)
+
+    def _explicit_map_size(self) -> tuple[int, int] | None:
+        """The ``map_size`` parameter as ``(height, width)``, or None; checked."""
         if self.map_size is None:
-            _, h, w = self.feature_shape_
-            return (4 * h, 4 * w)
+            return None
         if isinstance(self.map_size, Integral):
             return (int(self.map_size), int(self.map_size))
         if len(self.map_size) != 2 or not all(
@@ -391,7 +415,13 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         return self.feature_shape_
 
     def _check_features(self, X, expected_shape=None) -> np.ndarray:
-        features = np.asarray(X)
+        try:
+            features = np.asarray(X)
+        except ValueError as error:
+            raise ValueError(
+                "Features must be one array of shape (n, d, h, w); the items given have "
+                "different shapes. Use PatchFeatureTransformer to make them."
+            ) from error
         if features.ndim != 4:
             raise ValueError(
                 f"Expected features of shape (n, d, h, w); got shape {features.shape}. "
@@ -401,6 +431,17 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             raise ValueError("Got no feature maps (n = 0); pass at least one image's features.")
         if not np.issubdtype(features.dtype, np.number) or features.dtype == np.bool_:
             raise TypeError(f"Features must be numeric; got dtype {features.dtype}.")
+        if 0 in features.shape[1:]:
+            raise ValueError(
+                f"Features of shape {features.shape} have an empty axis (size 0); make "
+                "them with PatchFeatureTransformer."
+            )
+        if features.dtype.itemsize > 4 and np.issubdtype(features.dtype, np.floating):
+            largest = np.abs(features[np.isfinite(features)]).max(initial=0)
+            if largest > np.finfo(np.float32).max:
+                raise ValueError(
+                    f"Features reach {largest:.3g}, beyond float32's range; scale them down."
+                )
         if expected_shape is not None and tuple(features.shape[1:]) != tuple(expected_shape):
             raise ValueError(
                 f"Features have shape (d, h, w) = {tuple(features.shape[1:])} but the "

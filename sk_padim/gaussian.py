@@ -163,6 +163,13 @@ def _one_cpu_thread(device: torch.device):
 
 
 def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
+    if not (math.isfinite(reg) and reg > 0):
+        raise ValueError(f"reg must be a positive finite float; got {reg!r}.")
+    if not bool(torch.isfinite(covariance).all()):
+        raise FloatingPointError(
+            "The covariances hold NaN or infinite values: check the features for huge "
+            "values, scale them down and refit."
+        )
     lower, info = torch.linalg.cholesky_ex(covariance)
     extra = reg
     while bool((info > 0).any()):

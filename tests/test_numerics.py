@@ -159,13 +159,6 @@ def test_cholesky_failure_falls_back_with_a_warning_and_finite_factor():
     torch.testing.assert_close(u.T @ (cov + 10.01 * eye) @ u, eye, atol=1e-5, rtol=0)
 
 
-CUDA_RETURNS_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="core defect (gaussian._robust_cholesky): on CUDA, torch.linalg.cholesky_ex "
-    "reports success (info = 0) for matrices holding NaN or inf, so non-finite statistics "
-    "give a NaN whitening factor and NaN scores instead of the FloatingPointError the CPU "
-    "gives; check torch.isfinite on the covariances (or the factor) as well as info",
-)
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -175,7 +168,7 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
         (-1e9, "cpu"),
         (float("nan"), "cpu"),
         pytest.param(-1e9, "cuda", marks=NEEDS_CUDA),
-        pytest.param(float("nan"), "cuda", marks=[NEEDS_CUDA, CUDA_RETURNS_NAN]),
+        pytest.param(float("nan"), "cuda", marks=[NEEDS_CUDA]),
     ],
 )
 def test_hopeless_covariance_raises_instead_of_returning_nan(bad_value, device):

@@ -415,12 +415,6 @@ def test_fit_streaming_interrupted_between_chunks_keeps_the_last_state(
     np.testing.assert_array_equal(pipe.decision_function(test), scores)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core defect (PadimDetector.fit): the new statistics are stored before the "
-    "training images are scored for threshold_, so an interruption (or error) there leaves "
-    "new statistics with the previous threshold_",
-)
 def test_fit_interrupted_while_setting_the_threshold_keeps_the_last_state(monkeypatch):
     rng = np.random.default_rng(0)
     detector = PadimDetector().fit(rng.normal(size=(5, 3, 2, 2)))
