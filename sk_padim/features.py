@@ -141,17 +141,21 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     def fit(self, X=None, y=None):
         """Load the backbone and draw the channel indices.
 
-        Nothing is learnt from the images, so ``X`` is not read.
+        Nothing is learnt from the images: ``X``, when given, is only checked (as
+        :meth:`transform` would), so that bad input fails before the fitted state
+        changes.
 
         Parameters
         ----------
-        X : ignored
+        X : images or None, default=None
         y : ignored
 
         Returns
         -------
         self : PatchFeatureTransformer
         """
+        if X is not None:
+            check_images(X)
         spec = REGISTRY.get(self.backbone) if isinstance(self.backbone, str) else None
         rng = check_random_state(self.random_state)
         model = load_backbone(self.backbone, self.weights, int(rng.randint(2**31 - 1)))

@@ -9,6 +9,7 @@ statistics, so memory stays flat whatever the number of images.
 
 from __future__ import annotations
 
+from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
@@ -20,52 +21,59 @@ from sk_padim.images import check_images
 def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = False):
     """Fit a ``[PatchFeatureTransformer, PadimDetector]`` pipeline chunk by chunk.
 
-    The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
-    ``threshold_``: the training images are not scored a second time, so the detector
-    sets ``threshold_`` only from an explicit ``threshold`` parameter (as
-    :meth:`PadimDetector.partial_fit` does). If the fit fails or is interrupted, the
-    detector keeps its previous state.
+        The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
+        ``threshold_``: the training images are not scored a second time, so the detector
+        sets ``threshold_`` only from an explicit ``threshold`` parameter (as
+        :meth:`PadimDetector.partial_fit` does). If the fit fails or is interrupted, the
+        detector keeps its previous state.
 
-    Parameters
-    ----------
-    pipeline : Pipeline
-        Two steps: a :class:`PatchFeatureTransformer` then a :class:`PadimDetector`.
-    X : array-like or list
-        Images of normal parts: an array, or a list of file paths, PIL images or arrays.
-        A list of paths is the way to fit on more images than fit in memory.
-    chunk_size : int, default=256
-        Images transformed at a time; memory grows with it, not with ``len(X)``.
-    verbose : bool, default=False
-        Show a progress bar over chunks.
+        Parameters
+        ----------
+        pipeline : Pipeline
+            Two steps: a :class:`PatchFeatureTransformer` then a :class:`PadimDetector`.
+        X : array-like or list
+            Images of normal parts: an array, or a list of file paths, PIL images or arrays.
+            A list of paths is the way to fit on more images than fit in memory.
+        chunk_size : int, default=256
+            Images transformed at a time; memory grows with it, not with ``len(X)``.
+        verbose : bool, default=False
+            Show a progress bar over chunks.
 
-    Returns
-    -------
-    pipeline : Pipeline
-        The same pipeline, fitted.
+        Returns
+        -------
+        pipeline : Pipeline
+            The same pipeline, fitted.
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from sklearn.pipeline import Pipeline
-    >>> from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
-    >>> X = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    >>> pipe = Pipeline([
-    ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
-    ...     ("padim", PadimDetector()),
-    ... ])
-    >>> fit_streaming(pipe, X, chunk_size=4).named_steps["padim"].n_samples_seen_
-    6
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn.base import clone
+    from sklearn.pipeline import Pipeline
+        >>> from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
+        >>> X = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+        >>> pipe = Pipeline([
+        ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
+        ...     ("padim", PadimDetector()),
+        ... ])
+        >>> fit_streaming(pipe, X, chunk_size=4).named_steps["padim"].n_samples_seen_
+        6
     """
     feat, detector = _feature_and_detector_steps(pipeline)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     images = check_images(X)
-    feat.fit(images)
-    detector._validate_params()
+    # Fit copies and adopt their state only at the end: a failure (an unreadable image
+    # in a late chunk, an interrupt) leaves both steps as they were.
+    new_feat = clone(feat).fit(images)
+    new_detector = clone(detector)
+    new_detector._validate_params()
     starts = range(0, len(images), chunk_size)
-    chunks = (feat.transform(images[i : i + chunk_size]) for i in starts)
-    detector._fit_batches(tqdm(chunks, total=len(starts), disable=not verbose, unit="chunk"))
-    detector._set_threshold_without_scores()
+    chunks = (new_feat.transform(images[i : i + chunk_size]) for i in starts)
+    new_detector._fit_batches(tqdm(chunks, total=len(starts), disable=not verbose, unit="chunk"))
+    new_detector._set_threshold_without_scores()
+    vars(feat).clear()
+    vars(feat).update(vars(new_feat))
+    detector._adopt_fitted_state(new_detector)
     return pipeline
 
 

@@ -707,13 +707,6 @@ def test_fit_streaming_with_a_truncated_file_names_it_and_keeps_the_detector(fil
             np.testing.assert_array_equal(after[name], value, err_msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core defect (streaming.fit_streaming, PatchFeatureTransformer.fit): the "
-    "transformer is refitted (new channels when random_state=None, new random backbone "
-    "when weights=None) before the detector's fit fails, so the pipeline then pairs new "
-    "features with old statistics and scores silently wrong",
-)
 @pytest.mark.parametrize("route", ["fit_streaming", "Pipeline.fit"])
 def test_failed_refit_leaves_the_pipeline_scoring_as_before(files, rgb, route):
     pipe = small_pipeline().fit(np.stack([rgb, rgb[::-1]]))
