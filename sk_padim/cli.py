@@ -23,8 +23,6 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-import sklearn
-import torch
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
@@ -42,6 +40,7 @@ from sk_padim.demo import (
     run_demo,
 )
 from sk_padim.features import PatchFeatureTransformer
+from sk_padim.persistence import load_model
 from sk_padim.plotting import _pyplot, save_heatmaps
 
 # Errors that come from the user's inputs; they are reported on one line. Anything
@@ -502,15 +501,7 @@ def _load_model(path: Path):
         )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            model = joblib.load(path)
-        except Exception as error:  # unpickling can fail with any exception type
-            raise ValueError(
-                f"Cannot load the model file {path} ({type(error).__name__}: {error}). It is "
-                "not a joblib file, or it was saved with other versions of the libraries "
-                f"(here: sk-padim {__version__}, scikit-learn {sklearn.__version__}, torch "
-                f"{torch.__version__}). Refit it with 'sk-padim fit'."
-            ) from error
+        model = load_model(path)
     for warning in caught:
         print(f"sk-padim: warning: {_one_line(warning.message)}", file=sys.stderr)
     return model

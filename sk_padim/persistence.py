@@ -253,10 +253,18 @@ def load_model(path: str | os.PathLike, verify: bool | None = None):
         ) from error
     except Exception as error:  # joblib/pickle raise many types for bad bytes
         raise ValueError(
-            f"Cannot load model file {path!r} ({type(error).__name__}: {error}). It is "
-            "truncated, corrupted, or not a joblib file; restore it from a backup or "
-            "save the model again."
+            f"Cannot load the model file {path!r} ({type(error).__name__}: {error}). It is "
+            "truncated, corrupted, not a joblib file, or saved with other versions of the "
+            f"libraries (here: {_library_versions()}); restore it from a backup or save "
+            "the model again."
         ) from error
+
+
+def _library_versions() -> str:
+    import sklearn
+
+    versions = {**current_versions(), "scikit-learn": sklearn.__version__}
+    return ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
 @contextmanager
