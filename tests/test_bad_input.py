@@ -17,13 +17,12 @@ from __future__ import annotations
 import io
 import math
 import re
-import signal
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from hang_guard import time_limit
 from PIL import Image
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
@@ -32,25 +31,6 @@ from synthetic import smooth_texture
 from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
 
 SIZE = 32  # image_size of the shared transformer: layer3 gives a 2x2 map
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Turn a hang into a TimeoutError (SIGALRM; the main thread of a POSIX process)."""
-
-    if not hasattr(signal, "SIGALRM"):
-        pytest.skip("needs SIGALRM (POSIX) to bound a possible hang")
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: the call hangs")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def raises_clearly(error, problem: str, fix: str, call):

@@ -5,13 +5,12 @@ when interrupted."""
 from __future__ import annotations
 
 import json
-import signal
-from contextlib import contextmanager
 
 import joblib
 import numpy as np
 import pytest
 import torch
+from hang_guard import time_limit
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from synthetic import textures_with_squares
@@ -22,25 +21,6 @@ from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
 from sk_padim.gaussian import GaussianStatistics
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
 from sk_padim.versioning import VersionMismatchWarning
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Turn a hang into a TimeoutError (SIGALRM; the main thread of a POSIX process)."""
-
-    if not hasattr(signal, "SIGALRM"):
-        pytest.skip("needs SIGALRM (POSIX) to bound a possible hang")
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: the call hangs")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
