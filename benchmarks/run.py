@@ -5,18 +5,26 @@ Example (the figures in docs/performance.md)::
     python benchmarks/run.py --backbone resnet18 --n-features 100 --image-size 224 \
         --n-train 200 --n-test 100
 
-Images are deterministic synthetic textures already in memory (uint8). Weights are random
-(``--weights none``, the default) since speed does not depend on their values. The script
+Images are deterministic synthetic textures already in memory (uint8); half of the test
+images carry a pasted square of another texture, with its mask, so that the run also
+reports image and pixel AUROC, and their change with ``covariance_dtype="float16"``.
+Weights are random (``--weights none``, the default) since speed does not depend on their
+values. Throughputs are medians over ``--repeats`` measurements, the bare backbone and
+the pipeline alternating, so that a passing disturbance moves both. ``--under-load``
+measures scoring again while a busy loop holds one core in another process. The script
 prints a Markdown table and writes it, with the raw numbers as JSON, to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,19 +36,36 @@ import numpy as np
 import torch
 from sklearn.pipeline import Pipeline
 
-from sk_padim import PadimDetector, PatchFeatureTransformer
+from sk_padim import PadimDetector, PatchFeatureTransformer, image_auroc, pixel_auroc
+from sk_padim.detector import _chunk_positions
 from sk_padim.devices import resolve_device
-from sk_padim.gaussian import GaussianStatistics, position_major, whitening_factor
+from sk_padim.gaussian import GaussianStatistics, whitening_factor
 from sk_padim.images import iter_batches
 from sk_padim.mahalanobis import mahalanobis
 from sk_padim.postprocess import anomaly_maps
 
 
 def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
-    """Smooth random RGB textures, uint8 (n, size, size, 3)."""
+    """Blocky random RGB textures, uint8 (n, size, size, 3)."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (n, size // 8, size // 8, 3), dtype=np.uint8)
     return np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+
+
+def with_defects(images: np.ndarray, seed: int):
+    """Paste a square of fine noise into every other image: (images, labels, masks)."""
+    rng = np.random.default_rng(seed)
+    images = images.copy()
+    n, size = images.shape[:2]
+    side = size // 6
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in range(1, n, 2):
+        top, left = rng.integers(0, size - side, size=2)
+        masks[i, top : top + side, left : left + side] = True
+        images[i, top : top + side, left : left + side] = rng.integers(
+            0, 256, (side, side, 3), dtype=np.uint8
+        )
+    return images, masks.any(axis=(1, 2)).astype(int), masks
 
 
 class StageTimer:
@@ -86,10 +111,12 @@ def _staged_features(feat, images, phase, timer):
 def staged_fit(feat, detector, images, timer):
     """The fit path through the library's stages; returns (mean, factor)."""
     d, h, w = feat.feature_shape_
-    stats = GaussianStatistics.empty(h * w, d, resolve_device(feat.device))
+    device = resolve_device(feat.device)
+    stats = GaussianStatistics.empty(h * w, d, device)
+    chunk = _chunk_positions(device, feat.batch_size + 1, d)
     for features in _staged_features(feat, images, "fit", timer):
         with torch.inference_mode(), timer("fit: statistics update"):
-            stats.update(position_major(features))
+            stats.update(features, chunk)
     with timer("fit: finalisation"):
         mean = stats.mean.to(torch.float32)
         return mean, whitening_factor(stats.consume_packed(), detector.reg)
@@ -97,32 +124,39 @@ def staged_fit(feat, detector, images, timer):
 
 def staged_score(feat, detector, images, mean, factor, timer):
     """The scoring path through the library's stages."""
-    _, h, w = feat.feature_shape_
+    d, h, w = feat.feature_shape_
+    chunk = _chunk_positions(resolve_device(feat.device), feat.batch_size, d)
     for features in _staged_features(feat, images, "score", timer):
         with torch.inference_mode():
             with timer("score: distance kernel"):
-                distances = mahalanobis(features, mean, factor, chunk_positions=h * w)
+                distances = mahalanobis(features, mean, factor, chunk)
             with timer("score: upsample + blur"):
-                maps = anomaly_maps(distances, (4 * h, 4 * w), detector.sigma, 4.0)
+                maps = anomaly_maps(distances, (4 * h, 4 * w), detector.sigma, detector.truncate)
             with timer("score: image score"):
                 maps.amax(dim=(1, 2)).cpu()
 
 
-def bare_backbone_seconds(feat, images) -> float:
+def bare_backbone_seconds(feat, batches) -> float:
     """Seconds for the truncated backbone alone on preprocessed batches."""
     device = resolve_device(feat.device)
     model = feat._model_on(device)
-    batches = [
-        b.to(device).contiguous(memory_format=torch.channels_last)
-        for b in iter_batches(images, feat._image_size(), feat.batch_size, *feat.normalization_)
-    ]
     timer = StageTimer(device)
-    with torch.inference_mode():
-        model(batches[0])  # warm-up: CUDA kernels selection, allocator, caches
-        with timer("backbone"):
-            for batch in batches:
-                model(batch)
+    with torch.inference_mode(), timer("backbone"):
+        for batch in batches:
+            model(batch)
     return timer.seconds["backbone"]
+
+
+def seconds_of(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def fit_seconds(pipe, train, device) -> float:
+    """Pipeline ``fit`` plus the factorisation, which the first scoring does lazily."""
+    detector = pipe.named_steps["padim"]
+    return seconds_of(lambda: (pipe.fit(train), detector._scoring_tensors(device)))
 
 
 def peak_rss_mb() -> float:
@@ -141,8 +175,48 @@ def model_sizes_mb(pipe) -> tuple[float, float]:
     return in_memory / 2**20, on_disk / 2**20
 
 
+def float16_copy(pipe) -> Pipeline:
+    """The pipeline with ``covariance_dtype="float16"``: what its ``fit`` would store."""
+    half = copy.copy(pipe)
+    half.steps = [pipe.steps[0], ("padim", copy.deepcopy(pipe.named_steps["padim"]))]
+    detector = half.named_steps["padim"].set_params(covariance_dtype="float16")
+    detector.packed_covariance_ = detector.packed_covariance_.astype(np.float16)
+    detector._scoring_cache = None
+    return half
+
+
+def accuracy(pipe, test, labels, masks) -> dict:
+    maps = pipe.score_samples(test)
+    scores = maps.max(axis=(1, 2))
+    return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
+
+
+@contextmanager
+def busy_loop():
+    """Another process spinning on one core for the duration."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def throughputs(feat, pipe, test, batches, repeats) -> tuple[float, float]:
+    """Median images/s of the bare backbone and of pipeline scoring, alternating."""
+    backbone, scoring = [], []
+    for _ in range(repeats):
+        backbone.append(len(test) / bare_backbone_seconds(feat, batches))
+        scoring.append(len(test) / seconds_of(lambda: pipe.decision_function(test)))
+    return statistics.median(backbone), statistics.median(scoring)
+
+
 def run(args) -> dict:
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     feat = PatchFeatureTransformer(
         backbone=args.backbone,
         weights=None if args.weights == "none" else args.weights,
@@ -156,44 +230,60 @@ def run(args) -> dict:
     detector = PadimDetector(batch_size=args.batch_size, device=args.device, threshold=0.0)
     pipe = Pipeline([("feat", feat), ("padim", detector)])
     train = synthetic_images(args.n_train, args.image_size, seed=0)
-    test = synthetic_images(args.n_test, args.image_size, seed=1)
+    test, labels, masks = with_defects(synthetic_images(args.n_test, args.image_size, 1), 2)
     feat.fit()
+    batches = [
+        b.to(device).contiguous(memory_format=torch.channels_last)
+        for b in iter_batches(test, feat._image_size(), feat.batch_size, *feat.normalization_)
+    ]
+    bare_backbone_seconds(feat, batches[:1])  # warm-up: kernel selection, allocator, caches
 
-    backbone_s = bare_backbone_seconds(feat, test)
-    timer = StageTimer(resolve_device(args.device))
+    timer = StageTimer(device)
     mean, factor = staged_fit(feat, detector, train, timer)
     staged_score(feat, detector, test, mean, factor, timer)
+    del mean, factor
 
-    start = time.perf_counter()
-    pipe.fit(train)
-    detector._scoring_tensors(resolve_device(args.device))  # the factorisation, done lazily
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    pipe.decision_function(test)
-    score_s = time.perf_counter() - start
+    fit_rate = statistics.median(
+        args.n_train / fit_seconds(pipe, train, device) for _ in range(args.repeats)
+    )
+    backbone_rate, score_rate = throughputs(feat, pipe, test, batches, args.repeats)
+    loaded = None
+    if args.under_load:
+        with busy_loop():
+            loaded = throughputs(feat, pipe, test, batches, args.repeats)
+    full, half = accuracy(pipe, test, labels, masks), float16_copy(pipe)
+    half_accuracy = accuracy(half, test, labels, masks)
     in_memory_mb, joblib_mb = model_sizes_mb(pipe)
-
-    backbone_rate = args.n_test / backbone_s
     return {
         "config": vars(args),
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": str(resolve_device(args.device)),
+            "device": str(device),
         },
         "stages_ms_per_image": {
             stage: 1000 * seconds / (args.n_train if stage.startswith("fit") else args.n_test)
             for stage, seconds in timer.seconds.items()
         },
-        "fit_images_per_s": args.n_train / fit_s,
-        "score_images_per_s": args.n_test / score_s,
+        "fit_images_per_s": fit_rate,
+        "score_images_per_s": score_rate,
         "bare_backbone_images_per_s": backbone_rate,
-        "score_to_backbone_ratio": (args.n_test / score_s) / backbone_rate,
-        "fit_to_backbone_ratio": (args.n_train / fit_s) / backbone_rate,
+        "score_to_backbone_ratio": score_rate / backbone_rate,
+        "fit_to_backbone_ratio": fit_rate / backbone_rate,
+        "under_load": None
+        if loaded is None
+        else {
+            "bare_backbone_images_per_s": loaded[0],
+            "score_images_per_s": loaded[1],
+            "score_to_idle_score_ratio": loaded[1] / score_rate,
+            "backbone_to_idle_backbone_ratio": loaded[0] / backbone_rate,
+        },
+        "accuracy": {"float32": full, "float16": half_accuracy},
         "peak_rss_mb": peak_rss_mb(),
         "model_mb_in_memory": in_memory_mb,
         "model_mb_joblib": joblib_mb,
+        "model_mb_joblib_float16": model_sizes_mb(half)[1],
     }
 
 
@@ -213,20 +303,37 @@ def markdown(result: dict) -> str:
         for stage, ms in stages.items():
             if stage.startswith(phase):
                 lines.append(f"| {stage} | {ms:.2f} | {100 * ms / total:.0f}% |")
+    acc = result["accuracy"]
     lines += [
         "",
-        "| measure | value |",
+        f"| measure (medians of {c['repeats']}) | value |",
         "|---|---:|",
-        f"| fit, images/s (pipeline `fit`, {c['n_train']} images) | "
+        f"| fit, images/s (pipeline `fit` + factorisation, {c['n_train']} images) | "
         f"{result['fit_images_per_s']:.1f} |",
         f"| scoring, images/s (pipeline `decision_function`, {c['n_test']} images) | "
         f"{result['score_images_per_s']:.1f} |",
         f"| bare truncated backbone, images/s | {result['bare_backbone_images_per_s']:.1f} |",
         f"| scoring / bare backbone | {result['score_to_backbone_ratio']:.2f} |",
         f"| fit / bare backbone | {result['fit_to_backbone_ratio']:.2f} |",
+    ]
+    loaded = result["under_load"]
+    if loaded:
+        lines += [
+            f"| under load: scoring, images/s | {loaded['score_images_per_s']:.1f} |",
+            f"| under load: bare backbone, images/s | {loaded['bare_backbone_images_per_s']:.1f} |",
+            f"| under load / idle: scoring | {loaded['score_to_idle_score_ratio']:.2f} |",
+            f"| under load / idle: bare backbone | "
+            f"{loaded['backbone_to_idle_backbone_ratio']:.2f} |",
+        ]
+    lines += [
+        f"| image AUROC, float32 / float16 covariance | {acc['float32']['image_auroc']:.4f} / "
+        f"{acc['float16']['image_auroc']:.4f} |",
+        f"| pixel AUROC, float32 / float16 covariance | {acc['float32']['pixel_auroc']:.4f} / "
+        f"{acc['float16']['pixel_auroc']:.4f} |",
         f"| peak RSS, MB | {result['peak_rss_mb']:.0f} |",
         f"| fitted model in memory, MB | {result['model_mb_in_memory']:.1f} |",
-        f"| fitted model as joblib file, MB | {result['model_mb_joblib']:.1f} |",
+        f"| fitted model as joblib file, MB (float16 covariance) | "
+        f"{result['model_mb_joblib']:.1f} ({result['model_mb_joblib_float16']:.1f}) |",
     ]
     return "\n".join(lines)
 
@@ -241,6 +348,9 @@ def main(argv=None) -> None:
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--under-load", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     result = run(args)

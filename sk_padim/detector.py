@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from sk_padim._checks import image_labels
 from sk_padim.devices import resolve_device
-from sk_padim.gaussian import GaussianStatistics, position_major, whitening_factor
+from sk_padim.gaussian import GaussianStatistics, whitening_factor
 from sk_padim.mahalanobis import mahalanobis
 from sk_padim.postprocess import anomaly_maps
 from sk_padim.versioning import VersionedPickleMixin
@@ -339,9 +339,10 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         d, h, w = features.shape[1:]
         if stats is None:
             stats = GaussianStatistics.empty(h * w, d, resolve_device(self.device))
+        chunk = _chunk_positions(stats.mean.device, self.batch_size + 1, d)
         for start in range(0, len(features), self.batch_size):
             batch = _finite_batch(features[start : start + self.batch_size], stats.mean.device)
-            stats.update(position_major(batch))
+            stats.update(batch, chunk)
         return stats
 
     def _statistics(self) -> GaussianStatistics:
@@ -381,10 +382,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self._validate_params()  # set_params may have run since fit
         device = resolve_device(self.device)
         mean, factor = self._scoring_tensors(device)
-        d, h, w = self.feature_shape_
-        # Temporary floats per position: centred and whitened vectors of one batch.
-        budget = get_config()["working_memory"] * 2**20
-        chunk = max(1, int(budget // (2 * 4 * self.batch_size * d)))
+        chunk = _chunk_positions(device, self.batch_size, self.feature_shape_[0])
         for start in range(0, len(features), self.batch_size):
             batch = _finite_batch(features[start : start + self.batch_size], device)
             with torch.inference_mode():
@@ -470,10 +468,27 @@ def _normal_rows(y, n_samples: int) -> np.ndarray:
     return ~anomalous
 
 
+def _chunk_positions(device: torch.device, n_rows: int, n_features: int) -> int:
+    """Positions per step of the batched kernels.
+
+    Each position needs ``3 * n_rows * n_features`` temporary floats. On the CPU a chunk
+    is kept near 4 MiB so that it stays in cache between the copy, the matmul and the
+    reduction; on a GPU larger steps mean fewer kernel launches. Both stay within
+    scikit-learn's ``working_memory``.
+    """
+    per_position = 3 * 4 * n_rows * n_features
+    budget = get_config()["working_memory"] * 2**20
+    if device.type == "cpu":
+        budget = min(budget, 4 * 2**20)
+    return max(1, int(budget // per_position))
+
+
 def _finite_batch(features: np.ndarray, device: torch.device) -> torch.Tensor:
     """A batch of features on ``device``, checked there for NaN and infinity."""
     batch = torch.as_tensor(features).to(device)
-    if not bool(torch.isfinite(batch).all()):
+    # The float64 sum of float32 values cannot overflow, so it is finite exactly when
+    # every value is, and it needs no temporary mask as large as the batch.
+    if not bool(torch.isfinite(batch.sum(dtype=torch.float64))):
         raise ValueError(
             "Features contain NaN or infinite values; check the images and the backbone."
         )

@@ -221,22 +221,30 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             desc="features",
             unit="batch",
         ):
+            stop = start + len(batch)
+            # On the CPU the features are assembled straight into the returned array.
+            target = torch.from_numpy(out[start:stop]) if device.type == "cpu" else None
             with torch.inference_mode(), self._autocast(device):
                 layer_maps = model(batch.to(device).contiguous(memory_format=torch.channels_last))
-                features = self._assemble(layer_maps)
-            out[start : start + len(features)] = features.cpu().numpy()
-            start += len(features)
+                features = self._assemble(layer_maps, target)
+            if target is None:
+                out[start:stop] = features.cpu().numpy()
+            start = stop
         return out
 
     def _autocast(self, device: torch.device):
         dtype = None if self.autocast is None else getattr(torch, self.autocast)
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    def _assemble(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
-        """Select the kept channels of each layer, then upsample them to the first grid."""
+    def _assemble(self, layer_maps: list[torch.Tensor], out: torch.Tensor | None = None):
+        """Select the kept channels of each layer, then upsample them to the first grid.
+
+        The result is written into ``out`` (float32 ``(B, d, h, w)``) when given.
+        """
         first = layer_maps[0]
         grid = tuple(first.shape[2:])
-        out = torch.empty((len(first), self.n_features_, *grid), device=first.device)
+        if out is None:
+            out = torch.empty((len(first), self.n_features_, *grid), device=first.device)
         offsets = np.cumsum((0, *self.layer_channels_))
         position = 0
         for layer_map, low, high in zip(layer_maps, offsets[:-1], offsets[1:], strict=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sk_padim.gaussian import position_major
+from sk_padim.gaussian import centred_position_chunks
 
 
 def mahalanobis(
@@ -21,19 +21,21 @@ def mahalanobis(
     factor : Tensor of shape (P, d, d)
         Per-position whitening factor ``U`` (see :func:`sk_padim.gaussian.whitening_factor`).
     chunk_positions : int
-        Positions processed per matmul, to bound the temporary memory.
+        Positions processed per matmul, to keep the temporaries small.
 
     Returns
     -------
     distances : Tensor of shape (B, h, w)
         ``sqrt((x - m)^T C^{-1} (x - m))``, the square root as in PaDiM.
     """
-    n_images, _, height, width = features.shape
-    vectors = position_major(features)
-    distances = torch.empty(height * width, n_images, device=features.device)
-    for start in range(0, height * width, chunk_positions):
-        stop = start + chunk_positions
-        centred = vectors[start:stop] - mean[start:stop, None, :]
-        whitened = torch.bmm(centred, factor[start:stop])
-        distances[start:stop] = whitened.square().sum(dim=-1)
-    return distances.sqrt_().T.reshape(n_images, height, width)
+    n_images, n_features, height, width = features.shape
+    flat = features.reshape(n_images, n_features, height * width)
+    distances = features.new_empty(height * width, n_images)
+    whitened = None
+    for positions, centred in centred_position_chunks(flat, mean, chunk_positions):
+        if whitened is None:
+            whitened = torch.empty_like(centred)
+        out = whitened[: len(centred)]
+        torch.bmm(centred, factor[positions], out=out)
+        torch.linalg.vector_norm(out, dim=-1, out=distances[positions])
+    return distances.T.reshape(n_images, height, width)

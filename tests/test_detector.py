@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import sklearn
 from scipy import ndimage
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -50,6 +51,20 @@ def test_maps_equal_numpy_scipy_rederivation(features):
     maps = PadimDetector().fit(train).score_samples(test)
     expected = reference_maps(train, test, (20, 28))
     assert maps.shape == (4, 20, 28)
+    np.testing.assert_allclose(maps, expected, atol=1e-4 * np.ptp(expected))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+@pytest.mark.parametrize("working_memory_mb", [1e-5, 1e-3, 1024])
+@pytest.mark.parametrize("feature_dtype", [np.float32, np.float64, np.float16])
+def test_optimised_paths_equal_the_rederivation_for_any_chunking(
+    features, batch_size, working_memory_mb, feature_dtype
+):
+    # working_memory sets the positions per kernel step: 1, a few, or all of them.
+    train, test = (X.astype(feature_dtype) for X in features)
+    with sklearn.config_context(working_memory=working_memory_mb):
+        maps = PadimDetector(batch_size=batch_size).fit(train).score_samples(test)
+    expected = reference_maps(train.astype(np.float64), test.astype(np.float64), (20, 28))
     np.testing.assert_allclose(maps, expected, atol=1e-4 * np.ptp(expected))
 
 

@@ -9,7 +9,6 @@ from sk_padim import PadimDetector
 from sk_padim.gaussian import (
     GaussianStatistics,
     pack_lower,
-    position_major,
     unpack_symmetric,
     whitening_factor,
 )
@@ -25,11 +24,12 @@ def problem():
 
 
 @pytest.mark.parametrize("batch_sizes", [[25], [1] * 25, [3, 10, 12], [24, 1]])
-def test_streaming_statistics_equal_numpy_mean_and_cov(problem, batch_sizes):
+@pytest.mark.parametrize("chunk_positions", [1, 5, 12, 100])
+def test_streaming_statistics_equal_numpy_mean_and_cov(problem, batch_sizes, chunk_positions):
     train, _ = problem
     stats = GaussianStatistics.empty(12, 6, "cpu")
     for chunk in np.split(train, np.cumsum(batch_sizes)[:-1]):
-        stats.update(position_major(torch.tensor(chunk)))
+        stats.update(torch.tensor(chunk), chunk_positions)
     vectors = train.reshape(25, 6, 12).astype(np.float64)
     np.testing.assert_allclose(stats.mean.numpy(), vectors.mean(axis=0).T, atol=1e-6)
     expected = np.stack([np.cov(vectors[:, :, p], rowvar=False) for p in range(12)])
