@@ -369,11 +369,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self._scoring_cache = None
 
     def _scoring_tensors(self, device: torch.device):
-        """Mean (float32) and whitening factor on ``device``, computed once per device."""
+        """Mean (float64) and whitening factor on ``device``, computed once per device."""
         cache = getattr(self, "_scoring_cache", None)
         if cache is None or cache[0] != (device, self.reg):
-            mean = torch.tensor(self.mean_, device=device, dtype=torch.float32)
-            packed = torch.tensor(self.packed_covariance_, device=device)
+            mean = torch.as_tensor(self.mean_, device=device)
+            packed = torch.as_tensor(self.packed_covariance_, device=device)
             cache = ((device, self.reg), mean, whitening_factor(packed, self.reg))
             self._scoring_cache = cache
         return cache[1], cache[2]

@@ -16,8 +16,9 @@ def mahalanobis(
     ----------
     features : Tensor of shape (B, d, h, w)
         Patch embeddings.
-    mean : Tensor of shape (P, d), P = h * w in row-major order
-        Per-position means.
+    mean : Tensor of shape (P, d), P = h * w in row-major order, float64
+        Per-position means (subtracted as a float32 hi + lo pair, so exactly enough
+        even for features with a large common offset).
     factor : Tensor of shape (P, d, d)
         Per-position whitening factor ``U`` (see :func:`sk_padim.gaussian.whitening_factor`).
     chunk_positions : int

@@ -44,9 +44,7 @@ def test_kernel_equals_per_position_solve_for_any_chunking(problem, chunk_positi
     covariances = np.stack([np.cov(vectors[:, :, p], rowvar=False) for p in range(12)])
     mean = vectors.mean(axis=0).T
     factor = whitening_factor(pack_lower(torch.tensor(covariances)), 0.01)
-    distances = mahalanobis(
-        torch.tensor(test), torch.tensor(mean, dtype=torch.float32), factor, chunk_positions
-    ).numpy()
+    distances = mahalanobis(torch.tensor(test), torch.tensor(mean), factor, chunk_positions).numpy()
     diff = test.reshape(5, 6, 12).transpose(2, 0, 1) - mean[:, None, :]
     regularised = covariances + 0.01 * np.eye(6)
     solved = np.linalg.solve(regularised, diff.transpose(0, 2, 1))
