@@ -255,9 +255,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                 continue
             index = torch.as_tensor(local - low, device=first.device)
             selected = layer_map.index_select(1, index)
-            if tuple(selected.shape[2:]) != grid:
-                selected = F.interpolate(selected, size=grid, mode="nearest")
-            out[:, position : position + len(local)] = selected
+            _upsample_nearest_into(selected, out[:, position : position + len(local)])
             position += len(local)
         return out
 
@@ -312,3 +310,18 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         tags.input_tags.two_d_array = False
         tags.requires_fit = True
         return tags
+
+
+def _upsample_nearest_into(maps: torch.Tensor, out: torch.Tensor) -> None:
+    """``F.interpolate(maps, size=out.shape[2:], mode="nearest")`` written into ``out``.
+
+    For a whole-number scale (layers of a CNN halve their grid) each value is repeated
+    through a broadcast view, with no temporary as large as the result.
+    """
+    (n, k, h, w), (height, width) = maps.shape, out.shape[2:]
+    if height % h or width % w:
+        out.copy_(F.interpolate(maps, size=(height, width), mode="nearest"))
+        return
+    fy, fx = height // h, width // w
+    blocks = out.view(n, k, h, fy, w, fx)
+    blocks.copy_(maps[:, :, :, None, :, None].expand(n, k, h, fy, w, fx))

@@ -35,18 +35,19 @@ def images():
     return np.stack([smooth_texture(rng, 72) for _ in range(3)])
 
 
-def test_features_equal_independent_extraction(images, resnet18_weights):
+@pytest.mark.parametrize(("size", "grid"), [(64, 16), (72, 18)])  # 72: grids 18, 9, 5
+def test_features_equal_independent_extraction(images, resnet18_weights, size, grid):
     feat = PatchFeatureTransformer(
         weights=resnet18_weights,
-        image_size=64,
+        image_size=size,
         n_features=50,
         random_state=0,
         batch_size=2,
         device="cpu",  # the reference runs on the CPU; CUDA convolutions may use TF32
     )
     features = feat.fit_transform(images)
-    expected = reference_features(images, resnet18_weights, 64, feat.channel_indices_)
-    assert features.shape == (3, 50, 16, 16) and features.dtype == np.float32
+    expected = reference_features(images, resnet18_weights, size, feat.channel_indices_)
+    assert features.shape == (3, 50, grid, grid) and features.dtype == np.float32
     np.testing.assert_allclose(features, expected, atol=1e-4, rtol=1e-4)
 
 

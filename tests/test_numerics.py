@@ -123,6 +123,15 @@ def test_features_with_a_large_common_offset_score_to_float64_accuracy():
         np.testing.assert_allclose(distances, reference_distances(train, test), rtol=1e-5)
 
 
+def test_finite_features_whose_sum_overflows_float32_are_accepted():
+    # The finiteness check sums each batch first; an overflowing sum of finite values
+    # must fall back to checking value by value, not call them NaN.
+    train = np.full((8, 3, 2, 2), 4e36, dtype=np.float32)
+    assert not np.isfinite(train.sum(dtype=np.float32))
+    detector = PadimDetector().fit(train)
+    np.testing.assert_array_equal(distance_grid(detector, train[:2]), 0.0)
+
+
 # --------------------------------------------------------------- Cholesky fallback
 
 
