@@ -320,12 +320,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Nothing is stored unless every batch is valid, so a failure or an interruption
         leaves the detector as it was.
         """
-        stats = previous
-        shape = None if previous is None else self.feature_shape_
-        for X in feature_batches:
-            features = self._check_features(X, shape)
-            shape = features.shape[1:]
-            stats = self._accumulate(features, stats)
+        stats, shape = self._accumulate_all(feature_batches, previous)
         if stats is None:
             raise ValueError("No feature batches to fit on; pass at least one.")
         if not _all_finite(stats.scatter):
@@ -334,6 +329,19 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 "overflow); scale them down, e.g. by a constant factor."
             )
         self._store(stats, shape)
+
+    def _accumulate_all(self, feature_batches, stats: GaussianStatistics | None):
+        """Statistics and feature shape after folding in every batch.
+
+        A function of its own so that the last batch is released on return, before the
+        statistics are packed (their peak memory).
+        """
+        shape = None if stats is None else self.feature_shape_
+        for X in feature_batches:
+            features = self._check_features(X, shape)
+            shape = features.shape[1:]
+            stats = self._accumulate(features, stats)
+        return stats, shape
 
     def _accumulate(self, features: np.ndarray, stats: GaussianStatistics | None):
         d, h, w = features.shape[1:]

@@ -154,8 +154,9 @@ def whitening_factor(
     squared Mahalanobis distance ``(x - m)^T C^{-1} (x - m)`` equals ``|(x - m) @ U|^2``:
     scoring is one batched matmul and a sum of squares, never negative. Factorisation
     runs in float64, a chunk of positions at a time to bound memory (by default 64 on the
-    CPU, 256 on a GPU). Where it fails (never for finite statistics and ``reg > 0`` in
-    exact arithmetic), ``reg`` is raised tenfold for the failing positions with a warning.
+    CPU, 256 on a GPU, fewer for large ``d``). Where it fails (never for finite statistics
+    and ``reg > 0`` in exact arithmetic), ``reg`` is raised tenfold for the failing
+    positions with a warning.
 
     On the CPU, chunks are shared among as many Python threads as torch has threads, each
     running its LAPACK calls single-threaded (see :func:`_one_cpu_thread`).
@@ -164,14 +165,16 @@ def whitening_factor(
     n_features = int((math.isqrt(8 * packed_covariance.shape[1] + 1) - 1) // 2)
     device = packed_covariance.device
     if chunk_positions is None:
-        chunk_positions = 64 if device.type == "cpu" else 256
+        # At most 32 MiB per float64 chunk of matrices (a few live at once per thread).
+        chunk_positions = max(1, min(64 if device.type == "cpu" else 256, 2**22 // n_features**2))
     factor = torch.empty(n_positions, n_features, n_features, device=device)
     eye = torch.eye(n_features, dtype=torch.float64, device=device)
 
     def factorise(start: int) -> None:
         positions = slice(start, start + chunk_positions)
         covariance = unpack_symmetric(packed_covariance[positions].to(torch.float64), n_features)
-        lower = _robust_cholesky(covariance + reg * eye, reg, start)
+        covariance.diagonal(dim1=1, dim2=2).add_(reg)
+        lower = _robust_cholesky(covariance, reg, start)
         inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
         factor[positions] = inverse.transpose(1, 2)
 
