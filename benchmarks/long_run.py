@@ -118,21 +118,19 @@ def child(args) -> dict:
         with open(args.paths, encoding="utf-8") as file:
             paths = file.read().split("\n")[:n]
         baseline = peak_rss_mib()
-        detector = pipe.named_steps["padim"]
-        original = detector._fit_batches
+        # fit_streaming fits a copy of the detector: note the peak after its first chunk
+        # through the class.
+        original = PadimDetector._accumulate
 
-        def fit_batches_noting_the_first(batches):
-            def noting(batches):
-                nonlocal after_first
-                for features in batches:
-                    yield features
-                    after_first = after_first or peak_rss_mib()
+        def accumulate_noting_the_first(self, features, stats):
+            nonlocal after_first
+            stats = original(self, features, stats)
+            after_first = after_first or peak_rss_mib()
+            return stats
 
-            return original(noting(batches))
-
-        detector._fit_batches = fit_batches_noting_the_first
+        PadimDetector._accumulate = accumulate_noting_the_first
         fit_streaming(pipe, paths, chunk_size=batch)
-        assert detector.n_samples_seen_ == n
+        assert pipe.named_steps["padim"].n_samples_seen_ == n
     seconds, peak, now = time.perf_counter() - begin, peak_rss_mib(), current_rss_mib()
     peak_with_scoring = None
     if args.mode in ("partial_fit", "fit_streaming"):  # the model scores (after measuring)

@@ -16,7 +16,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
-from sk_padim.backbones import REGISTRY, TruncatedBackbone, check_layers, load_backbone
+from sk_padim.backbones import (
+    REGISTRY,
+    TruncatedBackbone,
+    check_layers,
+    fold_batch_norms,
+    load_backbone,
+)
 from sk_padim.devices import resolve_device
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
 from sk_padim.versioning import VersionedPickleMixin
@@ -71,7 +77,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     Attributes
     ----------
     backbone_ : torch.nn.Module
-        The truncated backbone, on the CPU.
+        The truncated backbone, on the CPU: modules past the deepest layer replaced by
+        ``nn.Identity``, and batch norms folded into the convolutions before them where
+        the order is known (see :func:`sk_padim.backbones.fold_batch_norms`).
     layers_ : tuple of str
         The layers used.
     layer_channels_ : tuple of int
@@ -183,6 +191,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                     f"image_size={self.image_size!r} leaves layer {name!r} a "
                     f"{tuple(output.shape[2:])} map; use a larger image_size (224 is usual)."
                 )
+        fold_batch_norms(truncated.model, keep=layers)
         channels = tuple(int(output.shape[1]) for output in outputs)
         n_features = self._resolve_n_features(spec, layers, sum(channels))
         self.channel_indices_ = np.sort(rng.choice(sum(channels), n_features, replace=False))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -237,15 +238,29 @@ def iter_batches(
 ) -> Iterator[torch.Tensor]:
     """Yield normalised float32 batches ``(b, 3, *size)`` from validated images.
 
-    Images are decoded and resized one batch at a time, so memory holds one batch.
-    Resizing is bilinear with antialiasing (torchvision's ``Resize`` on tensors).
+    Images are decoded and resized one batch at a time, so memory holds two batches: a
+    background thread prepares the next batch while the caller computes on this one
+    (PIL's decoders and torch's kernels release the GIL), so that reading image files
+    overlaps with the backbone. Resizing is bilinear with antialiasing (torchvision's
+    ``Resize`` on tensors).
     """
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    for start in range(0, len(images), batch_size):
+
+    def load(start: int) -> torch.Tensor:
         chunk = images[start : start + batch_size]
         if isinstance(chunk, np.ndarray):
             batch = _resize(_array_to_tensor(chunk, has_channel_axis=chunk.ndim == 4), size)
         else:
             batch = torch.cat([_resize(_to_unit_tensor(item)[None], size) for item in chunk])
-        yield (batch - mean_t) / std_t
+        return (batch - mean_t) / std_t
+
+    starts = range(0, len(images), batch_size)
+    if not starts:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, starts[0])
+        for start in starts[1:]:
+            ready, pending = pending, pool.submit(load, start)
+            yield ready.result()
+        yield pending.result()

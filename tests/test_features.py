@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from synthetic import smooth_texture
 from torch import nn
 
 from sk_padim import PatchFeatureTransformer
+from sk_padim.backbones import fold_batch_norms
 
 
 def reference_features(images, weights_path, size, indices):
@@ -241,3 +244,50 @@ def test_random_state_seeds_random_initial_weights(images):
     c = PatchFeatureTransformer(**params, random_state=2).fit_transform(images)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def randomise_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial running statistics and affine parameters in every batch norm."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for tensor in (module.running_mean, module.weight, module.bias):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator))
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator))
+    return model.eval()
+
+
+def test_folding_batch_norms_keeps_every_resnet_output():
+    model = randomise_batch_norms(torchvision.models.resnet18(weights=None), seed=0)
+    folded = copy.deepcopy(model)
+    assert fold_batch_norms(folded) == 20  # the stem, 16 in the blocks, 3 downsamples
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        np.testing.assert_allclose(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
+def test_folding_leaves_a_requested_convolution_and_unknown_orders_alone():
+    class Block(nn.Module):  # the batch norm runs first: not a conv -> bn pair
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Block(), nn.Conv2d(4, 4, 1))
+    model.append(nn.BatchNorm2d(4))
+    model = randomise_batch_norms(model, seed=1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        first_conv = model[0](x)
+        folded = copy.deepcopy(model)
+        assert fold_batch_norms(folded, keep=("0",)) == 1  # only "3" + "4"
+        assert isinstance(folded[1], nn.BatchNorm2d) and isinstance(folded[2].bn, nn.BatchNorm2d)
+        np.testing.assert_allclose(folded(x), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(folded[0](x), first_conv, rtol=1e-6)
