@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from hang_guard import time_limit
 from PIL import Image
 from sklearn.base import clone
 from synthetic import smooth_texture
@@ -12,6 +13,7 @@ from torch import nn
 
 from sk_padim import PatchFeatureTransformer
 from sk_padim.backbones import fold_batch_norms
+from sk_padim.images import iter_batches
 
 
 def reference_features(images, weights_path, size, indices):
@@ -291,3 +293,24 @@ def test_folding_leaves_a_requested_convolution_and_unknown_orders_alone():
         assert isinstance(folded[1], nn.BatchNorm2d) and isinstance(folded[2].bn, nn.BatchNorm2d)
         np.testing.assert_allclose(folded(x), expected, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(folded[0](x), first_conv, rtol=1e-6)
+
+
+def test_prefetched_batches_keep_order_errors_and_stop_cleanly(tmp_path):
+    # Batches are decoded one ahead in a thread: order, values, the error of a bad file
+    # and an early stop must be as if decoded in turn.
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((6, 6, 3), 50 * i, dtype=np.uint8)).save(paths[-1])
+    batches = list(iter_batches(paths, (4, 4), 2, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    values = torch.cat(batches)[:, 0, 0, 0].numpy()
+    np.testing.assert_allclose(values, np.arange(5) * 50 / 255, rtol=1e-6)
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    batches = iter_batches([*paths[:2], tmp_path / "bad.png"], (4, 4), 2)
+    assert len(next(batches)) == 2
+    with pytest.raises(ValueError, match="bad.png"):
+        next(batches)
+    with time_limit(10):
+        next(iter_batches(paths, (4, 4), 1))  # abandoned with batches pending
