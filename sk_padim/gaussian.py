@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +158,13 @@ def whitening_factor(
     positions with a warning.
 
     On the CPU, chunks are shared among as many Python threads as torch has threads, each
-    running its LAPACK calls single-threaded (see :func:`_one_cpu_thread`).
+    running its LAPACK calls on one thread (its own setting; the caller's is untouched).
+    Batched Cholesky and triangular solves of small matrices gain nothing from torch's
+    intra-op threads, and when another process competes for the cores their thread
+    synchronisation made them 5-10x slower (measured on 2 cores: 15.8 s with 2 threads
+    vs 1.5 s with one for 3,136 matrices of 100 x 100). Independent chunks in separate
+    threads use the cores without that synchronisation: 0.9 s on the idle machine, and
+    1.1 s (vs 2.2 s on one thread) with a busy loop on one of the two cores.
     """
     n_positions = len(packed_covariance)
     n_features = int((math.isqrt(8 * packed_covariance.shape[1] + 1) - 1) // 2)
@@ -170,46 +175,26 @@ def whitening_factor(
     factor = torch.empty(n_positions, n_features, n_features, device=device)
     eye = torch.eye(n_features, dtype=torch.float64, device=device)
 
+    inference = torch.is_inference_mode_enabled()  # a per-thread state: pass it on
+
     def factorise(start: int) -> None:
         positions = slice(start, start + chunk_positions)
-        covariance = unpack_symmetric(packed_covariance[positions].to(torch.float64), n_features)
-        covariance.diagonal(dim1=1, dim2=2).add_(reg)
-        lower = _robust_cholesky(covariance, reg, start)
-        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-        factor[positions] = inverse.transpose(1, 2)
+        with torch.inference_mode(inference):
+            covariance = unpack_symmetric(packed_covariance[positions].double(), n_features)
+            covariance.diagonal(dim1=1, dim2=2).add_(reg)
+            lower = _robust_cholesky(covariance, reg, start)
+            inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+            factor[positions] = inverse.transpose(1, 2)
 
     starts = range(0, n_positions, chunk_positions)
     workers = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
-    with _one_cpu_thread(device):
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(factorise, starts))
-        else:
-            for start in starts:
-                factorise(start)
+    if workers == 1:
+        for start in starts:
+            factorise(start)
+    else:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(factorise, starts))
     return factor
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run torch's CPU ops on one thread per calling thread for the duration.
-
-    Batched Cholesky and triangular solves of small matrices gain nothing from torch's
-    intra-op threads, and when another process competes for the cores their thread
-    synchronisation made them 5-10x slower (measured on 2 cores: 15.8 s with 2 threads
-    vs 1.5 s with one for 3,136 matrices of 100 x 100). Independent chunks in separate
-    threads use the cores without that synchronisation: 0.9 s on the idle machine, and
-    1.1 s (vs 2.2 s on one thread) with a busy loop on one of the two cores.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:

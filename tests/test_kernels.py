@@ -65,3 +65,27 @@ def test_pack_and_unpack_round_trip():
     symmetric = matrices + matrices.transpose(1, 2)
     assert pack_lower(symmetric).shape == (3, 15)
     torch.testing.assert_close(unpack_symmetric(pack_lower(symmetric), 5), symmetric)
+
+
+def test_factorisation_threads_each_run_lapack_on_one_thread(monkeypatch):
+    # Batched LAPACK with torch's intra-op threads collapsed under load: each worker
+    # thread must run single-threaded, and the caller's own setting must not change.
+    seen = []
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def recording(matrices):
+        seen.append(torch.get_num_threads())
+        return cholesky_ex(matrices)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", recording)
+    before = torch.get_num_threads()
+    with torch.inference_mode():
+        torch.set_num_threads(2)
+        try:
+            covariances = torch.eye(3).expand(10, 3, 3)
+            factor = whitening_factor(pack_lower(covariances), 1.0, chunk_positions=2)
+            assert torch.get_num_threads() == 2
+        finally:
+            torch.set_num_threads(before)
+    assert seen == [1] * 5
+    torch.testing.assert_close(factor, torch.eye(3).expand(10, 3, 3) / np.sqrt(2))
