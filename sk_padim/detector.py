@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -60,11 +61,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         :class:`sk_padim.F1ThresholdCalibrator`.
     covariance_dtype : {"float32", "float16"}, default="float32"
         Storage of ``packed_covariance_``. ``"float16"`` halves the fitted model's size
-        at a cost in precision that grows with ``d``: no AUROC change measured at
-        ``d=100``, but 0.007 image AUROC lost at ``d=550``, where the rounding is
-        amplified by the covariances' conditioning (docs/performance.md). Keep
-        ``"float32"`` for large ``d`` and while a model is still being trained with
-        :meth:`partial_fit`.
+        at a cost in precision that the covariances' conditioning amplifies: no AUROC
+        change measured at ``d=100`` with 200 images, 0.007 image AUROC lost at
+        ``d=550`` with 200 images, and most of it with fewer images than features (a
+        warning says so). Keep ``"float32"`` for large ``d`` and while a model is still
+        being trained with :meth:`partial_fit` (docs/performance.md).
     batch_size : int, default=32
         Images per step when fitting and scoring.
     device : str or torch.device, default="auto"
@@ -165,6 +166,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         elif len(features) >= 2:
             model.threshold_ = model._cross_fitted_threshold(features)
         self._adopt_fitted_state(model)
+        self._warn_if_float16_is_unsafe()
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -189,6 +191,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         first_call = not hasattr(self, "n_samples_seen_")
         self._fit_batches([X], None if first_call else self._statistics())
         self._set_threshold_without_scores()
+        self._warn_if_float16_is_unsafe()
         return self
 
     def merge(self, other: PadimDetector) -> PadimDetector:
@@ -229,6 +232,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         stats = self._statistics().merge(other._statistics())
         merged._store(stats, self.feature_shape_)
         merged._set_threshold_without_scores()
+        merged._warn_if_float16_is_unsafe()
         return merged
 
     def score_samples(self, X) -> np.ndarray:
@@ -302,6 +306,25 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             half_model._fit_batches([fit_half])
             held_out.append(half_model.decision_function(score_half))
         return float(np.concatenate(held_out).max())
+
+    def _warn_if_float16_is_unsafe(self) -> None:
+        """Warn when float16 covariances are singular, where their rounding ruins scores.
+
+        With no more images than features, each covariance has ``d - n + 1`` zero
+        eigenvalues, raised only to ``reg`` by the regularisation; a float16 rounding of
+        the largest ones (2^-11 relative) then swamps them. Measured on WRN50/d=550 with 64
+        training images: image AUROC 0.97 with float32 storage, 0.61 with float16.
+        """
+        d = self.feature_shape_[0]
+        if self.covariance_dtype == "float16" and self.n_samples_seen_ <= d:
+            warnings.warn(
+                f"covariance_dtype='float16' with {self.n_samples_seen_} training images "
+                f"for d={d} features: the covariances are singular and float16 rounding "
+                "can ruin the scores. Use covariance_dtype='float32', or more images than "
+                "features.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _adopt_fitted_state(self, model: PadimDetector) -> None:
         for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("__")]:

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import sklearn
@@ -257,6 +259,20 @@ def test_float16_storage_halves_size_and_keeps_scores_close(features):
     half = PadimDetector(covariance_dtype="float16").fit(train)
     assert half.packed_covariance_.nbytes * 2 == full.packed_covariance_.nbytes
     np.testing.assert_allclose(half.score_samples(test), full.score_samples(test), rtol=1e-2)
+
+
+def test_float16_storage_of_singular_covariances_warns(features):
+    train, _ = features  # d = 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PadimDetector(covariance_dtype="float16").fit(train[:7])
+        PadimDetector().fit(train[:6])
+    for fit in (
+        lambda: PadimDetector(covariance_dtype="float16").fit(train[:6]),
+        lambda: PadimDetector(covariance_dtype="float16").partial_fit(train[:3]),
+    ):
+        with pytest.warns(UserWarning, match="6 features: the covariances are singular"):
+            fit()
 
 
 @pytest.mark.parametrize("as_masks", [False, True])
