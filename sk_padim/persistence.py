@@ -33,6 +33,7 @@ from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
+from sk_padim.backbones import TruncatedBackbone, fold_batch_norms, load_backbone
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
 from sk_padim.versioning import VersionMismatchWarning, _major_minor, current_versions
@@ -467,6 +468,29 @@ def _restore_detector(detector: PadimDetector, fitted: dict, prefix: str, arrays
         detector.threshold_ = float(fitted["threshold_"])
 
 
+def _load_backbone_state(shell: PatchFeatureTransformer, state: dict) -> None:
+    """Load the stored weights into the rebuilt backbone.
+
+    Files written before sk-padim folded batch norms into convolutions hold the unfolded
+    weights: those are loaded into the unfolded architecture, which is then folded.
+    """
+    try:
+        shell.backbone_.load_state_dict(state)
+        return
+    except RuntimeError as error:
+        mismatch = error
+    probe = torch.zeros(1, 3, *shell._image_size())
+    unfolded = TruncatedBackbone(load_backbone(shell.backbone, None, 0), shell.layers_, probe)
+    try:
+        unfolded.load_state_dict(state)
+    except RuntimeError:
+        raise ValueError(
+            f"the stored backbone weights do not fit the architecture: {mismatch}"
+        ) from mismatch
+    fold_batch_norms(unfolded.model, keep=shell.layers_)
+    shell.backbone_ = unfolded.to(memory_format=torch.channels_last)
+
+
 def _restore_transformer(
     feat: PatchFeatureTransformer, fitted: dict, prefix: str, arrays: dict
 ) -> None:
@@ -494,12 +518,7 @@ def _restore_transformer(
         for key, value in arrays.items()
         if key.startswith(key_prefix)
     }
-    try:
-        shell.backbone_.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(
-            f"the stored backbone weights do not fit the architecture: {error}"
-        ) from error
+    _load_backbone_state(shell, state)
     for name in (
         "backbone_",
         "layers_",

@@ -18,6 +18,7 @@ from torch import nn
 
 import sk_padim
 from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
+from sk_padim import features as features_module
 from sk_padim.gaussian import GaussianStatistics
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
 from sk_padim.versioning import VersionMismatchWarning
@@ -65,6 +66,25 @@ def test_pipeline_round_trips_through_npz_bit_for_bit(fitted, data, tmp_path):
     np.testing.assert_array_equal(loaded.score_samples(test), fitted.score_samples(test))
     np.testing.assert_array_equal(loaded.decision_function(test), fitted.decision_function(test))
     np.testing.assert_array_equal(loaded.predict(test), fitted.predict(test))
+
+
+def test_npz_with_unfolded_batch_norms_loads_and_scores_the_same(
+    data, resnet18_weights, tmp_path, monkeypatch
+):
+    # Files written before the batch norms were folded hold their weights unfolded.
+    _, test = data
+    monkeypatch.setattr(features_module, "fold_batch_norms", lambda model, keep: 0)
+    unfolded = make_pipeline(resnet18_weights, map_size=(24, 20)).fit(data[0])
+    save_npz(unfolded, tmp_path / "model.npz")
+    with np.load(tmp_path / "model.npz") as archive:
+        assert any(key.endswith("running_var") for key in archive.files)
+    monkeypatch.undo()
+    loaded = load_npz(tmp_path / "model.npz")
+    modules = loaded.named_steps["feat"].backbone_.modules()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
+    np.testing.assert_allclose(
+        loaded.score_samples(test), unfolded.score_samples(test), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_the_archive_holds_only_plain_arrays_and_json(fitted, tmp_path):
