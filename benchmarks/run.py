@@ -24,7 +24,6 @@ JSON, to ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -41,6 +40,7 @@ import joblib
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer, image_auroc, pixel_auroc
@@ -194,12 +194,11 @@ def model_sizes_mb(pipe) -> tuple[float, float]:
 
 def float16_copy(pipe) -> Pipeline:
     """The pipeline with ``covariance_dtype="float16"``: what its ``fit`` would store."""
-    half = copy.copy(pipe)
-    half.steps = [pipe.steps[0], ("padim", copy.deepcopy(pipe.named_steps["padim"]))]
-    detector = half.named_steps["padim"].set_params(covariance_dtype="float16")
-    detector.packed_covariance_ = detector.packed_covariance_.astype(np.float16)
-    detector._scoring_cache = None
-    return half
+    detector = pipe.named_steps["padim"]
+    half = clone(detector).set_params(covariance_dtype="float16")
+    half._store(detector._statistics(), detector.feature_shape_)
+    half.threshold_ = detector.threshold_
+    return Pipeline([pipe.steps[0], ("padim", half)])
 
 
 def accuracy(pipe, test, labels, masks) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -15,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from sk_padim._checks import image_labels
 from sk_padim.devices import resolve_device
-from sk_padim.gaussian import GaussianStatistics, whitening_factor
+from sk_padim.gaussian import GaussianStatistics, pack_lower, unpack_lower, whitening_factor
 from sk_padim.mahalanobis import mahalanobis
 from sk_padim.postprocess import anomaly_maps
 from sk_padim.versioning import VersionedPickleMixin
@@ -60,12 +59,15 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         and leave it unset. For a threshold tuned on labelled data, use
         :class:`sk_padim.F1ThresholdCalibrator`.
     covariance_dtype : {"float32", "float16"}, default="float32"
-        Storage of ``packed_covariance_``. ``"float16"`` halves the fitted model's size
-        at a cost in precision that the covariances' conditioning amplifies: no AUROC
-        change measured at ``d=100`` with 200 images, 0.007 image AUROC lost at
-        ``d=550`` with 200 images, and most of it with fewer images than features (a
-        warning says so). Keep ``"float32"`` for large ``d`` and while a model is still
-        being trained with :meth:`partial_fit` (docs/performance.md).
+        How the fitted Gaussians are stored. ``"float32"``: the covariances
+        (``packed_covariance_``), so the model can be merged, trained further with
+        :meth:`partial_fit` and rescored with another ``reg``. ``"float16"``: half the
+        size, for inference only: each covariance is factorised at the end of the fit
+        (with the current ``reg``) and its whitening factor is stored in float16
+        (``packed_factor_``). Rounding the factor leaves the scores within about 1e-3
+        relative; rounding the covariance instead would be amplified by its conditioning
+        when it is inverted (image AUROC 0.97 -> 0.61 at ``d=550`` with 64 training
+        images; docs/performance.md).
     batch_size : int, default=32
         Images per step when fitting and scoring.
     device : str or torch.device, default="auto"
@@ -82,9 +84,15 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         ``(d, h, w)`` of the training features.
     mean_ : ndarray of shape (h * w, d), float64
         Per-position mean, positions in row-major order.
-    packed_covariance_ : ndarray of shape (h * w, d * (d + 1) / 2)
+    packed_covariance_ : ndarray of shape (h * w, d * (d + 1) / 2), float32
         Per-position covariance (N - 1 normalised, without ``reg``), its lower triangle
-        packed row by row (``torch.tril_indices`` order), in ``covariance_dtype``.
+        packed row by row (``torch.tril_indices`` order). With ``covariance_dtype="float32"``.
+    packed_factor_ : ndarray of shape (h * w, d * (d + 1) / 2), float16
+        Per-position whitening factor ``U`` (upper triangular, ``|(x - mean) @ U|`` is the
+        distance) of the covariance plus ``reg * I``, its transpose packed like
+        ``packed_covariance_``. With ``covariance_dtype="float16"``.
+    factor_reg_ : float
+        The ``reg`` that ``packed_factor_`` was computed with.
     threshold_ : float
         See ``threshold``.
 
@@ -166,7 +174,6 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         elif len(features) >= 2:
             model.threshold_ = model._cross_fitted_threshold(features)
         self._adopt_fitted_state(model)
-        self._warn_if_float16_is_unsafe()
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -191,7 +198,6 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         first_call = not hasattr(self, "n_samples_seen_")
         self._fit_batches([X], None if first_call else self._statistics())
         self._set_threshold_without_scores()
-        self._warn_if_float16_is_unsafe()
         return self
 
     def merge(self, other: PadimDetector) -> PadimDetector:
@@ -232,7 +238,6 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         stats = self._statistics().merge(other._statistics())
         merged._store(stats, self.feature_shape_)
         merged._set_threshold_without_scores()
-        merged._warn_if_float16_is_unsafe()
         return merged
 
     def score_samples(self, X) -> np.ndarray:
@@ -307,25 +312,6 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             held_out.append(half_model.decision_function(score_half))
         return float(np.concatenate(held_out).max())
 
-    def _warn_if_float16_is_unsafe(self) -> None:
-        """Warn when float16 covariances are singular, where their rounding ruins scores.
-
-        With no more images than features, each covariance has ``d - n + 1`` zero
-        eigenvalues, raised only to ``reg`` by the regularisation; a float16 rounding of
-        the largest ones (2^-11 relative) then swamps them. Measured on WRN50/d=550 with 64
-        training images: image AUROC 0.97 with float32 storage, 0.61 with float16.
-        """
-        d = self.feature_shape_[0]
-        if self.covariance_dtype == "float16" and self.n_samples_seen_ <= d:
-            warnings.warn(
-                f"covariance_dtype='float16' with {self.n_samples_seen_} training images "
-                f"for d={d} features: the covariances are singular and float16 rounding "
-                "can ruin the scores. Use covariance_dtype='float32', or more images than "
-                "features.",
-                UserWarning,
-                stacklevel=3,
-            )
-
     def _adopt_fitted_state(self, model: PadimDetector) -> None:
         for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("__")]:
             delattr(self, name)
@@ -381,6 +367,12 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     def _statistics(self) -> GaussianStatistics:
         """The fitted statistics as tensors on the estimator's device."""
+        if not hasattr(self, "packed_covariance_"):
+            raise ValueError(
+                "This detector stores float16 whitening factors (covariance_dtype="
+                "'float16'), not its statistics, so it cannot be trained further or "
+                "merged. Fit with covariance_dtype='float32' for that."
+            )
         device = resolve_device(self.device)
         return GaussianStatistics.from_packed(
             self.n_samples_seen_,
@@ -391,26 +383,43 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     def _store(self, stats: GaussianStatistics, feature_shape) -> None:
         """Set the fitted attributes from the statistics (consumed).
 
-        The whitening factor is computed lazily, at the first scoring, so that partial
-        fits and merges that are never scored (shards of a distributed fit) skip it.
+        With float32 storage the whitening factor is computed lazily, at the first
+        scoring, so that partial fits and merges that are never scored (shards of a
+        distributed fit) skip it; float16 storage keeps the factor itself.
         """
-        packed = stats.consume_packed().to(getattr(torch, self.covariance_dtype))
+        packed = stats.consume_packed()
         self.n_samples_seen_ = stats.count
         self.n_features_in_ = int(feature_shape[0])
         self.feature_shape_ = tuple(int(s) for s in feature_shape)
         self.mean_ = stats.mean.cpu().numpy()
-        self.packed_covariance_ = packed.cpu().numpy()
         self._scoring_cache = None
+        if self.covariance_dtype == "float32":
+            self.packed_covariance_ = packed.cpu().numpy()
+            return
+        factor = whitening_factor(packed, self.reg)
+        self.packed_factor_ = pack_lower(factor.transpose(1, 2)).half().cpu().numpy()
+        self.factor_reg_ = float(self.reg)
 
     def _scoring_tensors(self, device: torch.device):
         """Mean (float64) and whitening factor on ``device``, computed once per device."""
         cache = getattr(self, "_scoring_cache", None)
         if cache is None or cache[0] != (device, self.reg):
             mean = torch.as_tensor(self.mean_, device=device)
-            packed = torch.as_tensor(self.packed_covariance_, device=device)
-            cache = ((device, self.reg), mean, whitening_factor(packed, self.reg))
+            cache = ((device, self.reg), mean, self._whitening_factor(device))
             self._scoring_cache = cache
         return cache[1], cache[2]
+
+    def _whitening_factor(self, device: torch.device) -> torch.Tensor:
+        if not hasattr(self, "packed_factor_"):
+            packed = torch.as_tensor(self.packed_covariance_, device=device)
+            return whitening_factor(packed, self.reg)
+        if self.reg != self.factor_reg_:
+            raise ValueError(
+                f"This float16 detector was factorised with reg={self.factor_reg_}; it "
+                f"cannot score with reg={self.reg}. Set reg back, or refit."
+            )
+        packed = torch.as_tensor(self.packed_factor_, device=device).float()
+        return unpack_lower(packed, self.feature_shape_[0]).transpose(1, 2).contiguous()
 
     def _iter_maps(self, features: np.ndarray):
         self._validate_params()  # set_params may have run since fit

@@ -109,6 +109,14 @@ def unpack_symmetric(packed: torch.Tensor, n_features: int) -> torch.Tensor:
     return full
 
 
+def unpack_lower(packed: torch.Tensor, n_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_lower` for lower-triangular ``(P, d, d)`` matrices."""
+    rows, cols = torch.tril_indices(n_features, n_features, device=packed.device)
+    full = packed.new_zeros(len(packed), n_features, n_features)
+    full[:, rows, cols] = packed
+    return full
+
+
 def centred_position_chunks(
     flat: torch.Tensor, center: torch.Tensor, chunk_positions: int, extra_rows: int = 0
 ):

@@ -354,12 +354,15 @@ def _json_params(estimator) -> dict:
 
 def _detector_record(detector: PadimDetector, prefix: str, arrays: dict) -> dict:
     arrays[prefix + "mean_"] = np.asarray(detector.mean_)
-    arrays[prefix + "packed_covariance_"] = np.asarray(detector.packed_covariance_)
     fitted = {
         "n_samples_seen_": int(detector.n_samples_seen_),
         "n_features_in_": int(detector.n_features_in_),
         "feature_shape_": [int(s) for s in detector.feature_shape_],
     }
+    name = _packed_name(detector)
+    arrays[prefix + name] = np.asarray(getattr(detector, name))
+    if name == "packed_factor_":
+        fitted["factor_reg_"] = float(detector.factor_reg_)
     if hasattr(detector, "threshold_"):
         fitted["threshold_"] = float(detector.threshold_)
     return {"params": _json_params(detector), "fitted": fitted}
@@ -442,11 +445,18 @@ def _rebuild_step(record: dict, index: int, arrays: dict):
     return estimator
 
 
+def _packed_name(detector: PadimDetector) -> str:
+    """The fitted array that holds the Gaussians' shapes: covariances or factors."""
+    return "packed_factor_" if hasattr(detector, "packed_factor_") else "packed_covariance_"
+
+
 def _restore_detector(detector: PadimDetector, fitted: dict, prefix: str, arrays: dict):
     d, h, w = (int(s) for s in fitted["feature_shape_"])
     n_samples = int(fitted["n_samples_seen_"])
     mean = arrays[prefix + "mean_"]
-    packed = arrays[prefix + "packed_covariance_"]
+    # Files from before float16 models stored factors hold float16 covariances.
+    name = "packed_factor_" if prefix + "packed_factor_" in arrays else "packed_covariance_"
+    packed = arrays[prefix + name]
     if mean.shape != (h * w, d) or mean.dtype != np.float64:
         raise ValueError(
             f"mean_ has shape {mean.shape} and dtype {mean.dtype}, not {(h * w, d)} float64"
@@ -454,7 +464,7 @@ def _restore_detector(detector: PadimDetector, fitted: dict, prefix: str, arrays
     expected = (h * w, d * (d + 1) // 2)
     if packed.shape != expected or packed.dtype != np.dtype(detector.covariance_dtype):
         raise ValueError(
-            f"packed_covariance_ has shape {packed.shape} and dtype {packed.dtype}, not "
+            f"{name} has shape {packed.shape} and dtype {packed.dtype}, not "
             f"{expected} {detector.covariance_dtype}"
         )
     if n_samples < 1 or not (np.isfinite(mean).all() and np.isfinite(packed).all()):
@@ -463,7 +473,9 @@ def _restore_detector(detector: PadimDetector, fitted: dict, prefix: str, arrays
     detector.n_features_in_ = d
     detector.feature_shape_ = (d, h, w)
     detector.mean_ = mean
-    detector.packed_covariance_ = packed
+    setattr(detector, name, packed)
+    if name == "packed_factor_":
+        detector.factor_reg_ = float(fitted["factor_reg_"])
     if "threshold_" in fitted:
         detector.threshold_ = float(fitted["threshold_"])
 

@@ -1,5 +1,3 @@
-import warnings
-
 import numpy as np
 import pytest
 import sklearn
@@ -253,26 +251,30 @@ def test_covariance_is_stored_packed_and_unpacks_to_numpy_cov(features):
     )
 
 
-def test_float16_storage_halves_size_and_keeps_scores_close(features):
+@pytest.mark.parametrize("n_train", [40, 4])  # 4 < d = 6: singular covariances
+def test_float16_storage_halves_size_and_keeps_scores_close(features, n_train):
     train, test = features
-    full = PadimDetector().fit(train)
+    full = PadimDetector().fit(train[:n_train])
+    half = PadimDetector(covariance_dtype="float16").fit(train[:n_train])
+    assert not hasattr(half, "packed_covariance_") and half.factor_reg_ == 0.01
+    assert half.packed_factor_.dtype == np.float16
+    assert half.packed_factor_.nbytes * 2 == full.packed_covariance_.nbytes
+    np.testing.assert_allclose(half.score_samples(test), full.score_samples(test), rtol=2e-3)
+
+
+def test_float16_detector_is_for_inference_only(features):
+    train, test = features
     half = PadimDetector(covariance_dtype="float16").fit(train)
-    assert half.packed_covariance_.nbytes * 2 == full.packed_covariance_.nbytes
-    np.testing.assert_allclose(half.score_samples(test), full.score_samples(test), rtol=1e-2)
-
-
-def test_float16_storage_of_singular_covariances_warns(features):
-    train, _ = features  # d = 6
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        PadimDetector(covariance_dtype="float16").fit(train[:7])
-        PadimDetector().fit(train[:6])
-    for fit in (
-        lambda: PadimDetector(covariance_dtype="float16").fit(train[:6]),
-        lambda: PadimDetector(covariance_dtype="float16").partial_fit(train[:3]),
+    expected = half.score_samples(test)
+    for call in (
+        lambda: half.partial_fit(train),
+        lambda: half.merge(PadimDetector(covariance_dtype="float16").fit(train)),
     ):
-        with pytest.warns(UserWarning, match="6 features: the covariances are singular"):
-            fit()
+        with pytest.raises(ValueError, match="float16 whitening factors.*float32"):
+            call()
+    np.testing.assert_array_equal(half.score_samples(test), expected)  # unchanged
+    with pytest.raises(ValueError, match="factorised with reg=0.01.*reg=0.5"):
+        half.set_params(reg=0.5).score_samples(test)
 
 
 @pytest.mark.parametrize("as_masks", [False, True])
