@@ -181,8 +181,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         """Add features of more normal images to the fitted statistics.
 
         Any split of the training images into ``partial_fit`` calls gives the model that
-        one :meth:`fit` gives (to float32 rounding). Each call refactorises the
-        covariances, so feed large batches. If the call fails, the model is unchanged.
+        one :meth:`fit` gives (to float32 rounding). The covariances are factorised
+        again at the next scoring, so score after the last call rather than between
+        calls. If the call fails, the model is unchanged. A ``covariance_dtype="float16"``
+        detector keeps whitening factors, not statistics: it cannot be trained further
+        once fitted.
 
         Parameters
         ----------
@@ -212,7 +215,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         other : PadimDetector
-            A fitted detector with the same feature shape and the same ``reg`` and
+            A fitted float32 detector (``covariance_dtype="float16"`` ones keep no
+            statistics) with the same feature shape and the same ``reg`` and
             ``covariance_dtype``.
 
         Returns
@@ -388,6 +392,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         distributed fit) skip it; float16 storage keeps the factor itself.
         """
         packed = stats.consume_packed()
+        for name in ("packed_covariance_", "packed_factor_", "factor_reg_"):
+            vars(self).pop(name, None)  # a model saved with float16 covariances has both
         self.n_samples_seen_ = stats.count
         self.n_features_in_ = int(feature_shape[0])
         self.feature_shape_ = tuple(int(s) for s in feature_shape)

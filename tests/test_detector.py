@@ -296,3 +296,17 @@ def test_fit_with_labels_uses_only_normal_images(features, as_masks):
 def test_fit_with_only_anomalous_labels_is_an_error(features):
     with pytest.raises(ValueError, match="normal images"):
         PadimDetector().fit(features[0], np.ones(len(features[0])))
+
+
+def test_float16_covariance_model_of_earlier_versions_scores_and_trains_on(features):
+    # Models saved before float16 storage kept factors hold float16 covariances.
+    train, test = features
+    full = PadimDetector(covariance_dtype="float16").fit(train)
+    legacy = PadimDetector(covariance_dtype="float16").fit(train)
+    del legacy.packed_factor_, legacy.factor_reg_
+    legacy._scoring_cache = None
+    legacy.packed_covariance_ = PadimDetector().fit(train).packed_covariance_.astype(np.float16)
+    np.testing.assert_allclose(legacy.score_samples(test), full.score_samples(test), rtol=1e-2)
+    legacy.partial_fit(test)
+    assert not hasattr(legacy, "packed_covariance_") and legacy.packed_factor_.dtype == np.float16
+    assert legacy.n_samples_seen_ == len(train) + len(test)
