@@ -41,8 +41,11 @@ class GaussianStatistics:
         )
 
     def update(self, features: torch.Tensor, chunk_positions: int = 128) -> None:
-        """Fold in a batch of feature maps ``(B, d, h, w)`` (float32), ``chunk_positions``
-        positions per ``baddbmm``."""
+        """Fold in a batch of feature maps ``(B, d, h, w)`` (float32).
+
+        ``chunk_positions`` positions are updated per ``baddbmm``; the result does not
+        depend on it.
+        """
         n_batch, n_features = features.shape[:2]
         flat = features.reshape(n_batch, n_features, -1)
         total = self.count + n_batch
