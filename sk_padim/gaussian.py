@@ -52,11 +52,11 @@ class GaussianStatistics:
         shift_weight = math.sqrt(self.count * n_batch / total)
         # The batch mean in two float32 passes (a float64 reduction is 20x slower): the
         # rough mean, then the mean of the residuals, which are small and exact.
-        rough_mean = flat.mean(dim=0).T.to(torch.float64)
+        rough_mean = flat.mean(dim=0).T
         for positions, rows in centred_position_chunks(flat, rough_mean, chunk_positions, 1):
             residual = rows[:, :n_batch].mean(dim=1)
             rows[:, :n_batch] -= residual[:, None, :]
-            delta = rough_mean[positions] + residual.to(torch.float64) - self.mean[positions]
+            delta = (rough_mean[positions].double() + residual.double()) - self.mean[positions]
             # The last row is the mean-shift correction, so one Gram matrix per position
             # adds the batch scatter and the correction at once.
             rows[:, n_batch] = shift_weight * delta
@@ -125,7 +125,9 @@ def centred_position_chunks(
 ):
     """Yield ``(positions, rows)``: vectors of ``flat`` minus ``center``, position-major.
 
-    ``flat`` is ``(B, d, P)`` float32, ``center`` is ``(P, d)`` float64. For each slice
+    ``flat`` is ``(B, d, P)`` float32, ``center`` is ``(P, d)`` float32 or float64 (then
+    subtracted as a float32 hi + lo pair: ``x - hi`` is exact for ``x`` near ``hi``, so
+    features with a large common offset keep their small spread). For each slice
     ``positions`` of at most ``chunk_positions`` positions, ``rows`` is a contiguous
     ``(len, B + extra_rows, d)`` float32 buffer whose first ``B`` rows per position hold
     ``flat[b, :, p] - center[p]``; the extra rows are left for the caller to fill.
@@ -145,13 +147,11 @@ def centred_position_chunks(
         positions = slice(start, min(start + size, n_positions))
         count = positions.stop - start
         staged[:, :count].copy_(flat[:, :, positions].transpose(1, 2))
-        # The center as a float32 sum hi + lo: x - hi is exact for x near hi, so features
-        # with a large common offset keep their small spread.
         high = center[positions].to(torch.float32)
-        low = (center[positions] - high).to(torch.float32)
         centred = rows[:count, :n_images]
         torch.sub(staged[:, :count].transpose(0, 1), high[:, None, :], out=centred)
-        centred.sub_(low[:, None, :])
+        if center.dtype == torch.float64:
+            centred.sub_((center[positions] - high).to(torch.float32)[:, None, :])
         yield positions, rows[:count]
 
 
