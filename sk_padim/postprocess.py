@@ -13,6 +13,8 @@ copies (on the CPU 0.1 instead of 3.4 ms per 224 x 224 map).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -51,8 +53,12 @@ def resize_matrix(length_in: int, length_out: int) -> torch.Tensor:
     return F.interpolate(impulses, size=length_out, mode="linear", align_corners=False)[0].T
 
 
+@functools.lru_cache(maxsize=16)
 def axis_operator(length_in: int, length_out: int, sigma: float, truncate: float):
-    """Resize then blur along one axis as a float64 matrix, or None for the identity."""
+    """Resize then blur along one axis as a float64 matrix, or None for the identity.
+
+    Cached (read-only): building one costs about 0.4 ms, once per batch otherwise.
+    """
     matrix = resize_matrix(length_in, length_out) if length_in != length_out else None
     if sigma > 0:
         blur = blur_matrix(length_out, sigma, truncate)
