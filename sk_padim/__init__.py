@@ -1,5 +1,6 @@
 """PaDiM image anomaly detection and localisation as scikit-learn estimators."""
 
+from sk_padim._version import __version__
 from sk_padim.calibration import F1ThresholdCalibrator, f1_optimal_threshold
 from sk_padim.datasets import load_mvtec_ad, make_defect_textures, write_mvtec_layout
 from sk_padim.detector import PadimDetector
@@ -15,8 +16,6 @@ from sk_padim.metrics import (
 from sk_padim.model_selection import NormalTrainSplit
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
 from sk_padim.streaming import fit_streaming
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "F1ThresholdCalibrator",

@@ -6,14 +6,14 @@ import warnings
 
 import torch
 
+from sk_padim._version import __version__
+
 
 class VersionMismatchWarning(UserWarning):
     """A model was pickled with another major.minor version of sk-padim or torch."""
 
 
 def current_versions() -> dict[str, str]:
-    from sk_padim import __version__
-
     return {"sk_padim": __version__, "torch": torch.__version__}
 
 
