@@ -17,12 +17,21 @@ from scipy import ndimage
 from skimage import data as skimage_data
 from sklearn.utils import Bunch, check_random_state
 
-__all__ = ["load_mvtec_ad", "make_defect_textures", "write_mvtec_layout"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "find_mvtec_categories",
+    "list_images",
+    "load_masks",
+    "load_mvtec_ad",
+    "make_defect_textures",
+    "write_mvtec_layout",
+]
 
 _SPLITS = ("test", "train")
 _GOOD = "good"
 _MASK_SUFFIX = "_mask.png"
-_IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
+"""File name suffixes read as images (any case) by :func:`list_images`."""
 
 _TEXTURES = ("brick", "grass", "gravel")
 _DEFECT_KINDS = ("hole", "patch", "scratch", "stain")
@@ -34,6 +43,165 @@ _MAX_IMAGE_SIZE = 256  # largest size whose train and test strips stay disjoint
 
 
 # --------------------------------------------------------------------------- loader
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
+    """The image files in a folder, sorted by path.
+
+    Files whose suffix is one of :data:`IMAGE_SUFFIXES` (any case) count as images;
+    hidden files and folders (names starting with ``.``) are left out.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The folder to list.
+    recursive : bool, default=False
+        Also list the images in its sub-folders, at any depth.
+
+    Returns
+    -------
+    paths : list of str
+        The image files, sorted by their path below ``folder`` (so ``a/1.png`` comes
+        before ``b/0.png``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` is not a folder, or holds no image file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from sk_padim.datasets import list_images
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / "b").mkdir()
+    >>> for name in ["b/0.png", "1.JPG", "notes.txt"]:
+    ...     _ = (folder / name).write_bytes(b"")
+    >>> [Path(path).name for path in list_images(folder)]
+    ['1.JPG']
+    >>> [Path(path).relative_to(folder).as_posix() for path in list_images(folder, True)]
+    ['1.JPG', 'b/0.png']
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Folder not found: {folder}.")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    paths = sorted(
+        path
+        for path in candidates
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+    if not paths:
+        where = f"{folder} or its sub-folders" if recursive else str(folder)
+        raise FileNotFoundError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {where}.")
+    return [str(path) for path in paths]
+
+
+def find_mvtec_categories(folder: str | os.PathLike) -> tuple[Path, list[str]]:
+    """The categories in the MVTec AD layout that a folder is, or holds.
+
+    A category folder is one with a ``train/good`` sub-folder. ``folder`` may be a
+    category itself, or a dataset root holding categories.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        A category folder or a dataset root.
+
+    Returns
+    -------
+    root : pathlib.Path
+        The folder holding the categories: ``folder``'s parent if ``folder`` is a
+        category, else ``folder``.
+    names : list of str
+        The category names, sorted; empty if ``folder`` neither is nor holds one.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` is not a folder.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sk_padim.datasets import (
+    ...     find_mvtec_categories, make_defect_textures, write_mvtec_layout)
+    >>> dataset = make_defect_textures(("brick", "grass"), n_train=2, random_state=0)
+    >>> root = write_mvtec_layout(dataset, tempfile.mkdtemp())
+    >>> find_mvtec_categories(root)[1]
+    ['brick', 'grass']
+    >>> find_mvtec_categories(root / "grass") == (root, ["grass"])
+    True
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Folder not found: {folder}.")
+    if _is_category(folder):
+        return folder.parent, [folder.name]
+    return folder, sorted(path.name for path in folder.iterdir() if _is_category(path))
+
+
+def _is_category(folder: Path) -> bool:
+    return (folder / "train" / _GOOD).is_dir()
+
+
+def load_masks(
+    images: list[str], folder: str | os.PathLike, *, mask_suffix: str = _MASK_SUFFIX
+) -> np.ndarray | list[np.ndarray]:
+    """Read the ground-truth masks of defective images from a folder that mirrors theirs.
+
+    The mask of an image is found by its path below the folder common to all the
+    images: image ``<common>/<sub>/<name>.<ext>`` has mask
+    ``<folder>/<sub>/<name><mask_suffix>``. So the masks of ``test/hole/*.png`` and
+    ``test/scratch/*.png`` are read from ``ground_truth/hole`` and
+    ``ground_truth/scratch`` when ``folder`` is ``ground_truth``, and the masks of
+    ``test/hole/*.png`` alone from ``folder="ground_truth/hole"``.
+
+    Parameters
+    ----------
+    images : list of str
+        Image file paths.
+    folder : str or path-like
+        The folder of the masks.
+    mask_suffix : str, default="_mask.png"
+        What follows the image's name (without its suffix) in its mask's file name.
+
+    Returns
+    -------
+    masks : ndarray of shape (n_images, height, width), dtype bool
+        The masks, nonzero pixels True; a list of ``(height_i, width_i)`` arrays when
+        the images' sizes differ.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a mask is missing; the message names it.
+    ValueError
+        If a mask's size differs from its image's.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sk_padim.datasets import (
+    ...     list_images, load_masks, make_defect_textures, write_mvtec_layout)
+    >>> dataset = make_defect_textures("brick", n_test_good=0, random_state=0)
+    >>> root = write_mvtec_layout(dataset, tempfile.mkdtemp())
+    >>> images = list_images(root / "brick" / "test", recursive=True)
+    >>> masks = load_masks(images, root / "brick" / "ground_truth")
+    >>> bool((masks == dataset.brick.masks_test).all())
+    True
+    """
+    common = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in images]))
+    masks = _empty_masks(images)
+    for i, image in enumerate(images):
+        relative = Path(os.path.abspath(image)).relative_to(common)
+        mask_path = Path(folder) / relative.parent / (relative.stem + mask_suffix)
+        masks[i] = _read_mask(mask_path, masks[i].shape, images[i], mask_suffix)
+    return masks
+
 
 
 def load_mvtec_ad(
@@ -132,7 +300,7 @@ def load_mvtec_ad(
 
     images, defect_types = [], []
     for type_dir in type_dirs:
-        paths = _image_paths(type_dir)
+        paths = list_images(type_dir)
         images += paths
         defect_types += [type_dir.name] * len(paths)
     defect_types = np.asarray(defect_types)
@@ -162,29 +330,22 @@ def _subfolders(folder: Path) -> list[Path]:
     return subfolders
 
 
-def _image_paths(folder: Path) -> list[str]:
-    paths = sorted(
-        str(p)
-        for p in folder.iterdir()
-        if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
-    if not paths:
-        raise FileNotFoundError(f"No image files ({', '.join(_IMAGE_SUFFIXES)}) in {folder}.")
-    return paths
-
-
 def _read_masks(
     images: list[str], defect_types: np.ndarray, ground_truth: Path, mask_suffix: str
 ) -> np.ndarray | list[np.ndarray]:
-    shapes = [_image_shape(path) for path in images]
-    if len(set(shapes)) == 1:
-        masks = np.zeros((len(images), *shapes[0]), dtype=bool)
-    else:
-        masks = [np.zeros(shape, dtype=bool) for shape in shapes]
+    masks = _empty_masks(images)
     for i in np.flatnonzero(defect_types != _GOOD):
         mask_path = ground_truth / defect_types[i] / (Path(images[i]).stem + mask_suffix)
-        masks[i] = _read_mask(mask_path, shapes[i], mask_suffix)
+        masks[i] = _read_mask(mask_path, masks[i].shape, images[i], mask_suffix)
     return masks
+
+
+def _empty_masks(images: list[str]) -> np.ndarray | list[np.ndarray]:
+    """All-False masks at the images' sizes: one array, or a list if the sizes differ."""
+    shapes = [_image_shape(path) for path in images]
+    if len(set(shapes)) == 1:
+        return np.zeros((len(images), *shapes[0]), dtype=bool)
+    return [np.zeros(shape, dtype=bool) for shape in shapes]
 
 
 def _image_shape(path: str) -> tuple[int, int]:
@@ -192,12 +353,12 @@ def _image_shape(path: str) -> tuple[int, int]:
         return image.height, image.width
 
 
-def _read_mask(path: Path, shape: tuple[int, int], mask_suffix: str) -> np.ndarray:
+def _read_mask(path: Path, shape: tuple[int, int], image: str, mask_suffix: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(
-            f"Ground-truth mask not found: {path}. Each image test/<defect_type>/<name>.<ext> "
-            f"needs ground_truth/<defect_type>/<name>{mask_suffix}; pass mask_suffix= if "
-            "your dataset names its masks differently."
+            f"Ground-truth mask not found: {path}, the mask of {image} (masks are named "
+            f"<image name>{mask_suffix}). Give the suffix your dataset's masks have "
+            "(mask_suffix=, or --mask-suffix on the command line)."
         )
     with Image.open(path) as image:
         mask = np.asarray(image.convert("L")) > 0

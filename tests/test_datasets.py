@@ -13,7 +13,14 @@ from PIL import Image
 from skimage import data as skimage_data
 
 import sk_padim.datasets
-from sk_padim.datasets import load_mvtec_ad, make_defect_textures, write_mvtec_layout
+from sk_padim.datasets import (
+    find_mvtec_categories,
+    list_images,
+    load_masks,
+    load_mvtec_ad,
+    make_defect_textures,
+    write_mvtec_layout,
+)
 
 KINDS = ["hole", "patch", "scratch", "stain"]
 
@@ -304,14 +311,71 @@ def test_loader_names_a_folder_without_images(tree):
 def test_loader_names_a_missing_mask(tree):
     mask = tree / "widget" / "ground_truth" / "crack" / "b_mask.png"
     mask.unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(f"Ground-truth mask not found: {mask}.")):
+    image = tree / "widget" / "test" / "crack" / "b.png"
+    expected = f"Ground-truth mask not found: {mask}, the mask of {image}"
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)) as error:
         load_mvtec_ad(tree, "widget", split="test")
+    assert "--mask-suffix" in str(error.value)
 
 
 def test_loader_rejects_a_mask_of_the_wrong_size(tree):
     _save(tree / "widget" / "ground_truth" / "crack" / "a_mask.png", np.zeros((8, 6)))
     with pytest.raises(ValueError, match="is 6x8 pixels but its image is 8x6"):
         load_mvtec_ad(tree, "widget", split="test")
+
+
+# ------------------------------------------------ list_images, categories, masks
+
+
+def test_list_images_sorted_by_path_hidden_and_other_files_left_out(tree):
+    test = tree / "widget" / "test"
+    _save(test / ".cache" / "hidden.png", np.zeros((2, 2)))
+    _save(test / "good" / ".hidden.png", np.zeros((2, 2)))
+    relative = [Path(p).relative_to(test).as_posix() for p in list_images(test, recursive=True)]
+    assert relative == [
+        "crack/a.png",
+        "crack/b.png",
+        "good/000.png",
+        "good/001.png",
+        "scratch/b.png",
+    ]
+    assert list_images(test / "crack") == [
+        str(test / "crack" / "a.png"),
+        str(test / "crack" / "b.png"),
+    ]
+
+
+def test_list_images_names_the_problem(tree, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No image files .* in .*\.cache or its sub-folders"):
+        list_images(tree / "widget" / "test" / ".cache", recursive=True)
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(
+            f"No image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff) in {tree / 'widget' / 'test'}."
+        ),
+    ):
+        list_images(tree / "widget" / "test")  # only sub-folders
+    with pytest.raises(FileNotFoundError, match="Folder not found"):
+        list_images(tmp_path / "nowhere")
+
+
+def test_find_mvtec_categories_from_a_root_or_a_category(tree):
+    _save(tree / "other" / "train" / "good" / "0.png", np.zeros((2, 2)))
+    (tree / "notes").mkdir()  # not a category
+    assert find_mvtec_categories(tree) == (tree, ["other", "widget"])
+    assert find_mvtec_categories(tree / "widget") == (tree, ["widget"])
+    assert find_mvtec_categories(tree / "notes") == (tree / "notes", [])
+
+
+def test_load_masks_mirrors_the_images_below_their_common_folder(tree):
+    test, truth = tree / "widget" / "test", tree / "widget" / "ground_truth"
+    images = [str(test / "crack" / "a.png"), str(test / "scratch" / "b.png")]
+    expected = load_mvtec_ad(tree, "widget", split="test").masks[[0, 4]]
+    np.testing.assert_array_equal(load_masks(images, truth), expected)
+    # One folder of images: its masks are in one folder too.
+    np.testing.assert_array_equal(load_masks(images[:1], truth / "crack"), expected[:1])
+    with pytest.raises(FileNotFoundError, match="the mask of"):
+        load_masks(images, truth / "crack")
 
 
 def test_docstring_examples_run():
