@@ -19,21 +19,92 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import ndimage
 from sklearn.metrics import roc_curve
 
 from sk_padim._checks import image_labels
 from sk_padim.images import _read_image, check_images
 from sk_padim.metrics import image_auroc
 
-__all__ = ["AnomalyMapDisplay", "ImageScoreDisplay", "save_heatmaps"]
+__all__ = [
+    "AnomalyMapDisplay",
+    "ImageScoreDisplay",
+    "check_matplotlib",
+    "picture_names",
+    "save_heatmaps",
+]
 
 _PANEL_INCHES = 3.0
+_TITLE_INCHES = 0.6  # above the panels: room for a two-line title
 # Fixed layouts (fractions of the figure): faster than a layout engine, and the pictures
-# keep their size. Maps need room for titles and a colour bar, plots for axis labels.
-_MAP_LAYOUT = {"left": 0.01, "right": 0.99, "bottom": 0.02, "top": 0.9, "wspace": 0.3}
-_PLOT_LAYOUT = {"left": 0.1, "right": 0.97, "bottom": 0.15, "top": 0.9, "wspace": 0.35}
+# keep their size. Maps need room for titles and, right of the map panel (the second),
+# for its colour bar and tick labels; plots need room for axis labels.
+_COLORBAR_INCHES = 0.65
+_MAP_LAYOUT = {"left": 0.01, "right": 0.99, "bottom": 0.02, "wspace": 0.3}
+_PLOT_LAYOUT = {"left": 0.1, "right": 0.97, "bottom": 0.15, "wspace": 0.35}
 _TRUTH_COLOR = "white"
+_TRUTH_OFFSET = 2.5  # image pixels between a defect and its outline, so thin defects show
 _PREDICTION_COLOR = (1.0, 0.1, 0.1)
+_FLAGGED_COLOR = (0.8, 0.0, 0.0)
+
+
+def check_matplotlib(caller: str) -> None:
+    """Raise an ImportError saying how to install matplotlib if it is missing.
+
+    Call it before long work whose end is a picture, to fail at once.
+
+    Parameters
+    ----------
+    caller : str
+        What needs matplotlib, named in the message.
+
+    Raises
+    ------
+    ImportError
+        If ``matplotlib.pyplot`` cannot be imported; the message names the ``plot``
+        extra.
+
+    Examples
+    --------
+    >>> from sk_padim.plotting import check_matplotlib
+    >>> check_matplotlib("my report")  # matplotlib is installed: nothing happens
+    """
+    _pyplot(caller)
+
+
+def picture_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """File names (without suffix) for pictures of images, unique and readable.
+
+    Each name is the image's path relative to the folder that holds all the images,
+    without its suffix, with ``/`` replaced by ``_`` (``good/000.png`` gives
+    ``good_000``). A name that repeats gets ``-2``, ``-3``, ... appended.
+
+    Parameters
+    ----------
+    paths : sequence of str or path-like
+        Image file paths.
+
+    Returns
+    -------
+    names : list of str
+        One name per path, in the same order.
+
+    Examples
+    --------
+    >>> from sk_padim.plotting import picture_names
+    >>> picture_names(["test/good/000.png", "test/hole/000.png", "test/hole/000.jpg"])
+    ['good_000', 'hole_000', 'hole_000-2']
+    """
+    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
+    root = os.path.commonpath(folders) if folders else ""
+    counts: dict[str, int] = {}
+    names = []
+    for path in paths:
+        name = os.path.splitext(os.path.relpath(os.path.abspath(path), root))[0]
+        name = name.replace(os.sep, "_")
+        counts[name] = counts.get(name, 0) + 1
+        names.append(name if counts[name] == 1 else f"{name}-{counts[name]}")
+    return names
 
 
 def _pyplot(caller: str):
@@ -54,7 +125,8 @@ def _new_axes(caller: str, n_panels: int, layout: dict, *, pyplot: bool) -> np.n
     touched and nothing needs closing, which suits writing files in a loop.
     """
     plt = _pyplot(caller)
-    figsize = (_PANEL_INCHES * n_panels, _PANEL_INCHES + 0.3)
+    figsize = (_PANEL_INCHES * n_panels, _PANEL_INCHES + _TITLE_INCHES)
+    layout = {**layout, "top": 1 - _TITLE_INCHES / figsize[1]}
     if pyplot:
         figure = plt.figure(figsize=figsize)
     else:
@@ -62,6 +134,14 @@ def _new_axes(caller: str, n_panels: int, layout: dict, *, pyplot: bool) -> np.n
 
         figure = Figure(figsize=figsize)
     return figure.subplots(1, n_panels, squeeze=False, gridspec_kw=layout)[0]
+
+
+def _map_layout(n_panels: int) -> dict:
+    """The maps' layout; when the map panel is the last one, room on the right for its
+    colour bar."""
+    if n_panels > 2:
+        return _MAP_LAYOUT
+    return {**_MAP_LAYOUT, "right": 1 - _COLORBAR_INCHES / (_PANEL_INCHES * n_panels)}
 
 
 def _check_axes(ax, n_panels: int, caller: str, layout: dict) -> np.ndarray:
@@ -94,13 +174,17 @@ class AnomalyMapDisplay:
 
     Draws up to three panels side by side:
 
-    1. the image;
-    2. the anomaly map over the image (higher = more anomalous, hotter colours), with
-       the ground-truth defect outlined;
+    1. the image, titled with the verdict when ``score`` and ``threshold`` are given:
+       flagged anomalous (``score >= threshold``, in red) or not, the two numbers and
+       where the threshold came from (``threshold_source``);
+    2. the anomaly map over the image (higher = more anomalous, hotter colours) and its
+       colour bar, with the ground-truth defect outlined;
     3. the predicted defect, the map ``>= threshold``, in red over the image, with the
        ground truth outlined (only when ``threshold`` is given).
 
-    The map is stretched over the image when their sizes differ, and so is the mask.
+    The outline is drawn a few pixels outside the defect, dashed, so that it hides
+    neither a thin defect nor the heat over it. The map is stretched over the image
+    when their sizes differ, and so is the mask.
     Use :meth:`from_estimator` or :meth:`from_predictions` to make one; all parameters
     are stored as attributes.
 
@@ -116,7 +200,10 @@ class AnomalyMapDisplay:
         Pixels whose score is ``>=`` it are predicted defective. ``None`` leaves out
         the third panel.
     score : float, default=None
-        Image anomaly score, shown in the title of the map panel.
+        Image anomaly score, shown in the titles.
+    threshold_source : str, default=None
+        Where ``threshold`` came from, shown in the verdict, e.g. ``"calibrated for
+        best F1"`` or ``"the detector's threshold_"``.
     vmin, vmax : float, default=None
         Scores mapped to the ends of the colour map; by default the map's median (a
         typical normal pixel) and maximum. The overlay is transparent at ``vmin`` and
@@ -158,6 +245,13 @@ class AnomalyMapDisplay:
     ...     image, anomaly_map, mask=anomaly_map > 0, threshold=2.5)
     >>> len(display.ax_), len(display.contours_)
     (3, 2)
+    >>> display.ax_[0].get_title()
+    'image'
+    >>> display = AnomalyMapDisplay.from_predictions(
+    ...     image, anomaly_map, threshold=2.5, score=5.0, threshold_source="given")
+    >>> print(display.ax_[0].get_title())
+    FLAGGED: score 5 >= 2.5
+    threshold 2.5: given
     """
 
     def __init__(
@@ -168,6 +262,7 @@ class AnomalyMapDisplay:
         mask: ArrayLike | None = None,
         threshold: float | None = None,
         score: float | None = None,
+        threshold_source: str | None = None,
         vmin: float | None = None,
         vmax: float | None = None,
     ):
@@ -176,6 +271,7 @@ class AnomalyMapDisplay:
         self.mask = mask
         self.threshold = threshold
         self.score = score
+        self.threshold_source = threshold_source
         self.vmin = vmin
         self.vmax = vmax
 
@@ -206,17 +302,18 @@ class AnomalyMapDisplay:
                 "image's map, e.g. score_samples(X)[i]."
             )
         n_panels = 2 if self.threshold is None else 3
-        self.ax_ = _check_axes(ax, n_panels, "AnomalyMapDisplay", _MAP_LAYOUT)
+        self.ax_ = _check_axes(ax, n_panels, "AnomalyMapDisplay", _map_layout(n_panels))
         self.figure_ = self.ax_[0].figure
         height, width = image.shape[:2]
         extent = (-0.5, width - 0.5, height - 0.5, -0.5)
         grey = {"cmap": "gray", "vmin": 0, "vmax": 1 if image.dtype.kind == "f" else 255}
         self.im_ = self.ax_[0].imshow(image, **grey)
-        self.ax_[0].set_title("image")
+        self._set_verdict(self.ax_[0])
 
         self.ax_[1].imshow(image, **grey)
         self.heatmap_ = self._plot_heatmap(self.ax_[1], anomaly_map, extent, cmap, alpha)
-        # The colour bar sits in the gap right of the panel, so all panels keep one size.
+        # The colour bar sits in the gap right of the panel (the layouts of new figures
+        # leave room for it), so all panels keep one size.
         colorbar_ax = self.ax_[1].inset_axes((1.02, 0.1, 0.04, 0.8))
         self.colorbar_ = self.figure_.colorbar(self.heatmap_, cax=colorbar_ax)
         title = "anomaly map" if self.score is None else f"anomaly map, score {self.score:.3g}"
@@ -231,6 +328,23 @@ class AnomalyMapDisplay:
         for axes in self.ax_:
             axes.set_axis_off()
         return self
+
+    def _set_verdict(self, axes) -> None:
+        """Title the image panel with the verdict, when there is one to give."""
+        if self.score is None or self.threshold is None:
+            axes.set_title("image")
+            return
+        flagged = self.score >= self.threshold
+        verdict = (
+            f"FLAGGED: score {self.score:.4g} >= {self.threshold:.4g}"
+            if flagged
+            else f"normal: score {self.score:.4g} < {self.threshold:.4g}"
+        )
+        source = f"threshold {self.threshold:.4g}" + (
+            f": {self.threshold_source}" if self.threshold_source else ""
+        )
+        color = _FLAGGED_COLOR if flagged else "black"
+        axes.set_title(f"{verdict}\n{source}", color=color, fontsize="medium")
 
     def _plot_heatmap(self, axes, anomaly_map, extent, cmap, alpha):
         from matplotlib.colors import Normalize
@@ -255,17 +369,28 @@ class AnomalyMapDisplay:
         overlay = np.zeros((*predicted.shape, 4))
         overlay[predicted] = (*_PREDICTION_COLOR, 0.55)
         axes.imshow(image, **grey)
-        axes.set_title(f"map >= {self.threshold:.3g}")
+        axes.set_title(f"in red: map >= {self.threshold:.4g}")
         return axes.imshow(overlay, extent=extent, interpolation="nearest")
 
     def _plot_truth(self, axes, height: int, width: int):
+        """The ground-truth outline, ``_TRUTH_OFFSET`` image pixels outside the defect."""
         mask = np.asarray(self.mask)
         if mask.ndim != 2:
             raise ValueError(f"mask must have shape (H, W); got {mask.shape}.")
         rows = _pixel_centres(mask.shape[0], height)
         cols = _pixel_centres(mask.shape[1], width)
+        # Distance (in image pixels) of each mask pixel's centre to the defect's nearest
+        # pixel centre; the outline is the level at which that distance is the offset.
+        scale = (height / mask.shape[0], width / mask.shape[1])
+        distance = ndimage.distance_transform_edt(mask == 0, sampling=scale)
         return axes.contour(
-            cols, rows, (mask != 0).astype(float), levels=[0.5], colors=_TRUTH_COLOR, linewidths=1.2
+            cols,
+            rows,
+            distance,
+            levels=[_TRUTH_OFFSET],
+            colors=_TRUTH_COLOR,
+            linewidths=1.0,
+            linestyles="--",
         )
 
     @classmethod
@@ -277,6 +402,7 @@ class AnomalyMapDisplay:
         mask: ArrayLike | None = None,
         threshold: float | None = None,
         score: float | None = None,
+        threshold_source: str | None = None,
         vmin: float | None = None,
         vmax: float | None = None,
         ax=None,
@@ -291,7 +417,7 @@ class AnomalyMapDisplay:
             The image.
         anomaly_map : ndarray of shape (H', W')
             Its anomaly map.
-        mask, threshold, score, vmin, vmax
+        mask, threshold, score, threshold_source, vmin, vmax
             See :class:`AnomalyMapDisplay`.
         ax, cmap, alpha
             See :meth:`plot`.
@@ -301,7 +427,14 @@ class AnomalyMapDisplay:
         display : AnomalyMapDisplay
         """
         display = cls(
-            image, anomaly_map, mask=mask, threshold=threshold, score=score, vmin=vmin, vmax=vmax
+            image,
+            anomaly_map,
+            mask=mask,
+            threshold=threshold,
+            score=score,
+            threshold_source=threshold_source,
+            vmin=vmin,
+            vmax=vmax,
         )
         return display.plot(ax=ax, cmap=cmap, alpha=alpha)
 
@@ -313,6 +446,7 @@ class AnomalyMapDisplay:
         *,
         mask: ArrayLike | None = None,
         threshold: float | None = None,
+        threshold_source: str | None = None,
         vmin: float | None = None,
         vmax: float | None = None,
         ax=None,
@@ -328,7 +462,7 @@ class AnomalyMapDisplay:
             estimator whose ``score_samples`` maps images to anomaly maps).
         image : ndarray of shape (H, W) or (H, W, 3), file path or PIL image
             The image.
-        mask, threshold, vmin, vmax
+        mask, threshold, threshold_source, vmin, vmax
             See :class:`AnomalyMapDisplay`; the image score shown is the map's maximum
             (PaDiM's image score).
         ax, cmap, alpha
@@ -345,6 +479,7 @@ class AnomalyMapDisplay:
             mask=mask,
             threshold=threshold,
             score=float(anomaly_map.max()),
+            threshold_source=threshold_source,
             vmin=vmin,
             vmax=vmax,
             ax=ax,
@@ -524,6 +659,7 @@ def save_heatmaps(
     *,
     masks: ArrayLike | Sequence[ArrayLike] | None = None,
     threshold: float | None = None,
+    threshold_source: str | None = None,
     names: Sequence[str] | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
@@ -533,9 +669,11 @@ def save_heatmaps(
 
     All pictures share one colour scale, so a normal image looks cool and a defect
     stands out hot: by default from the median of all the maps' pixels (a typical
-    normal pixel, drawn transparent) to their maximum. Each PNG is 3 inches per panel
-    by 3.3 inches at ``dpi``, whatever the image size: 900 x 330 pixels for three
-    panels at the default 100 dpi.
+    normal pixel, drawn transparent) to their maximum. The image score shown is the
+    map's maximum (PaDiM's image score); with a threshold, each picture says whether the
+    image is flagged (``score >= threshold``). Each PNG is 3 inches per panel by 3.6
+    inches at ``dpi``, whatever the image size: 900 x 360 pixels for three panels at
+    the default 100 dpi.
 
     Parameters
     ----------
@@ -549,7 +687,11 @@ def save_heatmaps(
     masks : array-like of shape (n, H'', W'') or list of (H_i, W_i) arrays, default=None
         Ground-truth defect masks, outlined in the pictures.
     threshold : float, default=None
-        Pixel-score threshold of the predicted-defect panel; ``None`` leaves it out.
+        Threshold of the verdict and of the predicted-defect panel; ``None`` leaves
+        them out. An image is flagged when its score, the maximum of its map, is
+        ``>=`` it, so exactly the flagged images have red pixels.
+    threshold_source : str, default=None
+        Where ``threshold`` came from, shown in the verdict.
     names : sequence of str, default=None
         File names without the ``.png`` suffix; by default ``000``, ``001``, ...
     vmin, vmax : float, default=None
@@ -573,7 +715,7 @@ def save_heatmaps(
     >>> maps[1, 10:20, 10:20] = 1.0
     >>> paths = save_heatmaps(images, maps, tempfile.mkdtemp(), names=["good", "bad"])
     >>> [path.name for path in paths], Image.open(paths[0]).size
-    (['good.png', 'bad.png'], (600, 330))
+    (['good.png', 'bad.png'], (600, 360))
     """
     images = check_images(images)
     maps = np.asarray(maps, dtype=float)
@@ -593,13 +735,14 @@ def save_heatmaps(
     n_panels = 2 if threshold is None else 3
     paths = []
     for i, (image, anomaly_map, name) in enumerate(zip(images, maps, names, strict=True)):
-        axes = _new_axes("save_heatmaps", n_panels, _MAP_LAYOUT, pyplot=False)
+        axes = _new_axes("save_heatmaps", n_panels, _map_layout(n_panels), pyplot=False)
         display = AnomalyMapDisplay.from_predictions(
             image,
             anomaly_map,
             mask=None if masks is None else masks[i],
             threshold=threshold,
             score=float(anomaly_map.max()),
+            threshold_source=threshold_source,
             vmin=vmin,
             vmax=vmax,
             ax=axes,

@@ -8,7 +8,13 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.plotting import AnomalyMapDisplay, ImageScoreDisplay, save_heatmaps
+from sk_padim.plotting import (
+    AnomalyMapDisplay,
+    ImageScoreDisplay,
+    check_matplotlib,
+    picture_names,
+    save_heatmaps,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,13 +52,28 @@ def test_anomaly_map_display_draws_the_three_panels(picture):
     assert len(display.contours_) == 2
 
 
-def test_ground_truth_outline_surrounds_the_mask_in_image_coordinates(picture):
+def test_ground_truth_outline_is_dashed_and_offset_outside_the_mask(picture):
     image, anomaly_map, mask = picture
     display = AnomalyMapDisplay.from_predictions(image, anomaly_map, mask=mask)
     vertices = np.concatenate(display.contours_[0].allsegs[0])
-    # The 0.5 level of the mask lies half a pixel outside the True block (rows/cols 8..19).
-    np.testing.assert_allclose(vertices.min(axis=0), [7.5, 7.5])
-    np.testing.assert_allclose(vertices.max(axis=0), [19.5, 19.5])
+    # The True block covers pixel centres 8..19; its straight sides are outlined 2.5
+    # image pixels further out, so a thin defect and the heat over it stay visible.
+    np.testing.assert_allclose(vertices.min(axis=0), [5.5, 5.5])
+    np.testing.assert_allclose(vertices.max(axis=0), [21.5, 21.5])
+    # Round the corners too, the outline keeps its distance from every defect pixel.
+    gap = np.hypot(*np.maximum(np.maximum(8 - vertices, vertices - 19), 0).T)
+    assert gap.min() > 2.0
+    (style,) = {tuple(s[1]) for s in display.contours_[0].get_linestyles() if s[1]}
+    assert len(style) == 2  # an on-off dash pattern
+
+
+def test_outline_of_a_low_resolution_mask_is_in_image_pixels(picture):
+    image, anomaly_map, mask = picture
+    half = mask[::2, ::2]  # 24 x 24: the block covers cells 4..9, centres 8.5..18.5
+    display = AnomalyMapDisplay.from_predictions(image, anomaly_map, mask=half)
+    vertices = np.concatenate(display.contours_[0].allsegs[0])
+    np.testing.assert_allclose(vertices.min(axis=0), [8.5 - 2.5] * 2)
+    np.testing.assert_allclose(vertices.max(axis=0), [18.5 + 2.5] * 2)
 
 
 def test_without_threshold_or_mask_there_are_two_panels_and_no_outline(picture):
@@ -123,7 +144,7 @@ def test_save_heatmaps_writes_pngs_of_the_documented_size(tmp_path, picture, thr
     for path in paths:
         with Image.open(path) as png:
             assert png.format == "PNG"
-            assert png.size == (width, 330)  # 3 inches per panel by 3.3 inches, at 100 dpi
+            assert png.size == (width, 360)  # 3 inches per panel by 3.6 inches, at 100 dpi
 
 
 def test_save_heatmaps_size_follows_dpi(tmp_path, picture):
@@ -131,7 +152,7 @@ def test_save_heatmaps_size_follows_dpi(tmp_path, picture):
     (path,) = save_heatmaps(image[None], anomaly_map[None], tmp_path, dpi=50)
     assert path.name == "000.png"
     with Image.open(path) as png:
-        assert png.size == (300, 165)
+        assert png.size == (300, 180)
 
 
 def test_save_heatmaps_uses_one_colour_scale_for_all_images(tmp_path, monkeypatch, picture):
@@ -160,3 +181,81 @@ def test_missing_matplotlib_names_the_plot_extra(monkeypatch, picture):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"pip install 'sk-padim\[plot\]'"):
         AnomalyMapDisplay(image, anomaly_map).plot()
+    with pytest.raises(ImportError, match=r"^my report needs matplotlib"):
+        check_matplotlib("my report")
+
+
+def _extent_in_pixels(artist_axes, figure):
+    """The drawn extent (tick labels included) of an Axes, in display pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return artist_axes.get_tightbbox(canvas.get_renderer())
+
+
+@pytest.mark.parametrize("threshold", [None, 400.0])
+def test_colour_bar_and_its_labels_lie_inside_the_saved_figure(tmp_path, picture, threshold):
+    image, anomaly_map, _ = picture
+    big = anomaly_map * 100  # scores in the hundreds, as with real backbones: wide labels
+    display = AnomalyMapDisplay.from_predictions(image, big, threshold=threshold, score=466.0)
+    bar = _extent_in_pixels(display.colorbar_.ax, display.figure_)
+    figure = display.figure_.bbox
+    assert figure.x0 <= bar.x0 and bar.x1 <= figure.x1
+    assert figure.y0 <= bar.y0 and bar.y1 <= figure.y1
+    # ... and clear of the next panel when there is one.
+    if threshold is not None:
+        assert bar.x1 <= display.ax_[2].get_window_extent().x0
+
+
+def test_save_heatmaps_pictures_hold_the_whole_colour_bar(tmp_path, picture, monkeypatch):
+    image, anomaly_map, _ = picture
+    drawn = []
+    original = AnomalyMapDisplay.plot
+
+    def record(self, *args, **kwargs):
+        drawn.append(original(self, *args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(AnomalyMapDisplay, "plot", record)
+    save_heatmaps(image[None], anomaly_map[None] * 1000, tmp_path)
+    (display,) = drawn
+    bar = _extent_in_pixels(display.colorbar_.ax, display.figure_)
+    assert bar.x1 <= display.figure_.bbox.x1
+
+
+@pytest.mark.parametrize(
+    ("score", "flagged"),
+    [(5.0, True), (2.5, True), (2.0, False)],  # equal to the threshold is anomalous
+)
+def test_image_panel_states_the_verdict_and_where_the_threshold_came_from(
+    picture, score, flagged
+):
+    image, anomaly_map, _ = picture
+    display = AnomalyMapDisplay.from_predictions(
+        image, anomaly_map, threshold=2.5, score=score, threshold_source="given"
+    )
+    verdict, source = display.ax_[0].get_title().splitlines()
+    word, sign = ("FLAGGED", ">=") if flagged else ("normal", "<")
+    assert verdict == f"{word}: score {score:g} {sign} 2.5"
+    assert source == "threshold 2.5: given"
+    red = matplotlib.colors.to_rgb(display.ax_[0].title.get_color())[0] > 0.5
+    assert red == flagged
+
+
+def test_without_a_threshold_there_is_no_verdict(picture):
+    image, anomaly_map, _ = picture
+    display = AnomalyMapDisplay.from_predictions(image, anomaly_map, score=3.0)
+    assert display.ax_[0].get_title() == "image"
+    assert display.ax_[1].get_title() == "anomaly map, score 3"
+
+
+def test_picture_names_are_paths_below_the_common_folder(tmp_path):
+    paths = [tmp_path / "test" / "good" / "000.png", tmp_path / "test" / "hole" / "000.png"]
+    assert picture_names(paths) == ["good_000", "hole_000"]
+    assert picture_names([tmp_path / "a.png", tmp_path / "a.jpg", tmp_path / "b.png"]) == [
+        "a",
+        "a-2",
+        "b",
+    ]
+    assert picture_names([]) == []
