@@ -59,15 +59,17 @@ def f1_optimal_threshold(y_true: ArrayLike, scores: ArrayLike) -> float:
     return _best_f1_threshold(*truth_and_scores(y_true, scores))[0]
 
 
-def _best_f1_threshold(truth: NDArray[np.bool_], scores: NDArray) -> tuple[float, float]:
-    """The F1-maximising threshold and its F1."""
+def _best_f1_threshold(
+    truth: NDArray[np.bool_], scores: NDArray
+) -> tuple[float, float, float, float]:
+    """The F1-maximising threshold, and its F1, precision and recall."""
     check_both_classes(truth, "An F1-optimal threshold")
     precision, recall, thresholds = precision_recall_curve(truth.ravel(), scores.ravel())
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     total = precision + recall
     f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
     best = np.argmax(f1)
-    return float(thresholds[best]), float(f1[best])
+    return float(thresholds[best]), float(f1[best]), float(precision[best]), float(recall[best])
 
 
 class F1ThresholdCalibrator(BaseEstimator):
@@ -106,6 +108,8 @@ class F1ThresholdCalibrator(BaseEstimator):
         The F1-optimal threshold; a score ``>=`` it is anomalous.
     best_score_ : float
         The F1 at ``threshold_`` on the data given to ``fit``.
+    precision_, recall_ : float
+        The precision and recall at ``threshold_`` on the data given to ``fit``.
 
     See Also
     --------
@@ -160,7 +164,9 @@ class F1ThresholdCalibrator(BaseEstimator):
         check_consistent_length(X, labels)
         self.estimator_ = self._fitted_estimator(X, labels)
         scores = getattr(self.estimator_, score_method)(X)
-        self.threshold_, self.best_score_ = _best_f1_threshold(*truth_and_scores(truth, scores))
+        self.threshold_, self.best_score_, self.precision_, self.recall_ = _best_f1_threshold(
+            *truth_and_scores(truth, scores)
+        )
         return self
 
     def predict(self, X) -> NDArray[np.int_]:

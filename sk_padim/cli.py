@@ -1,4 +1,4 @@
-"""The ``sk-padim`` command: ``fit``, ``score``, ``evaluate`` and ``demo``.
+"""The ``sk-padim`` command: ``fit``, ``score``, ``calibrate``, ``evaluate`` and ``demo``.
 
 Run ``sk-padim --help`` or ``sk-padim <command> --help``. Results (tables, CSV without
 ``-o``) go to standard output; messages and progress bars go to standard error.
@@ -6,14 +6,21 @@ Progress bars show when standard error is a terminal, or with ``--verbose``.
 
 Exit codes: 0 success; 1 an error in the inputs (missing folder, unreadable image,
 model file from an incompatible version, ...), reported on one line; 2 a wrong
-command line; 130 interrupted.
+command line; 130 interrupted. An image is anomalous when its score is ``>=`` the
+threshold, as for ``PadimDetector.predict`` and ``F1ThresholdCalibrator``.
+
+The command calls the library's public functions only: image discovery
+(:func:`~sk_padim.datasets.list_images`), the MVTec AD scan, the evaluation harness and
+the pictures all live in the library.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
+import re
 import sys
 import time
 import traceback
@@ -27,27 +34,30 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from sk_padim import __version__
+from sk_padim._version import __version__
 from sk_padim.calibration import F1ThresholdCalibrator
-from sk_padim.datasets import _image_paths, load_mvtec_ad
-from sk_padim.demo import (
-    DEMO_BACKBONE,
+from sk_padim.datasets import find_mvtec_categories, list_images, load_masks, load_mvtec_ad
+from sk_padim.demo import DEMO_BACKBONE, run_demo
+from sk_padim.evaluation import (
     Category,
     evaluate,
     maps_and_scores,
     padim_pipeline,
     results_table,
-    run_demo,
 )
 from sk_padim.features import PatchFeatureTransformer
 from sk_padim.persistence import load_model
-from sk_padim.plotting import _pyplot, save_heatmaps
+from sk_padim.plotting import check_matplotlib, picture_names, save_heatmaps
 
 # Errors that come from the user's inputs; they are reported on one line. Anything
 # else is a bug and keeps its traceback.
 _USER_ERRORS = (OSError, ValueError, TypeError, ImportError, RuntimeError)
 _SCORE_CHUNK = 256  # images scored at once: bounds the memory of features and maps
 _FEATURE_DEFAULTS = PatchFeatureTransformer().get_params()
+_MASK_SUFFIX = "_mask.png"
+# A library parameter in an error message, ``name=value``: the command line says
+# ``--name value`` instead (see _command_line_spelling).
+_PARAMETER = re.compile(r"\b([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(=(?:'([^']*)'|(None)\b)?)?")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,9 +90,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as error:
         if args.verbose:
             traceback.print_exc()
-        print(f"sk-padim {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        message = _command_line_spelling(_one_line(error), args)
+        print(f"sk-padim {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _command_line_spelling(message: str, args: argparse.Namespace) -> str:
+    """The message with the library's parameters spelt as this command's options.
+
+    For the parameters the command has as options, ``weights=None`` becomes ``--weights
+    none``, ``backbone='efficientnet_lite0'`` becomes ``--backbone efficientnet_lite0``
+    and a bare ``image_size`` (a name with an underscore cannot be a plain word) becomes
+    ``--image-size``; other text is left alone.
+    """
+    options = set(vars(args)) - {"command", "run", "parser"}
+
+    def option(match: re.Match) -> str:
+        name, assignment, quoted, none = match.groups()
+        if name not in options or not (assignment or "_" in name):
+            return match[0]
+        flag = "--" + name.replace("_", "-")
+        if not assignment:
+            return flag
+        return f"{flag} {quoted if quoted is not None else ('none' if none else '')}"
+
+    return _PARAMETER.sub(option, message)
 
 
 # ------------------------------------------------------------------------ parsers
@@ -102,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     model = _model_options()
     _add_fit(commands, [common, model])
     _add_score(commands, [common])
+    _add_calibrate(commands, [common])
     _add_evaluate(commands, [common, model])
     _add_demo(commands, [common])
     return parser
@@ -137,8 +171,8 @@ def _model_options() -> argparse.ArgumentParser:
         "--weights",
         type=_weights,
         default=defaults["weights"],
-        help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state-dict file, or "
-        "'none' for random weights (default: %(default)s)",
+        help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded on first use), "
+        "a state-dict file, or 'none' for random weights (default: %(default)s)",
     )
     group.add_argument(
         "--layers",
@@ -186,11 +220,14 @@ def _add_fit(commands, parents) -> None:
         help="fit a model on images of normal parts",
         description="Fit PaDiM on a folder of images of normal parts, or on the train/good "
         "images of a category in the MVTec AD layout, and save the fitted pipeline with "
-        "joblib. Load only model files you trust: loading runs code.",
+        "joblib. The default backbone, resnet18, downloads its weights on first use; "
+        f"offline, use --backbone {DEMO_BACKBONE} or --weights FILE. Load only model "
+        "files you trust: loading runs code.",
     )
     parser.add_argument(
         "images",
-        help="a folder of normal images, or an MVTec AD category folder (its train/good is used)",
+        help="a folder of normal images (sub-folders are not searched), or an MVTec AD "
+        "category folder (its train/good is used)",
     )
     parser.add_argument(
         "-o", "--output", required=True, help="model file to write, e.g. model.joblib"
@@ -203,12 +240,18 @@ def _add_score(commands, parents) -> None:
         "score",
         parents=parents,
         help="score images with a fitted model",
-        description="Score images with a model from 'sk-padim fit' (or a joblib file of an "
-        "F1ThresholdCalibrator). Writes a CSV with one row per image: image, score (higher = "
-        "more anomalous) and, with a threshold, label.",
+        description="Score images with a model from 'sk-padim fit' or 'sk-padim calibrate'. "
+        "Writes a CSV with one row per image: image, score (higher = more anomalous, 6 "
+        "significant digits) and, when there is a threshold, label: 'anomalous' when "
+        "score >= threshold, else 'normal'.",
     )
-    parser.add_argument("model", help="model file written by 'sk-padim fit'")
-    parser.add_argument("images", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("model", help="model file written by 'sk-padim fit' or 'calibrate'")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="image files and/or folders of images (sub-folders included, e.g. an MVTec "
+        "AD test/ folder)",
+    )
     parser.add_argument(
         "-o",
         "--output",
@@ -223,12 +266,47 @@ def _add_score(commands, parents) -> None:
         "--threshold",
         type=float,
         help="label images whose score is >= THRESHOLD 'anomalous', others 'normal' "
-        "(default: the threshold of a calibrated model; none otherwise)",
+        "(default: the model's threshold: calibrated by 'sk-padim calibrate', else the "
+        "one 'fit' sets from the training images)",
     )
     parser.add_argument(
         "--device", help="run on this device instead of the model's (auto, cpu, cuda)"
     )
     parser.set_defaults(run=_score, parser=parser)
+
+
+def _add_calibrate(commands, parents) -> None:
+    parser = commands.add_parser(
+        "calibrate",
+        parents=parents,
+        help="choose a model's threshold for the best F1 on labelled images",
+        description="Choose the threshold with the best F1 on images of normal and of "
+        "defective parts (F1ThresholdCalibrator) and save the calibrated model, which "
+        "'sk-padim score' then labels with. Images are labelled per image, or per pixel "
+        "with --masks. Prints the threshold and its F1, precision and recall; these are "
+        "measured on the images that chose the threshold, so expect less on new images.",
+    )
+    parser.add_argument("model", help="model file written by 'sk-padim fit'")
+    parser.add_argument(
+        "--good", nargs="+", required=True, help="images of normal parts: files and/or folders"
+    )
+    parser.add_argument(
+        "--bad",
+        nargs="+",
+        required=True,
+        help="images of defective parts: files and/or folders (sub-folders included)",
+    )
+    parser.add_argument(
+        "--masks",
+        help="folder of the defect masks of the --bad images, mirroring their folders below "
+        "the folder common to them (an MVTec AD ground_truth/); calibrates on pixels",
+    )
+    _add_mask_suffix(parser)
+    parser.add_argument("-o", "--output", required=True, help="calibrated model file to write")
+    parser.add_argument(
+        "--device", help="run on this device instead of the model's (auto, cpu, cuda)"
+    )
+    parser.set_defaults(run=_calibrate)
 
 
 def _add_evaluate(commands, parents) -> None:
@@ -238,12 +316,19 @@ def _add_evaluate(commands, parents) -> None:
         help="fit and evaluate per category of an MVTec AD-layout dataset",
         description="For each category of a dataset in the MVTec AD layout, fit PaDiM on "
         "train/good and evaluate it on test/: prints image AUROC, pixel AUROC, AUPRO and "
-        "times, and writes them to OUTPUT/results.csv and OUTPUT/results.md.",
+        "times, and writes them to OUTPUT/results.csv and OUTPUT/results.md. A category "
+        "found under ROOT that cannot be evaluated (no test images or masks) is skipped "
+        "with a warning.",
     )
-    parser.add_argument("root", help="dataset folder holding <category>/train/good, test, ...")
+    parser.add_argument(
+        "root",
+        help="a dataset folder holding <category>/train/good, test, ground_truth, or one "
+        "category folder",
+    )
     parser.add_argument(
         "--categories", nargs="+", help="categories to evaluate (default: every one under ROOT)"
     )
+    _add_mask_suffix(parser)
     parser.add_argument(
         "-o",
         "--output",
@@ -291,6 +376,15 @@ def _add_demo(commands, parents) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     _add_heatmap_count(parser, default=2)
     parser.set_defaults(run=_demo)
+
+
+def _add_mask_suffix(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mask-suffix",
+        default=_MASK_SUFFIX,
+        help="what follows an image's name in its mask's file name, e.g. .png for BTAD "
+        "(default: %(default)s)",
+    )
 
 
 def _add_heatmap_count(parser: argparse.ArgumentParser, default: int) -> None:
@@ -347,65 +441,120 @@ def _score(args: argparse.Namespace, progress: bool) -> None:
     if args.heatmaps and args.output is None:
         args.parser.error("--heatmaps needs -o/--output DIR to write the pictures to")
     if args.heatmaps:
-        _pyplot("sk-padim score --heatmaps")
-    pipeline, threshold = _scoring_model(_load_model(Path(args.model)))
-    threshold = args.threshold if args.threshold is not None else threshold
+        check_matplotlib("sk-padim score --heatmaps")
+    pipeline, threshold, source = _scoring_model(_load_model(Path(args.model)))
+    if args.threshold is not None:
+        threshold, source = args.threshold, "given by --threshold"
     if args.device is not None:
         _set_device(pipeline, args.device)
     paths = _image_files(args.images)
+    header = ["image", "score"] + ([] if threshold is None else ["label"])
+    chunks = _scored_chunks(pipeline, paths, threshold, progress)
     if args.output is None:
-        _write_scores(sys.stdout, pipeline, paths, threshold, None, progress)
+        _write_csv(lambda: sys.stdout, header, chunks)
         return
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    heatmaps = output / "heatmaps" if args.heatmaps else None
-    with open(output / "scores.csv", "w", newline="") as file:
-        _write_scores(file, pipeline, paths, threshold, heatmaps, progress)
-    _info(args, f"Scored {len(paths)} images; wrote {output / 'scores.csv'}.")
+    csv_path = output / "scores.csv"
+    if args.heatmaps:
+        chunks = _with_heatmaps(chunks, paths, output / "heatmaps", threshold, source)
+    with contextlib.ExitStack() as files:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_csv(lambda: files.enter_context(open(csv_path, "w", newline="")), header, chunks)
+    _info(args, f"Scored {len(paths)} images; wrote {csv_path}.")
 
 
-def _write_scores(file, pipeline, paths, threshold, heatmaps: Path | None, progress: bool):
-    """Score the images in chunks, writing CSV rows and, into ``heatmaps``, pictures.
-
-    The pictures share one colour scale, from the median to the maximum of the first
-    chunk's maps, and are named by :func:`_picture_names`.
-    """
-    writer = csv.writer(file, lineterminator="\n")
-    writer.writerow(["image", "score"] + ([] if threshold is None else ["label"]))
-    names = _picture_names(paths)
-    scale = None
+def _scored_chunks(pipeline, paths: list[str], threshold: float | None, progress: bool):
+    """Score the images a chunk at a time; yield ``(chunk, maps, rows)`` for the CSV."""
     with tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), _SCORE_CHUNK):
             chunk = paths[start : start + _SCORE_CHUNK]
             maps, scores = maps_and_scores(pipeline, chunk)
-            writer.writerows(_score_rows(chunk, scores, threshold))
-            if heatmaps is not None:
-                scale = scale or (float(np.median(maps)), float(maps.max()))
-                chunk_names = names[start : start + len(chunk)]
-                save_heatmaps(
-                    chunk,
-                    maps,
-                    heatmaps,
-                    threshold=threshold,
-                    names=chunk_names,
-                    vmin=scale[0],
-                    vmax=scale[1],
-                )
+            rows = [[path, f"{score:.6g}"] for path, score in zip(chunk, scores, strict=True)]
+            if threshold is not None:
+                for row, score in zip(rows, scores, strict=True):
+                    row.append("anomalous" if score >= threshold else "normal")
+            yield chunk, maps, rows
             bar.update(len(chunk))
 
 
+def _with_heatmaps(chunks, paths, folder: Path, threshold, source):
+    """Pass the chunks on after writing their pictures, named by ``picture_names``.
+
+    The pictures share one colour scale, from the median to the maximum of the first
+    chunk's maps.
+    """
+    names = iter(picture_names(paths))
+    scale = None
+    for chunk, maps, rows in chunks:
+        scale = scale or (float(np.median(maps)), float(maps.max()))
+        save_heatmaps(
+            chunk,
+            maps,
+            folder,
+            threshold=threshold,
+            threshold_source=source,
+            names=[next(names) for _ in chunk],
+            vmin=scale[0],
+            vmax=scale[1],
+        )
+        yield chunk, maps, rows
+
+
+def _write_csv(open_file, header: list[str], chunks) -> None:
+    """Write the rows of the chunks; the file is opened and the header written once the
+    first chunk is scored, so an error in it leaves no half-written CSV."""
+    writer = None
+    for _, _, rows in chunks:
+        if writer is None:
+            writer = csv.writer(open_file(), lineterminator="\n")
+            writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _calibrate(args: argparse.Namespace, progress: bool) -> None:
+    pipeline, _, _ = _scoring_model(_load_model(Path(args.model)))
+    if args.device is not None:
+        _set_device(pipeline, args.device)
+    good, bad = _image_files(args.good), _image_files(args.bad)
+    if args.masks is None:
+        level, truth = "image", np.repeat([0, 1], [len(good), len(bad)])
+    else:
+        level, truth = "pixel", _calibration_masks(good, bad, args)
+    calibrator = F1ThresholdCalibrator(pipeline, level=level).fit(good + bad, truth)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(calibrator, output)
+    unit = "images" if level == "image" else "pixels"
+    print(
+        f"threshold {calibrator.threshold_:.6g} ({level} level; anomalous when the score is "
+        f">= it)\nF1 {calibrator.best_score_:.3f}, precision {calibrator.precision_:.3f}, "
+        f"recall {calibrator.recall_:.3f} on the {unit} of {len(good)} good and {len(bad)} "
+        "bad images (measured on the images that chose the threshold)"
+    )
+    _info(args, f"Wrote {output}; score with: sk-padim score {output} <images>")
+
+
+def _calibration_masks(good: list[str], bad: list[str], args: argparse.Namespace) -> np.ndarray:
+    """Pixel masks of the good (all False) and bad images, one array."""
+    bad_masks = load_masks(bad, args.masks, mask_suffix=args.mask_suffix)
+    if isinstance(bad_masks, list):
+        raise ValueError(
+            "The --bad images differ in size; pixel calibration from the command line needs "
+            "images of one size. Leave out --masks to calibrate per image."
+        )
+    good_masks = np.zeros((len(good), *bad_masks.shape[1:]), dtype=bool)
+    return np.concatenate([good_masks, bad_masks])
+
+
 def _evaluate(args: argparse.Namespace, progress: bool) -> None:
-    root = Path(args.root)
-    names = args.categories or _mvtec_categories(root)
-    for name in names:  # find a missing folder now, not after fitting the others
-        load_mvtec_ad(root, name, return_X_y=True)
-        load_mvtec_ad(root, name, split="test", return_X_y=True)
+    root, found = _mvtec_categories(Path(args.root))
+    names = _evaluable(args, root, args.categories or found, explicit=bool(args.categories))
     if args.n_heatmaps:
-        _pyplot("sk-padim evaluate --n-heatmaps")
+        check_matplotlib("sk-padim evaluate --n-heatmaps")
     results = evaluate(
         _pipeline(args, progress),
         names,
-        lambda name: Category.from_mvtec(root, name),
+        lambda name: Category.from_mvtec(root, name, mask_suffix=args.mask_suffix),
         output=args.output,
         n_heatmaps=args.n_heatmaps,
         progress=progress,
@@ -414,9 +563,31 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> None:
     _info(args, _written(Path(args.output), args.n_heatmaps))
 
 
+def _evaluable(args: argparse.Namespace, root: Path, names, explicit: bool) -> list[str]:
+    """The categories that can be evaluated, checked before the first fit.
+
+    A category the user named must be complete; one found by the scan is skipped with a
+    warning if its images or masks are missing.
+    """
+    usable = []
+    for name in names:
+        try:
+            load_mvtec_ad(root, name, return_X_y=True)
+            load_mvtec_ad(root, name, split="test", mask_suffix=args.mask_suffix)
+        except (OSError, ValueError) as error:
+            if explicit:
+                raise
+            _warn(args, f"skipping category {name}: {_one_line(error)}")
+        else:
+            usable.append(name)
+    if not usable:
+        raise FileNotFoundError(f"No category under {root} can be evaluated (see the warnings).")
+    return usable
+
+
 def _demo(args: argparse.Namespace, progress: bool) -> None:
     if args.n_heatmaps:
-        _pyplot("sk-padim demo (pass --n-heatmaps 0 to skip the pictures)")
+        check_matplotlib("sk-padim demo (pass --n-heatmaps 0 to skip the pictures)")
     print(
         f"PaDiM with {DEMO_BACKBONE} (ImageNet weights, offline) on the built-in defect "
         f"textures, {args.image_size} x {args.image_size} px: fit on normal images, "
@@ -458,40 +629,34 @@ def _pipeline(args: argparse.Namespace, progress: bool) -> Pipeline:
 def _training_images(folder: Path) -> tuple[list[str], Path]:
     """The images of a folder, or of ``train/good`` in an MVTec AD category folder."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder not found: {folder}. Pass a folder of normal images.")
-    if (folder / "train" / "good").is_dir():
-        images, _ = load_mvtec_ad(folder.parent, folder.name, return_X_y=True)
+        raise FileNotFoundError(
+            f"Folder not found: {folder}. Pass a folder of normal images, or an MVTec AD "
+            "category folder."
+        )
+    root, names = find_mvtec_categories(folder)
+    if root != folder:  # a category folder
+        images, _ = load_mvtec_ad(root, folder.name, return_X_y=True)
         return images, folder / "train" / "good"
-    return _image_paths(folder), folder
+    if names:
+        raise ValueError(
+            f"{folder} holds the categories {', '.join(names)}; fit one at a time, e.g. "
+            f"sk-padim fit {folder / names[0]} -o {names[0]}.joblib"
+        )
+    return list_images(folder), folder
 
 
 def _image_files(inputs: Sequence[str]) -> list[str]:
-    """Image files given directly or inside the given folders, in the order given."""
+    """Image files given directly or inside the given folders (sub-folders included), in
+    the order given; the paths keep the form they were given in."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += _image_paths(item)
+            paths += list_images(item, recursive=True)
         elif item.is_file():
             paths.append(str(item))
         else:
             raise FileNotFoundError(f"No such image file or folder: {item}.")
     return paths
-
-
-def _picture_names(paths: Sequence[str]) -> list[str]:
-    """Picture names: each path relative to the folder that holds all the images, without
-    its suffix, ``/`` replaced by ``_`` (``good/000.png`` -> ``good_000``); a repeated
-    name gets ``-2``, ``-3``, ... appended."""
-    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
-    root = os.path.commonpath(folders)
-    counts: dict[str, int] = {}
-    names = []
-    for path in paths:
-        name = os.path.splitext(os.path.relpath(os.path.abspath(path), root))[0]
-        name = name.replace(os.sep, "_")
-        counts[name] = counts.get(name, 0) + 1
-        names.append(name if counts[name] == 1 else f"{name}-{counts[name]}")
-    return names
 
 
 def _load_model(path: Path):
@@ -507,12 +672,15 @@ def _load_model(path: Path):
     return model
 
 
-def _scoring_model(model) -> tuple[Pipeline, float | None]:
-    """The fitted image pipeline inside a loaded model, and its threshold if calibrated."""
-    threshold = None
+def _scoring_model(model) -> tuple[Pipeline, float | None, str | None]:
+    """The fitted image pipeline inside a loaded model, its threshold and where that came
+    from: a calibrator's F1-optimal one, else the detector's own (None if unset)."""
     if isinstance(model, F1ThresholdCalibrator):
         check_is_fitted(model)
+        source = f"calibrated for best {model.level} F1"
         model, threshold = model.estimator_, model.threshold_
+    else:
+        threshold, source = None, None
     is_image_model = (
         isinstance(model, Pipeline)
         and len(model.steps) > 1
@@ -522,10 +690,12 @@ def _scoring_model(model) -> tuple[Pipeline, float | None]:
         raise TypeError(
             f"The model file holds a {type(model).__name__}, not an image model. Save a "
             "Pipeline of PatchFeatureTransformer and PadimDetector ('sk-padim fit' makes "
-            "one), or an F1ThresholdCalibrator wrapping one."
+            "one), or an F1ThresholdCalibrator wrapping one ('sk-padim calibrate')."
         )
     check_is_fitted(model[-1])
-    return model, threshold
+    if threshold is None and getattr(model[-1], "threshold_", None) is not None:
+        threshold, source = model[-1].threshold_, "the model's own, from its training images"
+    return model, threshold, source
 
 
 def _set_device(pipeline: Pipeline, device: str) -> None:
@@ -534,24 +704,18 @@ def _set_device(pipeline: Pipeline, device: str) -> None:
             step.set_params(device=device)
 
 
-def _score_rows(paths: Sequence[str], scores: np.ndarray, threshold: float | None):
-    for path, score in zip(paths, scores, strict=True):
-        row = [path, float(score)]
-        if threshold is not None:
-            row.append("anomalous" if score >= threshold else "normal")
-        yield row
-
-
-def _mvtec_categories(root: Path) -> list[str]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"Dataset folder not found: {root}.")
-    names = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+def _mvtec_categories(folder: Path) -> tuple[Path, list[str]]:
+    """The dataset root and its categories: ``folder``'s, or ``folder`` itself if it is one."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Dataset folder not found: {folder}.")
+    root, names = find_mvtec_categories(folder)
     if not names:
         raise FileNotFoundError(
-            f"No category in the MVTec AD layout under {root}: expected "
-            f"{root}/<category>/train/good. Pass the dataset's root folder."
+            f"No category in the MVTec AD layout under {folder}: expected "
+            f"{folder}/<category>/train/good. Pass the dataset's root folder or a "
+            "category folder."
         )
-    return names
+    return root, names
 
 
 def _written(output: Path, n_heatmaps: int) -> str:
@@ -562,6 +726,11 @@ def _written(output: Path, n_heatmaps: int) -> str:
 def _info(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr)
+
+
+def _warn(args: argparse.Namespace, message: str) -> None:
+    message = _command_line_spelling(message, args)
+    print(f"sk-padim {args.command}: warning: {message}", file=sys.stderr)
 
 
 def _one_line(error) -> str:

@@ -357,8 +357,8 @@ def _read_mask(path: Path, shape: tuple[int, int], image: str, mask_suffix: str)
     if not path.is_file():
         raise FileNotFoundError(
             f"Ground-truth mask not found: {path}, the mask of {image} (masks are named "
-            f"<image name>{mask_suffix}). Give the suffix your dataset's masks have "
-            "(mask_suffix=, or --mask-suffix on the command line)."
+            f"<image name>{mask_suffix}). If your dataset's masks are named otherwise, pass "
+            "mask_suffix='<their suffix>'."
         )
     with Image.open(path) as image:
         mask = np.asarray(image.convert("L")) > 0

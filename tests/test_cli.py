@@ -1,6 +1,7 @@
 """The sk-padim command: end to end in subprocesses, errors and options in-process."""
 
 import csv
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -10,12 +11,18 @@ import joblib
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 from sklearn.pipeline import Pipeline
 
-from sk_padim import F1ThresholdCalibrator, load_mvtec_ad, make_defect_textures, write_mvtec_layout
+from sk_padim import (
+    F1ThresholdCalibrator,
+    f1_optimal_threshold,
+    load_mvtec_ad,
+    make_defect_textures,
+    write_mvtec_layout,
+)
 from sk_padim.cli import main
-from sk_padim.demo import padim_pipeline
+from sk_padim.evaluation import padim_pipeline
 
 SIZE = 48
 MODEL_ARGS = ["--image-size", str(SIZE), "--n-features", "16", "--random-state", "0"]
@@ -101,15 +108,55 @@ def test_score_writes_one_row_per_image_with_the_models_scores(fitted, tree, tmp
     assert pictures == ["good_000.png", "good_001.png", "hole_000.png"]
 
 
-def test_score_without_output_prints_the_csv(fitted, tree, capsys):
+def test_score_without_output_prints_the_csv_labelled_with_the_models_threshold(
+    fitted, tree, capsys
+):
     model_path, _ = fitted
     folder = tree / "brick" / "test" / "scratch"
     assert main(["score", str(model_path), str(folder)]) == 0
     out, err = capsys.readouterr()
     rows = read_csv(out)
-    assert [row["image"] for row in rows] == sorted(map(str, folder.glob("*.png")))
-    assert set(rows[0]) == {"image", "score"}  # no threshold, no label
+    paths = sorted(map(str, folder.glob("*.png")))
+    assert [row["image"] for row in rows] == paths
+    model = joblib.load(model_path)
+    threshold = model[-1].threshold_
+    expected = model.decision_function(paths)
+    assert [row["label"] for row in rows] == [
+        "anomalous" if score >= threshold else "normal" for score in expected
+    ]
     assert err == ""
+
+
+def test_score_searches_the_sub_folders_of_an_mvtec_test_folder(fitted, tree):
+    model_path, _ = fitted
+    # Run from the dataset's root with a relative path: the CSV keeps paths relative.
+    process = run_cli("score", model_path, Path("brick") / "test", "-q", cwd=tree)
+    assert process.returncode == 0, process.stderr
+    rows = read_csv(process.stdout)
+    expected = sorted(
+        path.relative_to(tree).as_posix() for path in (tree / "brick" / "test").rglob("*.png")
+    )
+    assert [row["image"] for row in rows] == expected
+    assert {Path(row["image"]).parent.name for row in rows} == {
+        "good",
+        "hole",
+        "patch",
+        "scratch",
+        "stain",
+    }
+    for row in rows:  # 6 significant digits
+        assert row["score"] == f"{float(row['score']):.6g}"
+
+
+def test_no_csv_is_started_when_nothing_could_be_scored(fitted, tmp_path, capsys):
+    model_path, _ = fitted
+    broken = tmp_path / "images" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a png")
+    assert main(["score", str(model_path), str(broken.parent)]) == 1
+    assert capsys.readouterr().out == ""  # no header without a row
+    assert main(["score", str(model_path), str(broken), "-o", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out" / "scores.csv").exists()
 
 
 def test_score_labels_with_a_calibrated_models_threshold(fitted, tree, tmp_path, capsys):
@@ -149,6 +196,108 @@ def test_evaluate_prints_and_writes_a_row_per_category(tree, resnet18_weights, t
             roc_auc_score(test.masks.ravel(), maps.ravel()), abs=1e-6
         )
         assert 0 <= float(row["aupro"]) <= 1 and float(row["fit_seconds"]) > 0
+
+
+def test_evaluate_skips_a_found_category_it_cannot_evaluate(tree, tmp_path):
+    """A sibling whose masks are named otherwise is skipped with a warning naming the fix;
+    named explicitly with the right --mask-suffix, it is evaluated."""
+    root = tmp_path / "data"
+    shutil.copytree(tree, root)
+    for mask in (root / "grass" / "ground_truth").rglob("*_mask.png"):
+        mask.rename(mask.with_name(mask.name.replace("_mask", "")))
+    out = tmp_path / "results"
+    args = ["evaluate", root, "-o", out, "--weights", "none", *MODEL_ARGS]
+    process = run_cli(*args, cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    assert [row["category"] for row in read_csv(out / "results.csv")] == ["brick"]
+    (warning,) = [line for line in process.stderr.splitlines() if "warning" in line]
+    assert warning.startswith("sk-padim evaluate: warning: skipping category grass: ")
+    assert "--mask-suffix <their suffix>" in warning
+
+    args = [*args, "--categories", "grass", "--mask-suffix", ".png"]
+    assert main(list(map(str, args))) == 0
+    assert [row["category"] for row in read_csv(out / "results.csv")] == ["grass"]
+
+
+def test_evaluate_and_fit_take_a_category_folder_and_a_root(tree, tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["--weights", "none", "-q", *MODEL_ARGS]
+    assert main(["evaluate", str(tree / "grass"), "-o", str(out), *args]) == 0
+    assert [row["category"] for row in read_csv(out / "results.csv")] == ["grass"]
+    capsys.readouterr()
+    # fit takes a category; given the root, it names the categories to choose from.
+    assert main(["fit", str(tree), "-o", str(tmp_path / "m.joblib"), *args]) == 1
+    err = capsys.readouterr().err
+    assert "holds the categories brick, grass; fit one at a time" in err
+
+
+def test_calibrate_picks_the_f1_optimal_image_threshold(fitted, tree, tmp_path, capsys):
+    model_path, _ = fitted
+    test = tree / "brick" / "test"
+    bad = [test / kind for kind in ("hole", "patch", "scratch", "stain")]
+    output = tmp_path / "calibrated.joblib"
+    argv = ["calibrate", model_path, "--good", test / "good", "--bad", *bad, "-o", output]
+    assert main(list(map(str, argv))) == 0
+    out = capsys.readouterr().out
+
+    # The same threshold from scikit-learn's precision-recall curve on the same images.
+    good = sorted(map(str, (test / "good").glob("*.png")))
+    defective = [str(p) for folder in bad for p in sorted(folder.glob("*.png"))]
+    labels = np.repeat([0, 1], [len(good), len(defective)])
+    scores = joblib.load(model_path).decision_function(good + defective)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = np.argmax(f1[:-1])
+    calibrator = joblib.load(output)
+    assert calibrator.level == "image"
+    assert calibrator.threshold_ == pytest.approx(thresholds[best])
+    assert calibrator.threshold_ == f1_optimal_threshold(labels, scores)
+    assert out.splitlines()[0].startswith(f"threshold {thresholds[best]:.6g} (image level")
+    assert f"F1 {f1[best]:.3f}, precision {precision[best]:.3f}, recall {recall[best]:.3f}" in out
+
+    # score then labels with that threshold by default.
+    assert main(["score", str(output), *good, *defective]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    assert [row["label"] for row in rows] == [
+        "anomalous" if s >= thresholds[best] else "normal" for s in scores
+    ]
+
+
+def test_calibrate_with_masks_picks_the_f1_optimal_pixel_threshold(fitted, tree, tmp_path):
+    model_path, _ = fitted
+    test = load_mvtec_ad(tree, "brick", split="test")
+    good = [
+        path for path, kind in zip(test.images, test.defect_types, strict=True) if kind == "good"
+    ]
+    output = tmp_path / "calibrated.joblib"
+    argv = [
+        "calibrate",
+        model_path,
+        "--good",
+        *good,
+        "--bad",
+        *[tree / "brick" / "test" / kind for kind in ("hole", "patch", "scratch", "stain")],
+        "--masks",
+        tree / "brick" / "ground_truth",
+        "-o",
+        output,
+        "-q",
+    ]
+    assert main(list(map(str, argv))) == 0
+    maps = joblib.load(model_path).score_samples(test.images)
+    calibrator = joblib.load(output)
+    assert calibrator.level == "pixel"
+    assert calibrator.threshold_ == f1_optimal_threshold(test.masks, maps)
+
+
+def test_cli_errors_name_options_not_python_parameters(tree, tmp_path, capsys):
+    argv = ["fit", str(tree / "brick"), "-o", str(tmp_path / "m.joblib"), "--weights", "none"]
+    assert main([*argv, "--image-size", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "--image-size 8 leaves layer" in err and "image_size" not in err
+    assert main([*argv, "--n-features", "1000", "--image-size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "--n-features 1000 but" in err and "use --n-features <= 448" in err
 
 
 def test_demo_runs_at_small_size(tmp_path):
@@ -216,7 +365,7 @@ def test_error_in_a_subprocess_has_no_traceback(tmp_path):
     assert process.returncode == 1
     assert (
         process.stderr == f"sk-padim fit: error: Folder not found: {tmp_path / 'nowhere'}. "
-        "Pass a folder of normal images.\n"
+        "Pass a folder of normal images, or an MVTec AD category folder.\n"
     )
 
 
@@ -243,7 +392,7 @@ def test_usage_errors_exit_with_2(argv, capsys):
     assert "usage: sk-padim" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["fit"], ["score"], ["evaluate"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["fit"], ["score"], ["calibrate"], ["evaluate"], ["demo"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

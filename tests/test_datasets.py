@@ -315,7 +315,7 @@ def test_loader_names_a_missing_mask(tree):
     expected = f"Ground-truth mask not found: {mask}, the mask of {image}"
     with pytest.raises(FileNotFoundError, match=re.escape(expected)) as error:
         load_mvtec_ad(tree, "widget", split="test")
-    assert "--mask-suffix" in str(error.value)
+    assert "mask_suffix='<their suffix>'" in str(error.value)
 
 
 def test_loader_rejects_a_mask_of_the_wrong_size(tree):
