@@ -444,7 +444,7 @@ def _score(args: argparse.Namespace, progress: bool) -> None:
         check_matplotlib("sk-padim score --heatmaps")
     pipeline, threshold, source = _scoring_model(_load_model(Path(args.model)))
     if args.threshold is not None:
-        threshold, source = args.threshold, "given by --threshold"
+        threshold, source = args.threshold, "given (--threshold)"
     if args.device is not None:
         _set_device(pipeline, args.device)
     paths = _image_files(args.images)
@@ -677,7 +677,7 @@ def _scoring_model(model) -> tuple[Pipeline, float | None, str | None]:
     from: a calibrator's F1-optimal one, else the detector's own (None if unset)."""
     if isinstance(model, F1ThresholdCalibrator):
         check_is_fitted(model)
-        source = f"calibrated for best {model.level} F1"
+        source = f"calibrated, best {model.level} F1"
         model, threshold = model.estimator_, model.threshold_
     else:
         threshold, source = None, None
@@ -694,7 +694,7 @@ def _scoring_model(model) -> tuple[Pipeline, float | None, str | None]:
         )
     check_is_fitted(model[-1])
     if threshold is None and getattr(model[-1], "threshold_", None) is not None:
-        threshold, source = model[-1].threshold_, "the model's own, from its training images"
+        threshold, source = model[-1].threshold_, "the model's own"
     return model, threshold, source
 
 

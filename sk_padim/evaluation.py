@@ -363,7 +363,7 @@ def _save_category_heatmaps(
         folder,
         masks=[category.masks_test[i] for i in selected],
         threshold=f1_optimal_threshold(masks, maps),
-        threshold_source="best pixel F1 on these tests",
+        threshold_source="best pixel F1 on tests",
         names=names,
     )
 

@@ -202,8 +202,9 @@ class AnomalyMapDisplay:
     score : float, default=None
         Image anomaly score, shown in the titles.
     threshold_source : str, default=None
-        Where ``threshold`` came from, shown in the verdict, e.g. ``"calibrated for
-        best F1"`` or ``"the detector's threshold_"``.
+        Where ``threshold`` came from, shown in the verdict, e.g. ``"calibrated, best
+        image F1"`` or ``"the model's own"``; short (about 25 characters) to fit the
+        panel. None says ``"given"``.
     vmin, vmax : float, default=None
         Scores mapped to the ends of the colour map; by default the map's median (a
         typical normal pixel) and maximum. The overlay is transparent at ``vmin`` and
@@ -248,10 +249,10 @@ class AnomalyMapDisplay:
     >>> display.ax_[0].get_title()
     'image'
     >>> display = AnomalyMapDisplay.from_predictions(
-    ...     image, anomaly_map, threshold=2.5, score=5.0, threshold_source="given")
+    ...     image, anomaly_map, threshold=2.5, score=5.0, threshold_source="the model's own")
     >>> print(display.ax_[0].get_title())
     FLAGGED: score 5 >= 2.5
-    threshold 2.5: given
+    threshold: the model's own
     """
 
     def __init__(
@@ -340,11 +341,9 @@ class AnomalyMapDisplay:
             if flagged
             else f"normal: score {self.score:.4g} < {self.threshold:.4g}"
         )
-        source = f"threshold {self.threshold:.4g}" + (
-            f": {self.threshold_source}" if self.threshold_source else ""
-        )
+        source = f"threshold: {self.threshold_source or 'given'}"
         color = _FLAGGED_COLOR if flagged else "black"
-        axes.set_title(f"{verdict}\n{source}", color=color, fontsize="medium")
+        axes.set_title(f"{verdict}\n{source}", color=color, fontsize=9)
 
     def _plot_heatmap(self, axes, anomaly_map, extent, cmap, alpha):
         from matplotlib.colors import Normalize

@@ -228,9 +228,7 @@ def test_save_heatmaps_pictures_hold_the_whole_colour_bar(tmp_path, picture, mon
     ("score", "flagged"),
     [(5.0, True), (2.5, True), (2.0, False)],  # equal to the threshold is anomalous
 )
-def test_image_panel_states_the_verdict_and_where_the_threshold_came_from(
-    picture, score, flagged
-):
+def test_image_panel_states_the_verdict_and_where_the_threshold_came_from(picture, score, flagged):
     image, anomaly_map, _ = picture
     display = AnomalyMapDisplay.from_predictions(
         image, anomaly_map, threshold=2.5, score=score, threshold_source="given"
@@ -238,7 +236,7 @@ def test_image_panel_states_the_verdict_and_where_the_threshold_came_from(
     verdict, source = display.ax_[0].get_title().splitlines()
     word, sign = ("FLAGGED", ">=") if flagged else ("normal", "<")
     assert verdict == f"{word}: score {score:g} {sign} 2.5"
-    assert source == "threshold 2.5: given"
+    assert source == "threshold: given"
     red = matplotlib.colors.to_rgb(display.ax_[0].title.get_color())[0] > 0.5
     assert red == flagged
 
