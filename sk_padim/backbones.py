@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -175,55 +178,92 @@ class _StopForward(Exception):
     """Raised by a hook once every requested layer has produced its output."""
 
 
-class TruncatedBackbone(nn.Module):
-    """Run a model only until all requested layers have produced their outputs.
+class _LayerHook:
+    """Forward hook keeping a layer's output in the calling thread's record."""
 
-    Forward hooks collect the layer outputs and stop the forward pass after the last of
-    them, so nothing past the deepest requested layer runs. Modules that the probe pass
-    showed are never reached are replaced by ``nn.Identity`` to free their memory.
+    def __init__(self, owner: TruncatedBackbone, name: str):
+        self.owner = owner
+        self.name = name
+
+    def __call__(self, module, args, output):
+        record = self.owner.thread_record()
+        record.setdefault(self.name, output)
+        if len(record) == len(self.owner.layers):
+            raise _StopForward
+
+
+class TruncatedBackbone(nn.Module):
+    """A model run only until all requested layers have produced their outputs.
+
+    Where ``torch.fx`` can trace the model, it becomes a graph module returning the
+    requested layers' outputs (torchvision's ``create_feature_extractor``): nothing past
+    the deepest layer is kept or run, the forward pass has no side effects (any number of
+    threads may share the module), and ``torch.onnx`` exports it. For a model that does
+    not trace, forward hooks registered once collect the outputs into a per-thread
+    record and stop the pass after the last one; modules a probe pass never reaches are
+    replaced by ``nn.Identity``. Either way the state dict keys are the model's own
+    (prefixed ``model.``).
 
     Parameters
     ----------
     model : nn.Module
-        The full model (modified in place by the pruning).
+        The full model in eval mode (the hook route modifies it in place).
     layers : tuple of str
         Names of submodules (``model.named_modules()``) whose outputs are returned.
     probe : Tensor of shape (1, 3, H, W)
-        An input used once to find the modules that run.
+        An input used once, by the hook route, to find the modules that run.
+
+    Attributes
+    ----------
+    traced : bool
+        Whether the model was traced.
     """
 
     def __init__(self, model: nn.Module, layers: tuple[str, ...], probe: torch.Tensor):
         super().__init__()
-        self.model = model
         self.layers = tuple(layers)
-        self._prune_unreached(probe)
+        self.model = _traced(model, self.layers)
+        self.traced = self.model is not None
+        if not self.traced:
+            self.model = model
+            self._records = threading.local()
+            for name in self.layers:
+                model.get_submodule(name).register_forward_hook(_LayerHook(self, name))
+            self._prune_unreached(probe)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outputs: dict[str, torch.Tensor] = {}
-
-        def make_hook(name):
-            def hook(module, args, output):
-                outputs.setdefault(name, output)
-                if len(outputs) == len(self.layers):
-                    raise _StopForward
-
-            return hook
-
-        handles = [
-            self.model.get_submodule(name).register_forward_hook(make_hook(name))
-            for name in self.layers
-        ]
+        if self.traced:
+            outputs = self.model(x)
+            return [outputs[name] for name in self.layers]
+        record = self.thread_record()
+        record.clear()
         try:
             self.model(x)
         except _StopForward:
             pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [name for name in self.layers if name not in outputs]
+        outputs = [record.get(name) for name in self.layers]
+        record.clear()
+        missing = [name for name, out in zip(self.layers, outputs, strict=True) if out is None]
         if missing:
             raise ValueError(f"Layers {missing} never ran in the model's forward pass.")
-        return [outputs[name] for name in self.layers]
+        return outputs
+
+    def thread_record(self) -> dict[str, torch.Tensor]:
+        """The layer outputs of the calling thread's current pass (hook route)."""
+        records = self._records
+        if not hasattr(records, "outputs"):
+            records.outputs = {}
+        return records.outputs
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_records", None)  # thread-local storage does not pickle
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not self.traced:
+            self._records = threading.local()
 
     def _prune_unreached(self, probe: torch.Tensor) -> None:
         reached: set[str] = set()
@@ -248,6 +288,21 @@ class TruncatedBackbone(nn.Module):
                 parent = self.model.get_submodule(parent_name)
                 if child in parent._modules:
                     parent._modules[child] = nn.Identity()
+
+
+def _traced(model: nn.Module, layers: tuple[str, ...]) -> nn.Module | None:
+    """A plain ``torch.fx`` graph module returning ``{layer: output}``, or None.
+
+    torchvision's dual train/eval graph module does not survive ``copy.deepcopy`` (the
+    copy runs the train graph), so its eval graph is rebuilt as a plain graph module.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's note on train/eval node differences
+        try:
+            dual = create_feature_extractor(model, return_nodes={name: name for name in layers})
+        except Exception:  # any tracing failure means: use hooks
+            return None
+    return torch.fx.GraphModule(dual, dual.graph, class_name="TruncatedGraph").eval()
 
 
 def fold_batch_norms(model: nn.Module, keep: tuple[str, ...] = ()) -> int:

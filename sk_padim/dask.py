@@ -118,7 +118,7 @@ def fit_distributed(
     partition_size = _check_count(partition_size, "partition_size", minimum=1)
     retries = _check_count(retries, "retries", minimum=0)
     _check_client(client)
-    detector._validate_params()
+    detector.check_params()
 
     fitted_feat = clone(feat).fit()
     # Partials keep float32 covariances whatever the final storage, so that a float16
@@ -172,9 +172,7 @@ def fit_distributed(
     if detector.covariance_dtype == template.covariance_dtype:
         final = model  # merge() kept the template's parameters, which are the user's
     else:
-        final = clone(detector)
-        final._store(model._statistics(), model.feature_shape_)
-        final._set_threshold_without_scores()
+        final = clone(detector).set_statistics(model.statistics(), model.feature_shape_)
     pipeline.steps[0] = (feat_name, fitted_feat)
     pipeline.steps[1] = (detector_name, final)
     return pipeline

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn import get_config
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context, clone
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sk_padim._checks import image_labels
-from sk_padim.devices import resolve_device
-from sk_padim.gaussian import GaussianStatistics, pack_lower, unpack_lower, whitening_factor
-from sk_padim.mahalanobis import mahalanobis
-from sk_padim.postprocess import anomaly_maps
+from sk_padim.devices import PerDeviceCache, as_tensor, resolve_device
+from sk_padim.gaussian import (
+    GaussianStatistics,
+    factorise_statistics,
+    held_out_distances,
+    pack_lower,
+    unpack_lower,
+    whitening_factor,
+)
+from sk_padim.mahalanobis import PatchGaussians, positions_per_chunk
+from sk_padim.model import PatchScorer
+from sk_padim.postprocess import AnomalyMapGenerator
 from sk_padim.versioning import VersionedPickleMixin
+
+_FITTED = (
+    "n_samples_seen_",
+    "n_features_in_",
+    "feature_shape_",
+    "mean_",
+    "packed_covariance_",
+    "packed_factor_",
+    "factor_reg_",
+    "threshold_",
+)
 
 
 class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
@@ -25,10 +44,17 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     Fitting accumulates, per position, the count, mean and scatter of the training
     feature vectors in a streaming, mergeable form (memory independent of the number of
-    images); the covariance is ``scatter / (N - 1) + reg * I``. Scoring computes at each
+    images); the covariance is ``scatter / (N - 1) + reg * I``, factorised at the end of
+    :meth:`fit` (and lazily, at the first scoring, after :meth:`partial_fit`,
+    :meth:`fit_batches` or :meth:`merge`). Scoring computes at each
     position the Mahalanobis distance (the square root) to that position's Gaussian,
     upsamples the grid bilinearly to ``map_size`` and smooths it with a Gaussian of
     ``sigma``; the image score is the maximum of the map.
+
+    Features may be NumPy arrays, torch tensors (on any device) or the
+    :class:`~sk_padim.devices.DeviceFeatures` a GPU transformer returns; results are
+    tensors (on the input's device) for tensor input, NumPy arrays otherwise. Scoring
+    is re-entrant: any number of threads may score one fitted detector.
 
     **Sign convention**: both :meth:`score_samples` and :meth:`decision_function` are
     *higher for more anomalous* inputs, as in PaDiM, anomalib and PyOD. This is the
@@ -50,13 +76,15 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         the transformer's ``image_size`` for layers whose first one has stride 4 (the
         default layers of every registered backbone).
     threshold : float or None, default=None
-        Image score above which :meth:`predict` says anomalous. ``None``: :meth:`fit`
-        sets ``threshold_`` to the highest score of a training image under a model
-        fitted without it (two-fold cross-fitting on alternate images; it needs two
-        images or more), so that normal images like the training ones are rarely
-        flagged. The half-size models score a little high, which errs towards fewer
-        false alarms. :meth:`partial_fit` and :meth:`merge` do not score training images
-        and leave it unset. For a threshold tuned on labelled data, use
+        Image score from which (``>=``) :meth:`predict` says anomalous. ``None``:
+        :meth:`fit` sets ``threshold_`` to the highest score of a training image under
+        the model fitted without that image (leave-one-out; it needs two images or
+        more), so that normal images like the training ones are rarely flagged. The
+        held-out Gaussians are exact rank-one downdates of the fitted ones, so this
+        costs one scoring pass over the training features, not a refit (see
+        :func:`sk_padim.gaussian.held_out_distances`). :meth:`partial_fit`,
+        :meth:`fit_batches` and :meth:`merge` do not score training images and leave it
+        unset. For a threshold tuned on labelled data, use
         :class:`sk_padim.F1ThresholdCalibrator`.
     covariance_dtype : {"float32", "float16"}, default="float32"
         How the fitted Gaussians are stored. ``"float32"``: the covariances
@@ -72,7 +100,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Images per step when fitting and scoring.
     device : str or torch.device, default="auto"
         Where fitting and scoring run; ``"auto"`` uses CUDA when available. Fitted
-        statistics are stored as NumPy arrays, so models load on any machine.
+        statistics are stored as NumPy arrays, so models load on any machine. Features
+        given as torch tensors (on any device) are moved there batch by batch.
 
     Attributes
     ----------
@@ -150,7 +179,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n, d, h, w)
+        X : array-like or Tensor of shape (n, d, h, w)
             Features of normal images, e.g. from :class:`PatchFeatureTransformer`.
         y : array-like of shape (n,) or (n, H, W), default=None
             Optional image labels (1 = anomalous) or pixel masks. When given, only the
@@ -164,16 +193,17 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self._explicit_map_size()
         features = self._check_features(X)
         if y is not None:
-            features = features[_normal_rows(y, len(features))]
-        # Fit a copy and adopt its state at the end, so that an error or an interrupt
-        # (while fitting or while scoring for the threshold) changes nothing.
-        model = clone(self)
-        model._fit_batches([features])
-        if self.threshold is not None:
-            model.threshold_ = float(self.threshold)
-        elif len(features) >= 2:
-            model.threshold_ = model._cross_fitted_threshold(features)
-        self._adopt_fitted_state(model)
+            features = features[torch.as_tensor(_normal_rows(y, len(features)))]
+        device = resolve_device(self.device)
+        stats, shape = self._accumulate([features], None, device)
+        # Everything is computed before any attribute changes, so that an error or an
+        # interrupt leaves the detector as it was.
+        fitted, gaussians = self._factorised(stats, shape)
+        threshold = self.threshold
+        if threshold is None and len(features) >= 2:
+            scorer = PatchScorer(gaussians, self._map_generator(shape, device))
+            threshold = _held_out_threshold(scorer, self._batches(features, device), stats.count)
+        self._adopt(fitted, threshold, gaussians)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -189,7 +219,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n, d, h, w)
+        X : array-like or Tensor of shape (n, d, h, w)
             Features of normal images.
         y : ignored
 
@@ -197,10 +227,43 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         self : PadimDetector
         """
-        self._validate_params()  # scikit-learn skips it once fitted; set_params may have run
-        first_call = not hasattr(self, "n_samples_seen_")
-        self._fit_batches([X], None if first_call else self._statistics())
-        self._set_threshold_without_scores()
+        self.check_params()  # scikit-learn skips it once fitted; set_params may have run
+        previous = self.statistics() if hasattr(self, "n_samples_seen_") else None
+        self._fit_lazily([X], previous)
+        return self
+
+    def fit_batches(self, batches: Iterable) -> PadimDetector:
+        """Fit on feature batches given one at a time, e.g. chunks of a large image set.
+
+        Equal to :meth:`fit` on the concatenation of the batches, except that the
+        training images are not scored, so ``threshold_`` is set only from an explicit
+        ``threshold`` and the factorisation waits for the first scoring. Only one batch
+        is in memory at a time. Nothing changes unless every batch is valid.
+
+        Parameters
+        ----------
+        batches : iterable of array-like or Tensor of shape (n_i, d, h, w)
+
+        Returns
+        -------
+        self : PadimDetector
+        """
+        self.check_params()
+        self._fit_lazily(batches, None)
+        return self
+
+    def check_params(self) -> PadimDetector:
+        """Validate the parameters now (:meth:`fit` does it itself).
+
+        For code that fits in pieces (streaming, Dask), so that a bad parameter fails
+        before any work.
+
+        Returns
+        -------
+        self : PadimDetector
+        """
+        self._validate_params()
+        self._explicit_map_size()
         return self
 
     def merge(self, other: PadimDetector) -> PadimDetector:
@@ -238,139 +301,20 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                     f"Cannot merge detectors with different {name}: {getattr(self, name)!r} "
                     f"and {getattr(other, name)!r}."
                 )
-        merged = clone(self)
-        stats = self._statistics().merge(other._statistics())
-        merged._store(stats, self.feature_shape_)
-        merged._set_threshold_without_scores()
+        merged = type(self)(**self.get_params())
+        merged.set_statistics(self.statistics().merge(other.statistics()), self.feature_shape_)
         return merged
 
-    def score_samples(self, X) -> np.ndarray:
-        """Pixel anomaly maps; higher means more anomalous.
+    def statistics(self) -> GaussianStatistics:
+        """The fitted statistics (count, mean, scatter) as tensors on the detector's device.
 
-        Parameters
-        ----------
-        X : array-like of shape (n, d, h, w)
-            Features of the images to score.
+        A new object each call: update or merge it freely, then :meth:`set_statistics`.
 
         Returns
         -------
-        maps : ndarray of shape (n, H, W), float32
-            ``(H, W)`` is ``map_size``.
-        """
-        features = self._check_features(X, self._fitted_shape())
-        maps = np.empty((len(features), *self._map_size()), dtype=np.float32)
-        start = 0
-        for batch_maps in self._iter_maps(features):
-            maps[start : start + len(batch_maps)] = batch_maps.cpu().numpy()
-            start += len(batch_maps)
-        return maps
-
-    def decision_function(self, X) -> np.ndarray:
-        """Image anomaly scores, the maximum of each map; higher means more anomalous.
-
-        Parameters
-        ----------
-        X : array-like of shape (n, d, h, w)
-            Features of the images to score.
-
-        Returns
-        -------
-        scores : ndarray of shape (n,), float32
-        """
-        features = self._check_features(X, self._fitted_shape())
-        scores = [batch_maps.amax(dim=(1, 2)).cpu() for batch_maps in self._iter_maps(features)]
-        return torch.cat(scores).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        """Label images: +1 normal, -1 anomalous (image score above ``threshold_``).
-
-        Parameters
-        ----------
-        X : array-like of shape (n, d, h, w)
-
-        Returns
-        -------
-        labels : ndarray of shape (n,), int
+        stats : sk_padim.gaussian.GaussianStatistics
         """
         check_is_fitted(self)
-        if not hasattr(self, "threshold_"):
-            raise NotFittedError(
-                "threshold_ is not set: partial_fit does not score the training images. "
-                "Set threshold=<float>, call fit, or calibrate with F1ThresholdCalibrator."
-            )
-        return np.where(self.decision_function(X) > self.threshold_, -1, 1)
-
-    def _cross_fitted_threshold(self, features: np.ndarray) -> float:
-        """Highest score of a training image under a model fitted without it.
-
-        Two-fold cross-fitting on alternate images: scores of the training images under
-        the model fitted on all of them are far too low (with fewer images than ``d``,
-        each one lies almost in its own Gaussian's support), so they would flag every
-        new image.
-        """
-        halves = (features[0::2], features[1::2])
-        held_out = []
-        for fit_half, score_half in (halves, halves[::-1]):
-            half_model = clone(self).set_params(threshold=0.0)
-            half_model._fit_batches([fit_half])
-            held_out.append(half_model.decision_function(score_half))
-        return float(np.concatenate(held_out).max())
-
-    def _adopt_fitted_state(self, model: PadimDetector) -> None:
-        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("__")]:
-            delattr(self, name)
-        for name, value in vars(model).items():
-            if name.endswith("_") or name == "_scoring_cache":
-                setattr(self, name, value)
-
-    def _set_threshold_without_scores(self) -> None:
-        """``threshold_`` from the parameter alone, when training scores are unavailable."""
-        if self.threshold is not None:
-            self.threshold_ = float(self.threshold)
-        elif hasattr(self, "threshold_"):
-            del self.threshold_
-
-    def _fit_batches(self, feature_batches, previous: GaussianStatistics | None = None):
-        """Fold feature arrays into ``previous`` (or fresh) statistics, then store them.
-
-        Nothing is stored unless every batch is valid, so a failure or an interruption
-        leaves the detector as it was.
-        """
-        stats, shape = self._accumulate_all(feature_batches, previous)
-        if stats is None:
-            raise ValueError("No feature batches to fit on; pass at least one.")
-        if not _all_finite(stats.scatter):
-            raise FloatingPointError(
-                "The features are too large for float32 statistics (their squares "
-                "overflow); scale them down, e.g. by a constant factor."
-            )
-        self._store(stats, shape)
-
-    def _accumulate_all(self, feature_batches, stats: GaussianStatistics | None):
-        """Statistics and feature shape after folding in every batch.
-
-        A function of its own so that the last batch is released on return, before the
-        statistics are packed (their peak memory).
-        """
-        shape = None if stats is None else self.feature_shape_
-        for X in feature_batches:
-            features = self._check_features(X, shape)
-            shape = features.shape[1:]
-            stats = self._accumulate(features, stats)
-        return stats, shape
-
-    def _accumulate(self, features: np.ndarray, stats: GaussianStatistics | None):
-        d, h, w = features.shape[1:]
-        if stats is None:
-            stats = GaussianStatistics.empty(h * w, d, resolve_device(self.device))
-        chunk = _chunk_positions(stats.mean.device, self.batch_size + 1, d)
-        for start in range(0, len(features), self.batch_size):
-            batch = _finite_batch(features[start : start + self.batch_size], stats.mean.device)
-            stats.update(batch, chunk)
-        return stats
-
-    def _statistics(self) -> GaussianStatistics:
-        """The fitted statistics as tensors on the estimator's device."""
         if not hasattr(self, "packed_covariance_"):
             raise ValueError(
                 "This detector stores float16 whitening factors (covariance_dtype="
@@ -384,65 +328,255 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             torch.tensor(self.packed_covariance_, device=device),
         )
 
-    def _store(self, stats: GaussianStatistics, feature_shape) -> None:
-        """Set the fitted attributes from the statistics (consumed).
+    def set_statistics(self, stats: GaussianStatistics, feature_shape) -> PadimDetector:
+        """Make these statistics the fitted model (they are consumed).
 
-        With float32 storage the whitening factor is computed lazily, at the first
-        scoring, so that partial fits and merges that are never scored (shards of a
-        distributed fit) skip it; float16 storage keeps the factor itself.
+        The factorisation waits for the first scoring, and ``threshold_`` is set only
+        from an explicit ``threshold``, as after :meth:`partial_fit`.
+
+        Parameters
+        ----------
+        stats : sk_padim.gaussian.GaussianStatistics
+            E.g. from :meth:`statistics` of fitted detectors, merged.
+        feature_shape : tuple of int
+            ``(d, h, w)`` of the features the statistics are of.
+
+        Returns
+        -------
+        self : PadimDetector
         """
-        packed = stats.consume_packed()
-        for name in ("packed_covariance_", "packed_factor_", "factor_reg_"):
-            vars(self).pop(name, None)  # a model saved with float16 covariances has both
-        self.n_samples_seen_ = stats.count
-        self.n_features_in_ = int(feature_shape[0])
-        self.feature_shape_ = tuple(int(s) for s in feature_shape)
-        self.mean_ = stats.mean.cpu().numpy()
-        self._scoring_cache = None
+        self.check_params()
+        d, h, w = (int(size) for size in feature_shape)
+        if tuple(stats.mean.shape) != (h * w, d):
+            raise ValueError(
+                f"Statistics of {tuple(stats.mean.shape)} (positions, features) do not fit "
+                f"feature_shape={tuple(feature_shape)}."
+            )
+        if not _all_finite(stats.scatter):
+            raise FloatingPointError(
+                "The features are too large for float32 statistics (their squares "
+                "overflow); scale them down, e.g. by a constant factor."
+            )
+        if self.covariance_dtype == "float16":
+            fitted, gaussians = self._factorised(stats, (d, h, w))
+        else:
+            fitted, gaussians = _fitted_attributes(stats, (d, h, w)), None
+            fitted["packed_covariance_"] = stats.consume_packed().cpu().numpy()
+        self._adopt(fitted, self.threshold, gaussians)
+        return self
+
+    def score_samples(self, X) -> np.ndarray | torch.Tensor:
+        """Pixel anomaly maps; higher means more anomalous.
+
+        Parameters
+        ----------
+        X : array-like, Tensor or DeviceFeatures of shape (n, d, h, w)
+            Features of the images to score.
+
+        Returns
+        -------
+        maps : ndarray or Tensor of shape (n, H, W), float32
+            ``(H, W)`` is ``map_size``. A tensor on ``X``'s device when ``X`` is one.
+        """
+        return self.maps_and_scores(X)[0]
+
+    def decision_function(self, X) -> np.ndarray | torch.Tensor:
+        """Image anomaly scores, the maximum of each map; higher means more anomalous.
+
+        Parameters
+        ----------
+        X : array-like, Tensor or DeviceFeatures of shape (n, d, h, w)
+            Features of the images to score.
+
+        Returns
+        -------
+        scores : ndarray or Tensor of shape (n,), float32
+            A tensor on ``X``'s device when ``X`` is one.
+        """
+        return self._score(X, keep_maps=False)[1]
+
+    def maps_and_scores(self, X) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, ...]:
+        """:meth:`score_samples` and :meth:`decision_function` in one pass.
+
+        Parameters
+        ----------
+        X : array-like, Tensor or DeviceFeatures of shape (n, d, h, w)
+            Features of the images to score.
+
+        Returns
+        -------
+        maps : ndarray or Tensor of shape (n, H, W), float32
+        scores : ndarray or Tensor of shape (n,), float32
+        """
+        return self._score(X, keep_maps=True)
+
+    def predict(self, X) -> np.ndarray | torch.Tensor:
+        """Label images: +1 normal, -1 anomalous (image score ``>= threshold_``).
+
+        Parameters
+        ----------
+        X : array-like, Tensor or DeviceFeatures of shape (n, d, h, w)
+
+        Returns
+        -------
+        labels : ndarray or Tensor of shape (n,), int
+        """
+        check_is_fitted(self)
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError(
+                "threshold_ is not set: partial_fit does not score the training images. "
+                "Set threshold=<float>, call fit, or calibrate with F1ThresholdCalibrator."
+            )
+        scores = self.decision_function(X)
+        if isinstance(scores, torch.Tensor):
+            return torch.where(scores >= self.threshold_, -1, 1)
+        return np.where(scores >= self.threshold_, -1, 1)
+
+    def to_module(self, device: str | torch.device | None = None) -> PatchScorer:
+        """The fitted detector as a torch module on ``device``: features -> (maps, scores).
+
+        The Gaussians (mean and whitening factor) are built once per device and ``reg``
+        and shared: the first call after :meth:`partial_fit` factorises the covariances
+        while concurrent callers wait, and later calls return at once. The module
+        follows the current ``sigma``, ``truncate`` and ``map_size``.
+
+        Parameters
+        ----------
+        device : str or torch.device, default=None
+            ``None`` uses the ``device`` parameter.
+
+        Returns
+        -------
+        scorer : sk_padim.model.PatchScorer
+        """
+        shape = self._fitted_shape()
+        self.check_params()  # set_params may have run since fit
+        device = resolve_device(self.device if device is None else device)
+        cache = vars(self).setdefault("_gaussians_by_device", PerDeviceCache())
+        gaussians = cache.get((device, self.reg), lambda: self._gaussians(device))
+        return PatchScorer(gaussians, self._map_generator(shape, device))
+
+    def _score(self, X, keep_maps: bool):
+        features = self._check_features(X, self._fitted_shape())
+        device = resolve_device(self.device)
+        scorer = self.to_module(device)
+        # Tensors in, tensors out (on the input's device); NumPy otherwise.
+        target = X.device if isinstance(X, torch.Tensor) else None
+        out_device = target or torch.device("cpu")
+        scores = torch.empty(len(features), device=out_device)
+        maps = None
+        if keep_maps:
+            maps = torch.empty((len(features), *self._map_size()), device=out_device)
+        start = 0
+        for batch in self._batches(features, device):
+            with torch.inference_mode():
+                batch_maps, batch_scores = scorer(batch)
+            stop = start + len(batch)
+            if keep_maps:
+                maps[start:stop] = batch_maps
+            scores[start:stop] = batch_scores
+            start = stop
+        if target is None:
+            return (maps.numpy() if keep_maps else None), scores.numpy()
+        return maps, scores
+
+    def _fit_lazily(self, batches: Iterable, previous: GaussianStatistics | None) -> None:
+        """Fold feature batches into ``previous`` (or fresh) statistics and store them."""
+        device = resolve_device(self.device)
+        stats, shape = self._accumulate(batches, previous, device)
+        self.set_statistics(stats, shape)
+
+    def _accumulate(self, batches: Iterable, stats: GaussianStatistics | None, device):
+        """Statistics and feature shape after folding in every batch of features.
+
+        A function of its own so that the last batch is released on return, before the
+        statistics are factorised or packed (their peak memory).
+        """
+        shape = None if stats is None else self.feature_shape_
+        for X in batches:
+            features = self._check_features(X, shape)
+            shape = tuple(features.shape[1:])
+            d, h, w = shape
+            if stats is None:
+                stats = GaussianStatistics.empty(h * w, d, device)
+            chunk = positions_per_chunk(device, self.batch_size + 1, d)
+            for batch in self._batches(features, device):
+                stats.update(batch, chunk)
+        if stats is None:
+            raise ValueError("No feature batches to fit on; pass at least one.")
+        if not _all_finite(stats.scatter):
+            raise FloatingPointError(
+                "The features are too large for float32 statistics (their squares "
+                "overflow); scale them down, e.g. by a constant factor."
+            )
+        return stats, shape
+
+    def _factorised(self, stats: GaussianStatistics, shape) -> tuple[dict, PatchGaussians]:
+        """Fitted attributes and Gaussians of statistics (consumed), factorised now."""
+        fitted = _fitted_attributes(stats, shape)
+        mean = stats.mean
+        packed, factor = factorise_statistics(stats, self.reg)
         if self.covariance_dtype == "float32":
-            self.packed_covariance_ = packed.cpu().numpy()
-            return
-        factor = whitening_factor(packed, self.reg)
-        self.packed_factor_ = pack_lower(factor.transpose(1, 2)).half().cpu().numpy()
-        self.factor_reg_ = float(self.reg)
+            fitted["packed_covariance_"] = packed.numpy()
+        else:
+            rounded = pack_lower(factor.transpose(1, 2)).half()
+            fitted["packed_factor_"] = rounded.cpu().numpy()
+            fitted["factor_reg_"] = float(self.reg)
+            del factor
+            # Score with the stored, rounded factor, as a reloaded model does.
+            factor = unpack_lower(rounded.float(), shape[0]).transpose(1, 2).contiguous()
+        return fitted, PatchGaussians(mean, factor)
 
-    def _scoring_tensors(self, device: torch.device):
-        """Mean (float64) and whitening factor on ``device``, computed once per device."""
-        cache = getattr(self, "_scoring_cache", None)
-        if cache is None or cache[0] != (device, self.reg):
-            mean = torch.as_tensor(self.mean_, device=device)
-            cache = ((device, self.reg), mean, self._whitening_factor(device))
-            self._scoring_cache = cache
-        return cache[1], cache[2]
+    def _adopt(self, fitted: dict, threshold, gaussians: PatchGaussians | None) -> None:
+        """Replace the fitted state at once (the previous Gaussians are dropped)."""
+        for name in _FITTED:
+            vars(self).pop(name, None)
+        vars(self).update(fitted)
+        if threshold is not None:
+            self.threshold_ = float(threshold)
+        self._gaussians_by_device = PerDeviceCache()
+        if gaussians is not None:
+            self._gaussians_by_device.put((gaussians.factor.device, self.reg), gaussians)
 
-    def _whitening_factor(self, device: torch.device) -> torch.Tensor:
+    def _gaussians(self, device: torch.device) -> PatchGaussians:
+        """The fitted Gaussians on ``device``, factorised from the stored covariances."""
+        mean = torch.as_tensor(self.mean_, device=device)
         if not hasattr(self, "packed_factor_"):
             packed = torch.as_tensor(self.packed_covariance_, device=device)
-            return whitening_factor(packed, self.reg)
+            return PatchGaussians(mean, whitening_factor(packed, self.reg))
         if self.reg != self.factor_reg_:
             raise ValueError(
                 f"This float16 detector was factorised with reg={self.factor_reg_}; it "
                 f"cannot score with reg={self.reg}. Set reg back, or refit."
             )
         packed = torch.as_tensor(self.packed_factor_, device=device).float()
-        return unpack_lower(packed, self.feature_shape_[0]).transpose(1, 2).contiguous()
+        factor = unpack_lower(packed, self.feature_shape_[0]).transpose(1, 2).contiguous()
+        return PatchGaussians(mean, factor)
 
-    def _iter_maps(self, features: np.ndarray):
-        self._validate_params()  # set_params may have run since fit
-        device = resolve_device(self.device)
-        mean, factor = self._scoring_tensors(device)
-        chunk = _chunk_positions(device, self.batch_size, self.feature_shape_[0])
+    def _map_generator(self, shape, device: torch.device) -> AnomalyMapGenerator:
+        generator = AnomalyMapGenerator(shape[1:], self._map_size(shape), self.sigma, self.truncate)
+        return generator.to(device)
+
+    def _batches(self, features: torch.Tensor, device: torch.device):
+        """``batch_size`` rows of the features at a time, float32 on ``device``, checked."""
         for start in range(0, len(features), self.batch_size):
-            batch = _finite_batch(features[start : start + self.batch_size], device)
-            with torch.inference_mode():
-                distances = mahalanobis(batch, mean, factor, chunk)
-                yield anomaly_maps(distances, self._map_size(), self.sigma, self.truncate)
+            rows = features[start : start + self.batch_size]
+            batch = rows.to(device=device, dtype=torch.float32)
+            if not _all_finite(batch):
+                if bool(torch.isfinite(rows).all()):
+                    raise ValueError(
+                        "Features reach values beyond float32's range; scale them down."
+                    )
+                raise ValueError(
+                    "Features contain NaN or infinite values; check the images and the backbone."
+                )
+            yield batch
 
-    def _map_size(self) -> tuple[int, int]:
+    def _map_size(self, shape=None) -> tuple[int, int]:
         explicit = self._explicit_map_size()
         if explicit is not None:
             return explicit
-        _, h, w = self.feature_shape_
+        _, h, w = self.feature_shape_ if shape is None else shape
         return (4 * h, 4 * w)
 
     def _explicit_map_size(self) -> tuple[int, int] | None:
@@ -461,45 +595,28 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         return self.feature_shape_
 
-    def _check_features(self, X, expected_shape=None) -> np.ndarray:
-        try:
-            features = np.asarray(X)
-        except ValueError as error:
-            raise ValueError(
-                "Features must be one array of shape (n, d, h, w); the items given have "
-                "different shapes. Use PatchFeatureTransformer to make them."
-            ) from error
-        if features.ndim != 4:
-            raise ValueError(
-                f"Expected features of shape (n, d, h, w); got shape {features.shape}. "
-                "Pass images through PatchFeatureTransformer first."
+    def _check_features(self, X, expected_shape=None) -> torch.Tensor:
+        """The features as a tensor (a view of a NumPy array, or the given tensor), checked."""
+        features = as_tensor(X)
+        if features is None:
+            features = torch.from_numpy(_feature_array(X))
+        elif not features.dtype.is_floating_point:
+            raise TypeError(
+                f"Features must be floating point; got a tensor of dtype {features.dtype}. "
+                f"{_TRANSFORMER_HINT}"
             )
-        if len(features) == 0:
-            raise ValueError("Got no feature maps (n = 0); pass at least one image's features.")
-        if not np.issubdtype(features.dtype, np.number) or features.dtype == np.bool_:
-            raise TypeError(f"Features must be numeric; got dtype {features.dtype}.")
-        if 0 in features.shape[1:]:
-            raise ValueError(
-                f"Features of shape {features.shape} have an empty axis (size 0); make "
-                "them with PatchFeatureTransformer."
-            )
-        if features.dtype.itemsize > 4 and np.issubdtype(features.dtype, np.floating):
-            largest = np.abs(features[np.isfinite(features)]).max(initial=0)
-            if largest > np.finfo(np.float32).max:
-                raise ValueError(
-                    f"Features reach {largest:.3g}, beyond float32's range; scale them down."
-                )
+        _check_feature_shape(tuple(features.shape))
         if expected_shape is not None and tuple(features.shape[1:]) != tuple(expected_shape):
             raise ValueError(
                 f"Features have shape (d, h, w) = {tuple(features.shape[1:])} but the "
                 f"detector was fitted on {tuple(expected_shape)}; use the same transformer "
                 "settings (n_features, layers, image_size) as for fitting."
             )
-        return features.astype(np.float32, copy=False)
+        return features
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_scoring_cache", None)
+        state.pop("_gaussians_by_device", None)
         return state
 
     def __sklearn_tags__(self):
@@ -517,19 +634,78 @@ def _normal_rows(y, n_samples: int) -> np.ndarray:
     return ~anomalous
 
 
-def _chunk_positions(device: torch.device, n_rows: int, n_features: int) -> int:
-    """Positions per step of the batched kernels.
+_TRANSFORMER_HINT = (
+    "PadimDetector takes patch features (n, d, h, w), not images: put a "
+    "PatchFeatureTransformer before it, e.g. Pipeline([('feat', PatchFeatureTransformer()), "
+    "('padim', PadimDetector())])."
+)
 
-    Each position needs ``3 * n_rows * n_features`` temporary floats. On the CPU a chunk
-    is kept near 4 MiB so that it stays in cache between the copy, the matmul and the
-    reduction; on a GPU larger steps mean fewer kernel launches. Both stay within
-    scikit-learn's ``working_memory``.
+
+def _feature_array(X) -> np.ndarray:
+    """A NumPy array of features: float (float64 is narrowed per batch), writable."""
+    try:
+        features = np.asarray(X)
+    except ValueError as error:
+        raise ValueError(
+            "Features must be one array of shape (n, d, h, w); the items given have "
+            "different shapes. Use PatchFeatureTransformer to make them."
+        ) from error
+    if features.dtype.kind in "iub":
+        raise TypeError(
+            f"Features must be floating point; got dtype {features.dtype}. {_TRANSFORMER_HINT}"
+        )
+    if features.dtype.kind != "f":
+        raise TypeError(f"Features must be numeric; got dtype {features.dtype}.")
+    if features.dtype == np.float16 or not features.flags.writeable:
+        features = features.astype(np.float32)  # torch cannot wrap read-only arrays
+    return features
+
+
+def _check_feature_shape(shape: tuple[int, ...]) -> None:
+    if len(shape) != 4:
+        raise ValueError(
+            f"Expected features of shape (n, d, h, w); got shape {shape}. "
+            "Pass images through PatchFeatureTransformer first."
+        )
+    if shape[0] == 0:
+        raise ValueError("Got no feature maps (n = 0); pass at least one image's features.")
+    if 0 in shape[1:]:
+        raise ValueError(
+            f"Features of shape {shape} have an empty axis (size 0); make "
+            "them with PatchFeatureTransformer."
+        )
+    # Images (n, H, W, C): a last axis of 1, 3 or 4 after two large ones. A feature grid
+    # 4 or fewer patches wide under 16 or more channels and rows is not a PaDiM layout.
+    if shape[3] in (1, 3, 4) and min(shape[1:3]) >= 16:
+        raise ValueError(
+            f"Features of shape {shape} look like images (n, H, W, channels). {_TRANSFORMER_HINT}"
+        )
+
+
+def _fitted_attributes(stats: GaussianStatistics, shape) -> dict:
+    return {
+        "n_samples_seen_": stats.count,
+        "n_features_in_": int(shape[0]),
+        "feature_shape_": tuple(int(size) for size in shape),
+        "mean_": stats.mean.cpu().numpy(),
+    }
+
+
+def _held_out_threshold(scorer: PatchScorer, batches, n_samples: int) -> float:
+    """Highest image score of the training features under the model fitted without each.
+
+    Scores of the training images under the model fitted on all of them are far too low
+    (with fewer images than ``d``, each one lies almost in its own Gaussian's support),
+    so they would flag every new image; leave-one-out scores are what a new normal
+    image gets.
     """
-    per_position = 3 * 4 * n_rows * n_features
-    budget = get_config()["working_memory"] * 2**20
-    if device.type == "cpu":
-        budget = min(budget, 4 * 2**20)
-    return max(1, int(budget // per_position))
+    highest = -np.inf
+    for batch in batches:
+        with torch.inference_mode():
+            distances = held_out_distances(scorer.gaussians(batch), n_samples)
+            _, scores = scorer.maps_of_distances(distances)
+        highest = max(highest, float(scores.max()))
+    return highest
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -540,13 +716,3 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     values are checked one by one.
     """
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-def _finite_batch(features: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A batch of features on ``device``, checked there for NaN and infinity."""
-    batch = torch.as_tensor(features).to(device)
-    if not _all_finite(batch):
-        raise ValueError(
-            "Features contain NaN or infinite values; check the images and the backbone."
-        )
-    return batch

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import torch
 
 
@@ -26,3 +29,134 @@ def resolve_device(device: str | torch.device) -> torch.device:
             "set_params(device='cpu') (or device='auto') before using the estimator."
         )
     return resolved
+
+
+class DeviceFeatures:
+    """Features kept where they were computed (a GPU), read as NumPy only when asked.
+
+    :meth:`PatchFeatureTransformer.transform` returns this on a GPU when it was given
+    NumPy images or files, so that in a ``Pipeline`` the features go to
+    :class:`PadimDetector` without a trip through host memory, while code that treats
+    them as an array still gets one: ``np.asarray(features)`` (and anything calling it,
+    such as indexing with a NumPy mask through :meth:`numpy`) copies them to the host.
+    Pickling stores the NumPy array. On the CPU the transformer returns NumPy arrays.
+
+    Parameters
+    ----------
+    tensor : Tensor of shape (n, d, h, w), float32
+
+    Attributes
+    ----------
+    tensor : Tensor
+        The features, on their device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> from sk_padim.devices import DeviceFeatures
+    >>> features = DeviceFeatures(torch.zeros(2, 3, 4, 4))
+    >>> features.shape, np.asarray(features).dtype
+    ((2, 3, 4, 4), dtype('float32'))
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.tensor.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(str(self.tensor.dtype).removeprefix("torch."))
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    def __getitem__(self, index) -> DeviceFeatures:
+        """Rows by slice, integer or integer/boolean array; the result stays on the device."""
+        if isinstance(index, np.ndarray):
+            index = torch.as_tensor(index, device=self.tensor.device)
+        elif isinstance(index, list):
+            index = torch.as_tensor(np.asarray(index), device=self.tensor.device)
+        result = self.tensor[index]
+        return DeviceFeatures(result) if result.ndim == self.tensor.ndim else result.cpu().numpy()
+
+    def numpy(self) -> np.ndarray:
+        """The features copied to a NumPy array in host memory."""
+        return self.tensor.detach().cpu().numpy()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __reduce__(self):
+        return (np.asarray, (self.numpy(),))
+
+    def __repr__(self) -> str:
+        return f"DeviceFeatures(shape={self.shape}, device={self.device})"
+
+
+def as_tensor(X) -> torch.Tensor | None:
+    """The tensor behind ``X`` (a tensor or :class:`DeviceFeatures`), or None."""
+    if isinstance(X, DeviceFeatures):
+        return X.tensor
+    if isinstance(X, torch.Tensor):
+        return X
+    return None
+
+
+class PerDeviceCache:
+    """Objects built once per key (device and settings), safe to share among threads.
+
+    The first caller for a key builds the object under a lock while the others wait;
+    later callers read it without locking. The ``size`` most recent keys are kept (a
+    model scored with a few settings in turn does not rebuild each time, and settings
+    changed many times do not pile up). Not pickled: a copy starts empty.
+    """
+
+    size = 4
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: dict = {}
+
+    def get(self, key, build):
+        """The object for ``key``, made by ``build()`` if there is none yet."""
+        item = self._items.get(key)
+        if item is None:
+            with self._lock:
+                item = self._items.get(key)
+                if item is None:
+                    item = build()
+                    self._store(key, item)
+        return item
+
+    def put(self, key, item) -> None:
+        """Store ``item`` for ``key`` (e.g. built as a by-product of fitting)."""
+        with self._lock:
+            self._store(key, item)
+
+    def _store(self, key, item) -> None:
+        # Readers see the old or the new dict, never one being changed.
+        items = {k: v for k, v in self._items.items() if k != key}
+        items[key] = item
+        self._items = dict(list(items.items())[-self.size :])
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def __deepcopy__(self, memo):
+        return PerDeviceCache()

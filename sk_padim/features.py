@@ -8,7 +8,6 @@ from numbers import Integral
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -23,7 +22,8 @@ from sk_padim.backbones import (
     fold_batch_norms,
     load_backbone,
 )
-from sk_padim.devices import resolve_device
+from sk_padim.devices import DeviceFeatures, PerDeviceCache, resolve_device
+from sk_padim.embedding import PatchEmbedding
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
 from sk_padim.versioning import VersionedPickleMixin
 
@@ -76,10 +76,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     Attributes
     ----------
-    backbone_ : torch.nn.Module
-        The truncated backbone, on the CPU: modules past the deepest layer replaced by
-        ``nn.Identity``, and batch norms folded into the convolutions before them where
-        the order is known (see :func:`sk_padim.backbones.fold_batch_norms`).
+    backbone_ : sk_padim.backbones.TruncatedBackbone
+        The truncated backbone, on the CPU: batch norms folded into the convolutions
+        before them where the order is known (see
+        :func:`sk_padim.backbones.fold_batch_norms`), then traced by ``torch.fx`` up to
+        the deepest layer where the model traces.
     layers_ : tuple of str
         The layers used.
     layer_channels_ : tuple of int
@@ -90,6 +91,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         Number of channels kept, ``d``.
     feature_shape_ : tuple of int
         ``(d, h, w)`` of one transformed image.
+    image_size_ : tuple of int
+        ``(height, width)`` the images are resized to.
     normalization_ : tuple
         ``(mean, std)`` applied to the RGB pixels in [0, 1].
 
@@ -170,6 +173,24 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         layers = self._resolve_layers(spec)
         size = self._image_size()
         check_layers(model, layers)
+        # Folding needs the model's own module classes, which tracing replaces.
+        fold_batch_norms(model, keep=layers)
+        truncated, outputs = self._truncate(model, layers, size)
+        channels = tuple(int(output.shape[1]) for output in outputs)
+        n_features = self._resolve_n_features(spec, layers, sum(channels))
+        self.channel_indices_ = np.sort(rng.choice(sum(channels), n_features, replace=False))
+        self.backbone_ = truncated.to(memory_format=torch.channels_last)
+        self.layers_ = layers
+        self.layer_channels_ = channels
+        self.n_features_ = n_features
+        self.feature_shape_ = (n_features, *outputs[0].shape[2:])
+        self.image_size_ = size
+        self.normalization_ = (spec.mean, spec.std) if spec else (IMAGENET_MEAN, IMAGENET_STD)
+        self._modules_by_device = PerDeviceCache()
+        return self
+
+    def _truncate(self, model: nn.Module, layers: tuple[str, ...], size: tuple[int, int]):
+        """The truncated backbone and its outputs for one blank image, checked."""
         probe = torch.zeros(1, 3, *size)
         try:
             truncated = TruncatedBackbone(model, layers, probe)
@@ -191,37 +212,35 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                     f"image_size={self.image_size!r} leaves layer {name!r} a "
                     f"{tuple(output.shape[2:])} map; use a larger image_size (224 is usual)."
                 )
-        fold_batch_norms(truncated.model, keep=layers)
-        channels = tuple(int(output.shape[1]) for output in outputs)
-        n_features = self._resolve_n_features(spec, layers, sum(channels))
-        self.channel_indices_ = np.sort(rng.choice(sum(channels), n_features, replace=False))
-        self.backbone_ = truncated.to(memory_format=torch.channels_last)
-        self.layers_ = layers
-        self.layer_channels_ = channels
-        self.n_features_ = n_features
-        self.feature_shape_ = (n_features, *outputs[0].shape[2:])
-        self.normalization_ = (spec.mean, spec.std) if spec else (IMAGENET_MEAN, IMAGENET_STD)
-        return self
+        return truncated, outputs
 
-    def transform(self, X) -> np.ndarray:
+    def transform(self, X) -> np.ndarray | torch.Tensor | DeviceFeatures:
         """Compute the patch embeddings of images.
 
         Parameters
         ----------
-        X : ndarray of shape (n, H, W) or (n, H, W, C), or list
-            Images: an array (uint8 0-255 or float 0-1, grey or RGB), or a list of
-            arrays, PIL images or file paths (sizes may differ).
+        X : ndarray of shape (n, H, W) or (n, H, W, C), Tensor, list or folder
+            Images: an array (uint8 0-255 or float 0-1, grey or RGB), a tensor
+            ``(n, C, H, W)`` (channels first, on any device), a list of arrays, PIL
+            images or file paths (sizes may differ), or a folder of image files.
 
         Returns
         -------
-        features : ndarray of shape (n, d, h, w), float32
+        features : ndarray, Tensor or DeviceFeatures of shape (n, d, h, w), float32
+            A tensor on the transformer's device for a tensor ``X``. Otherwise a NumPy
+            array on the CPU, and on a GPU a :class:`~sk_padim.devices.DeviceFeatures`:
+            the features stay on the GPU (where :class:`PadimDetector` reads them) and
+            turn into a NumPy array with ``np.asarray``.
         """
         check_is_fitted(self)
         images = check_images(X)
         device = resolve_device(self.device)
-        model = self._model_on(device)
-        out = np.empty((len(images), *self.feature_shape_), dtype=np.float32)
-        batches = iter_batches(images, self._image_size(), self.batch_size, *self.normalization_)
+        embedding = self.to_module(device)
+        if device.type == "cpu":  # assembled straight into the returned array
+            out = torch.from_numpy(np.empty((len(images), *self.feature_shape_), np.float32))
+        else:
+            out = torch.empty((len(images), *self.feature_shape_), device=device)
+        batches = iter_batches(images, self.image_size_, self.batch_size)
         start = 0
         for batch in tqdm(
             batches,
@@ -231,50 +250,45 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             unit="batch",
         ):
             stop = start + len(batch)
-            # On the CPU the features are assembled straight into the returned array.
-            target = torch.from_numpy(out[start:stop]) if device.type == "cpu" else None
             with torch.inference_mode(), self._autocast(device):
-                layer_maps = model(batch.to(device).contiguous(memory_format=torch.channels_last))
-                features = self._assemble(layer_maps, target)
-            if target is None:
-                out[start:stop] = features.cpu().numpy()
+                embedding(batch.to(device), out=out[start:stop])
             start = stop
-        return out
+        if isinstance(images, torch.Tensor):
+            return out
+        return out.numpy() if device.type == "cpu" else DeviceFeatures(out)
+
+    def to_module(self, device: str | torch.device | None = None) -> PatchEmbedding:
+        """The fitted embedding as a torch module on ``device``: pixels -> features.
+
+        Built once per device and shared (it is read-only, so any number of threads may
+        run it); on the CPU it holds ``backbone_`` itself. It takes pixels ``(B, 3, H, W)``
+        at ``image_size_`` (uint8 0-255 or float 0-1) and returns float32 features
+        ``(B, d, h, w)``, as :meth:`transform` does for those pixels without ``autocast``.
+
+        Parameters
+        ----------
+        device : str or torch.device, default=None
+            ``None`` uses the ``device`` parameter.
+
+        Returns
+        -------
+        embedding : sk_padim.embedding.PatchEmbedding
+        """
+        check_is_fitted(self)
+        device = resolve_device(self.device if device is None else device)
+        cache = vars(self).setdefault("_modules_by_device", PerDeviceCache())
+        return cache.get(device, lambda: self._embedding(device))
+
+    def _embedding(self, device: torch.device) -> PatchEmbedding:
+        embedding = PatchEmbedding(
+            self.backbone_, self.channel_indices_, self.layer_channels_, *self.normalization_
+        ).eval()
+        # .to() would move backbone_ itself; a GPU copy must leave it on the CPU.
+        return embedding if device.type == "cpu" else _copy_to(embedding, device)
 
     def _autocast(self, device: torch.device):
         dtype = None if self.autocast is None else getattr(torch, self.autocast)
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-    def _assemble(self, layer_maps: list[torch.Tensor], out: torch.Tensor | None = None):
-        """Select the kept channels of each layer, then upsample them to the first grid.
-
-        The result is written into ``out`` (float32 ``(B, d, h, w)``) when given.
-        """
-        first = layer_maps[0]
-        grid = tuple(first.shape[2:])
-        if out is None:
-            out = torch.empty((len(first), self.n_features_, *grid), device=first.device)
-        offsets = np.cumsum((0, *self.layer_channels_))
-        position = 0
-        for layer_map, low, high in zip(layer_maps, offsets[:-1], offsets[1:], strict=True):
-            local = self.channel_indices_[
-                (self.channel_indices_ >= low) & (self.channel_indices_ < high)
-            ]
-            if len(local) == 0:
-                continue
-            index = torch.as_tensor(local - low, device=first.device)
-            selected = layer_map.index_select(1, index)
-            _upsample_nearest_into(selected, out[:, position : position + len(local)])
-            position += len(local)
-        return out
-
-    def _model_on(self, device: torch.device) -> nn.Module:
-        if device.type == "cpu":
-            return self.backbone_
-        cached = getattr(self, "_device_backbone", None)
-        if cached is None or cached[0] != device:
-            self._device_backbone = (device, copy.deepcopy(self.backbone_).to(device))
-        return self._device_backbone[1]
 
     def _resolve_layers(self, spec) -> tuple[str, ...]:
         if self.layers is not None:
@@ -311,7 +325,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_device_backbone", None)
+        state.pop("_modules_by_device", None)
         return state
 
     def __sklearn_tags__(self):
@@ -321,16 +335,6 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         return tags
 
 
-def _upsample_nearest_into(maps: torch.Tensor, out: torch.Tensor) -> None:
-    """``F.interpolate(maps, size=out.shape[2:], mode="nearest")`` written into ``out``.
-
-    For a whole-number scale (layers of a CNN halve their grid) each value is repeated
-    through a broadcast view, with no temporary as large as the result.
-    """
-    (n, k, h, w), (height, width) = maps.shape, out.shape[2:]
-    if height % h or width % w:
-        out.copy_(F.interpolate(maps, size=(height, width), mode="nearest"))
-        return
-    fy, fx = height // h, width // w
-    blocks = out.view(n, k, h, fy, w, fx)
-    blocks.copy_(maps[:, :, :, None, :, None].expand(n, k, h, fy, w, fx))
+def _copy_to(module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``module`` on ``device`` (the original stays where it is)."""
+    return copy.deepcopy(module).to(device)

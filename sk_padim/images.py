@@ -1,10 +1,13 @@
-"""Turn user images (arrays, file paths, PIL images) into normalised float batches.
+"""Turn user images (arrays, tensors, files, PIL images) into batches of pixels.
 
 Accepted inputs, checked before any work is done:
 
 - a NumPy array ``(n, H, W)`` (grey), ``(n, H, W, 1)`` (grey) or ``(n, H, W, 3)`` (RGB);
+- a torch tensor ``(n, 3, H, W)`` or ``(n, 1, H, W)`` (channels first, as torchvision)
+  or ``(n, H, W)``, on any device;
 - a list of such single images ``(H, W)`` / ``(H, W, 1)`` / ``(H, W, 3)``, sizes may differ;
-- a list of file paths (``str`` or ``os.PathLike``) or of PIL images.
+- a list of file paths (``str`` or ``os.PathLike``) or of PIL images;
+- a folder: its image files, sorted (:func:`sk_padim.datasets.list_images`).
 
 Pixel values are ``uint8``-range integers 0-255 or floats in [0, 1]; anything else is an
 error rather than a silent rescale. Grey images are repeated to three channels. RGBA
@@ -38,19 +41,22 @@ def _is_path(item: object) -> bool:
     return isinstance(item, (str, os.PathLike))
 
 
-def check_images(X) -> np.ndarray | list:
-    """Validate an image collection and return it as an array or a list.
+def check_images(X) -> np.ndarray | torch.Tensor | list:
+    """Validate an image collection and return it as an array, a tensor or a list.
 
     Parameters
     ----------
-    X : array-like or list
+    X : array-like, tensor, list or folder path
         See the module docstring for the accepted forms.
 
     Returns
     -------
-    images : ndarray of shape (n, H, W[, C]) or list
-        The same images, as one array when ``X`` was an array, otherwise a list.
+    images : ndarray of shape (n, H, W[, C]), Tensor of shape (n, C, H, W) or list
+        The same images: one array or tensor when ``X`` was one, otherwise a list (the
+        sorted image files of a folder).
     """
+    if isinstance(X, torch.Tensor):
+        return _check_image_tensor(X)
     if isinstance(X, np.ndarray):
         if X.ndim not in (3, 4):
             fix = (
@@ -75,10 +81,14 @@ def check_images(X) -> np.ndarray | list:
         _check_channels(X.shape[3] if X.ndim == 4 else 1, "the image array", X.shape[1])
         _check_pixels(X, "the image array")
         return X
+    if isinstance(X, (str, os.PathLike)) and os.path.isdir(X):
+        from sk_padim.datasets import list_images  # datasets reads images with this module
+
+        return list_images(X)
     if isinstance(X, (str, os.PathLike)) or not isinstance(X, Sequence):
         raise TypeError(
-            "X must be a NumPy array of images or a list of images, file paths or PIL "
-            f"images; got {type(X).__name__}. Wrap a single path as [path]."
+            "X must be a NumPy array of images, a folder, or a list of images, file paths "
+            f"or PIL images; got {type(X).__name__}. Wrap a single path as [path]."
         )
     items = list(X)
     if not items:
@@ -97,12 +107,35 @@ def check_images(X) -> np.ndarray | list:
         for path in items:
             if os.path.isdir(path):
                 raise FileNotFoundError(
-                    f"{os.fspath(path)!r} is a directory, not an image file; pass the files "
-                    "in it, e.g. sorted(pathlib.Path(folder).glob('*.png'))."
+                    f"{os.fspath(path)!r} is a directory, not an image file; pass the folder "
+                    "itself as X, or its files: sk_padim.datasets.list_images(folder)."
                 )
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
     return items
+
+
+def _check_image_tensor(X: torch.Tensor) -> torch.Tensor:
+    """Images as a tensor: ``(n, C, H, W)`` channels first (C = 1 or 3) or ``(n, H, W)``."""
+    channels_first = X.ndim == 4 and X.shape[1] in (1, 3)
+    if not (channels_first or X.ndim == 3):
+        raise ValueError(
+            f"An image tensor must have shape (n, 3, H, W), (n, 1, H, W) or (n, H, W) "
+            f"(channels first, as torchvision); got {tuple(X.shape)}. For channels-last "
+            "images use X.permute(0, 3, 1, 2), or pass a NumPy array."
+        )
+    if len(X) == 0 or min(X.shape[-2:]) < 1:
+        raise ValueError(f"Got an image tensor of shape {tuple(X.shape)}; it holds no image.")
+    if X.dtype != torch.uint8 and not X.dtype.is_floating_point:
+        raise TypeError(f"An image tensor has dtype {X.dtype}; use uint8 (0-255) or float (0-1).")
+    if X.dtype.is_floating_point:
+        finite = bool(torch.isfinite(X).all())
+        if not finite or X.min() < 0 or X.max() > 1:
+            raise ValueError(
+                "A float image tensor must hold finite pixel values in [0, 1]; divide 0-255 "
+                "images by 255, and pass raw pixels, not normalised ones."
+            )
+    return X
 
 
 def _check_single_array(image: np.ndarray, index: int) -> None:
@@ -170,14 +203,19 @@ def _check_pixels(values: np.ndarray, what: str) -> None:
         )
 
 
-def _array_to_tensor(image: np.ndarray, has_channel_axis: bool) -> torch.Tensor:
-    """(..., H, W[, C]) pixels -> float tensor (..., 3, H, W) in [0, 1]."""
-    scale = 1.0 if np.issubdtype(image.dtype, np.floating) else 255.0
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32) / scale
-    if not has_channel_axis:
-        tensor = tensor.unsqueeze(-1)
-    tensor = tensor.movedim(-1, -3)
-    return tensor.expand(*tensor.shape[:-3], 3, *tensor.shape[-2:])
+def _array_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """Pixels ``(n, H, W[, C])`` (checked) -> a tensor ``(n, C, H, W)`` of the same values.
+
+    ``uint8`` and ``float32`` arrays are viewed channels-first without a copy; other
+    integer dtypes (values 0-255, checked) become ``uint8``, other floats ``float32``.
+    Read-only arrays (e.g. ``np.asarray(pil_image)``) are copied, as torch cannot wrap
+    them.
+    """
+    dtype = np.uint8 if np.issubdtype(images.dtype, np.integer) else np.float32
+    if images.dtype != dtype or not images.flags.writeable:
+        images = images.astype(dtype)
+    tensor = torch.from_numpy(images)
+    return tensor.movedim(-1, -3) if images.ndim == 4 else tensor.unsqueeze(-3)
 
 
 # PIL modes with more than 8 bits per pixel; ``convert("RGB")`` clips or truncates them.
@@ -215,45 +253,56 @@ def _pil_to_rgb(image: Image.Image, what: str) -> np.ndarray:
     return np.repeat(pixels[..., None], 3, axis=-1)
 
 
-def _to_unit_tensor(item) -> torch.Tensor:
-    if isinstance(item, Image.Image) or _is_path(item):
-        image = _read_image(item)
-    else:
-        image = np.asarray(item)
-    return _array_to_tensor(image, has_channel_axis=image.ndim == 3)
+def _to_tensor(item) -> torch.Tensor:
+    """One image (file, PIL image or array) as a ``(1, C, H, W)`` tensor of its pixels."""
+    image = _read_image(item) if isinstance(item, Image.Image) or _is_path(item) else item
+    return _array_to_tensor(np.asarray(image)[None])
 
 
-def _resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _as_unit_float(batch: torch.Tensor) -> torch.Tensor:
+    """Pixels as float32 in [0, 1]."""
+    if batch.dtype.is_floating_point:
+        return batch.to(torch.float32)
+    return batch.to(torch.float32) / 255
+
+
+def _sized(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The batch at ``size``: unchanged if it is, else resized as float in [0, 1]."""
     if tuple(batch.shape[-2:]) == size:
         return batch
-    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+    unit = _as_unit_float(batch)
+    return F.interpolate(unit, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _concatenate(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One batch of images whose dtype or channel count may differ."""
+    if len({(part.dtype, part.shape[1]) for part in parts}) > 1:
+        parts = [_as_unit_float(part).expand(-1, 3, -1, -1) for part in parts]
+    return torch.cat(parts)
 
 
 def iter_batches(
-    images: np.ndarray | list,
-    size: tuple[int, int],
-    batch_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    images: np.ndarray | torch.Tensor | list, size: tuple[int, int], batch_size: int
 ) -> Iterator[torch.Tensor]:
-    """Yield normalised float32 batches ``(b, 3, *size)`` from validated images.
+    """Yield batches of pixels ``(b, C, *size)``, C = 1 (grey) or 3 (RGB), channels first.
 
-    Images are decoded and resized one batch at a time, so memory holds two batches: a
-    background thread prepares the next batch while the caller computes on this one
-    (PIL's decoders and torch's kernels release the GIL), so that reading image files
-    overlaps with the backbone. Resizing is bilinear with antialiasing (torchvision's
-    ``Resize`` on tensors).
+    A batch is ``uint8`` (0-255) where the images were ``uint8`` at ``size`` (for an
+    array, a view of it: no copy), and float32 in [0, 1] otherwise; normalising and
+    repeating grey channels is left to the device (see
+    :meth:`sk_padim.embedding.PatchEmbedding.normalise`). Images are decoded and resized
+    one batch at a time, so memory holds two batches: a background thread prepares the
+    next batch while the caller computes on this one (PIL's decoders and torch's kernels
+    release the GIL), so that reading image files overlaps with the backbone. Resizing
+    is bilinear with antialiasing (torchvision's ``Resize`` on tensors).
     """
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def load(start: int) -> torch.Tensor:
         chunk = images[start : start + batch_size]
+        if isinstance(chunk, torch.Tensor):
+            return _sized(chunk if chunk.ndim == 4 else chunk[:, None], size)
         if isinstance(chunk, np.ndarray):
-            batch = _resize(_array_to_tensor(chunk, has_channel_axis=chunk.ndim == 4), size)
-        else:
-            batch = torch.cat([_resize(_to_unit_tensor(item)[None], size) for item in chunk])
-        return (batch - mean_t) / std_t
+            return _sized(_array_to_tensor(chunk), size)
+        return _concatenate([_sized(_to_tensor(item), size) for item in chunk])
 
     starts = range(0, len(images), batch_size)
     if not starts:

@@ -484,23 +484,31 @@ def _load_backbone_state(shell: PatchFeatureTransformer, state: dict) -> None:
     """Load the stored weights into the rebuilt backbone.
 
     Files written before sk-padim folded batch norms into convolutions hold the unfolded
-    weights: those are loaded into the unfolded architecture, which is then folded.
+    weights: those are loaded into the full unfolded model (all weights the truncated
+    backbone uses must be there), which is then folded and truncated.
     """
     try:
         shell.backbone_.load_state_dict(state)
         return
     except RuntimeError as error:
         mismatch = error
-    probe = torch.zeros(1, 3, *shell._image_size())
-    unfolded = TruncatedBackbone(load_backbone(shell.backbone, None, 0), shell.layers_, probe)
+    model = load_backbone(shell.backbone, None, 0)
+    prefix = "model."
+    unfolded = {key.removeprefix(prefix): value for key, value in state.items()}
     try:
-        unfolded.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(unfolded, strict=False)
     except RuntimeError:
+        missing, unexpected = None, None
+    used = {key.removeprefix(prefix) for key in shell.backbone_.state_dict()}
+    if missing is None or unexpected or used.intersection(missing):
         raise ValueError(
             f"the stored backbone weights do not fit the architecture: {mismatch}"
         ) from mismatch
-    fold_batch_norms(unfolded.model, keep=shell.layers_)
-    shell.backbone_ = unfolded.to(memory_format=torch.channels_last)
+    model.eval()
+    fold_batch_norms(model, keep=shell.layers_)
+    probe = torch.zeros(1, 3, *shell.image_size_)
+    truncated = TruncatedBackbone(model, shell.layers_, probe)
+    shell.backbone_ = truncated.to(memory_format=torch.channels_last)
 
 
 def _restore_transformer(
@@ -537,6 +545,7 @@ def _restore_transformer(
         "layer_channels_",
         "n_features_",
         "feature_shape_",
+        "image_size_",
         "normalization_",
     ):
         setattr(feat, name, getattr(shell, name))

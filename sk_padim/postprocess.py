@@ -17,6 +17,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
@@ -66,15 +67,43 @@ def axis_operator(length_in: int, length_out: int, sigma: float, truncate: float
     return matrix
 
 
-def anomaly_maps(
-    distances: torch.Tensor, size: tuple[int, int], sigma: float, truncate: float
-) -> torch.Tensor:
-    """Upsample ``(B, h, w)`` distance grids to ``size`` and smooth them."""
-    rows = axis_operator(distances.shape[1], size[0], sigma, truncate)
-    cols = axis_operator(distances.shape[2], size[1], sigma, truncate)
-    maps = distances
-    if rows is not None:
-        maps = torch.matmul(rows.to(maps), maps)
-    if cols is not None:
-        maps = torch.matmul(maps, cols.T.to(maps))
-    return maps
+class AnomalyMapGenerator(nn.Module):
+    """Upsample ``(B, h, w)`` distance grids to ``(B, *size)`` maps and smooth them.
+
+    The per-axis operators are float32 buffers, so the module moves with ``.to(device)``
+    and exports as two matmuls.
+
+    Parameters
+    ----------
+    grid : (int, int)
+        ``(h, w)`` of the distance grids.
+    size : (int, int)
+        ``(H, W)`` of the maps.
+    sigma, truncate : float
+        The Gaussian smoothing, as ``scipy.ndimage.gaussian_filter``; ``sigma=0`` skips it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_padim.postprocess import AnomalyMapGenerator
+    >>> generator = AnomalyMapGenerator((2, 2), (8, 8), sigma=1.0, truncate=4.0)
+    >>> generator(torch.ones(3, 2, 2)).shape
+    torch.Size([3, 8, 8])
+    """
+
+    def __init__(self, grid: tuple[int, int], size: tuple[int, int], sigma: float, truncate: float):
+        super().__init__()
+        self.size = tuple(size)
+        rows = axis_operator(grid[0], size[0], sigma, truncate)
+        cols = axis_operator(grid[1], size[1], sigma, truncate)
+        # Identity axes keep a None buffer: no matmul for them.
+        self.register_buffer("rows", None if rows is None else rows.float())
+        self.register_buffer("cols_t", None if cols is None else cols.T.float().contiguous())
+
+    def forward(self, distances: torch.Tensor) -> torch.Tensor:
+        maps = distances
+        if self.rows is not None:
+            maps = torch.matmul(self.rows, maps)
+        if self.cols_t is not None:
+            maps = torch.matmul(maps, self.cols_t)
+        return maps

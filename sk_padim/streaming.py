@@ -24,8 +24,9 @@ def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = 
         The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
         ``threshold_``: the training images are not scored a second time, so the detector
         sets ``threshold_`` only from an explicit ``threshold`` parameter (as
-        :meth:`PadimDetector.partial_fit` does). If the fit fails or is interrupted, the
-        detector keeps its previous state.
+        :meth:`PadimDetector.fit_batches` does). The pipeline's two steps are replaced by
+        fitted copies once every chunk is in, so if the fit fails or is interrupted, the
+        pipeline keeps its previous steps.
 
         Parameters
         ----------
@@ -62,18 +63,15 @@ def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = 
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     images = check_images(X)
-    # Fit copies and adopt their state only at the end: a failure (an unreadable image
-    # in a late chunk, an interrupt) leaves both steps as they were.
+    # Fit copies and put them in the pipeline only at the end: a failure (an unreadable
+    # image in a late chunk, an interrupt) leaves the pipeline as it was.
     new_feat = clone(feat).fit(images)
-    new_detector = clone(detector)
-    new_detector._validate_params()
+    new_detector = clone(detector).check_params()
     starts = range(0, len(images), chunk_size)
     chunks = (new_feat.transform(images[i : i + chunk_size]) for i in starts)
-    new_detector._fit_batches(tqdm(chunks, total=len(starts), disable=not verbose, unit="chunk"))
-    new_detector._set_threshold_without_scores()
-    vars(feat).clear()
-    vars(feat).update(vars(new_feat))
-    detector._adopt_fitted_state(new_detector)
+    new_detector.fit_batches(tqdm(chunks, total=len(starts), disable=not verbose, unit="chunk"))
+    pipeline.steps[0] = (pipeline.steps[0][0], new_feat)
+    pipeline.steps[1] = (pipeline.steps[1][0], new_detector)
     return pipeline
 
 

@@ -195,7 +195,13 @@ ARRAY_CASES = [
         "one kind only",
     ),
     ("generator", lambda r: (x for x in [r]), TypeError, "got generator", "list of images"),
-    ("torch tensor", lambda r: torch.zeros(1, 8, 8, 3), TypeError, "got Tensor", "NumPy array"),
+    (
+        "channels-last tensor",
+        lambda r: torch.zeros(1, 8, 8, 3),
+        ValueError,
+        "channels first",
+        "permute",
+    ),
 ]
 
 
@@ -226,7 +232,7 @@ FILE_CASES = [
         "rescale to 8 bits",
     ),
     ("wide_float.tif", ValueError, r"mode F\) has pixel values", "divide 0-255 images by 255"),
-    ("a_folder", FileNotFoundError, "is a directory", r"glob\('\*\.png'\)"),
+    ("a_folder", FileNotFoundError, "is a directory", r"list_images\(folder\)"),
 ]
 
 

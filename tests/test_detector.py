@@ -20,13 +20,17 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return matrix
 
 
-def reference_maps(train, test, map_size, reg=0.01, sigma=4.0):
-    """PaDiM, section 2 of DESIGN.md, position by position in NumPy/SciPy float64."""
+def reference_maps(train, test, map_size, reg=0.01, sigma=4.0, cov_scale=1.0):
+    """PaDiM, section 2 of DESIGN.md, position by position in NumPy/SciPy float64.
+
+    ``cov_scale`` multiplies the sample covariances before ``reg`` is added.
+    """
     _, d, h, w = train.shape
     distances = np.empty((len(test), h, w))
     for i in range(h):
         for j in range(w):
-            cov = np.cov(train[:, :, i, j].astype(np.float64), rowvar=False) + reg * np.eye(d)
+            cov = np.cov(train[:, :, i, j].astype(np.float64), rowvar=False) * cov_scale
+            cov += reg * np.eye(d)
             precision = np.linalg.inv(cov)
             diff = test[:, :, i, j] - train[:, :, i, j].mean(axis=0)
             distances[:, i, j] = np.sqrt(np.einsum("nd,de,ne->n", diff, precision, diff))
@@ -131,16 +135,40 @@ def test_single_training_image_uses_regularised_identity():
     np.testing.assert_allclose(grid, expected, rtol=1e-5)
 
 
-def test_default_threshold_is_the_highest_held_out_training_score(features):
+def test_default_threshold_is_the_highest_leave_one_out_training_score(features):
+    # Independent expectation: refit without each image in turn. The held-out Gaussian
+    # keeps the full model's normalisation (scatter / (n - 1)), so the refitted sample
+    # covariances (scatter / (n - 2)) are rescaled by (n - 2) / (n - 1).
     train, _ = features
+    n = len(train)
     detector = PadimDetector().fit(train)
-    even, odd = PadimDetector().fit(train[0::2]), PadimDetector().fit(train[1::2])
-    held_out = np.concatenate(
-        [even.decision_function(train[1::2]), odd.decision_function(train[0::2])]
-    )
-    assert detector.threshold_ == pytest.approx(held_out.max())
+    held_out = [
+        reference_maps(
+            np.delete(train, i, axis=0), train[i : i + 1], (20, 28), cov_scale=(n - 2) / (n - 1)
+        ).max()
+        for i in range(n)
+    ]
+    assert detector.threshold_ == pytest.approx(max(held_out), rel=1e-4)
     assert (detector.predict(train) == 1).all()
     assert (detector.predict(train + 100) == -1).all()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_leave_one_out_threshold_holds_for_the_smallest_training_sets(features, n):
+    # n = 2: each image's held-out model is the other image's reg * I Gaussian.
+    train = features[0][:n]
+    detector = PadimDetector().fit(train)
+    held_out = [
+        reference_maps(np.delete(train, i, axis=0)[[0, 0]], train[i : i + 1], (20, 28)).max()
+        if n == 2
+        else reference_maps(
+            np.delete(train, i, axis=0), train[i : i + 1], (20, 28), cov_scale=(n - 2) / (n - 1)
+        ).max()
+        for i in range(n)
+    ]
+    # The downdate divides by 1 - c q, small when an image dominates its own Gaussian:
+    # the float32 distance's rounding is amplified about reg-to-spread-fold here.
+    assert detector.threshold_ == pytest.approx(max(held_out), rel=1e-3)
 
 
 def test_default_threshold_does_not_flag_new_normal_images_when_n_is_below_d():
@@ -156,7 +184,8 @@ def test_explicit_threshold_is_used(features):
     scores = PadimDetector().fit(train).decision_function(test)
     cut = float(np.median(scores))
     labels = PadimDetector(threshold=cut).fit(train).predict(test)
-    np.testing.assert_array_equal(labels, np.where(scores > cut, -1, 1))
+    np.testing.assert_array_equal(labels, np.where(scores >= cut, -1, 1))
+    assert (labels == -1).sum() == (scores >= cut).sum() >= 1  # the median itself is flagged
 
 
 def test_partial_fit_without_threshold_cannot_predict(features):

@@ -5,14 +5,14 @@ import pytest
 import sklearn
 import torch
 
-from sk_padim import PadimDetector
+from sk_padim import PadimDetector, gaussian, mahalanobis
 from sk_padim.gaussian import (
     GaussianStatistics,
     pack_lower,
     unpack_symmetric,
     whitening_factor,
 )
-from sk_padim.mahalanobis import mahalanobis
+from sk_padim.mahalanobis import PatchGaussians
 
 
 @pytest.fixture
@@ -38,13 +38,14 @@ def test_streaming_statistics_equal_numpy_mean_and_cov(problem, batch_sizes, chu
 
 
 @pytest.mark.parametrize("chunk_positions", [1, 5, 12, 100])
-def test_kernel_equals_per_position_solve_for_any_chunking(problem, chunk_positions):
+def test_kernel_equals_per_position_solve_for_any_chunking(problem, chunk_positions, monkeypatch):
+    monkeypatch.setattr(mahalanobis, "positions_per_chunk", lambda *_: chunk_positions)
     train, test = problem
     vectors = train.reshape(25, 6, 12).astype(np.float64)
     covariances = np.stack([np.cov(vectors[:, :, p], rowvar=False) for p in range(12)])
     mean = vectors.mean(axis=0).T
     factor = whitening_factor(pack_lower(torch.tensor(covariances)), 0.01)
-    distances = mahalanobis(torch.tensor(test), torch.tensor(mean), factor, chunk_positions).numpy()
+    distances = PatchGaussians(torch.tensor(mean), factor.float())(torch.tensor(test)).numpy()
     diff = test.reshape(5, 6, 12).transpose(2, 0, 1) - mean[:, None, :]
     regularised = covariances + 0.01 * np.eye(6)
     solved = np.linalg.solve(regularised, diff.transpose(0, 2, 1))
@@ -78,12 +79,13 @@ def test_factorisation_threads_each_run_lapack_on_one_thread(monkeypatch):
         return cholesky_ex(matrices)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", recording)
+    monkeypatch.setattr(gaussian, "CPU_CHUNK_POSITIONS", 2)
     before = torch.get_num_threads()
     with torch.inference_mode():
         torch.set_num_threads(2)
         try:
             covariances = torch.eye(3).expand(10, 3, 3)
-            factor = whitening_factor(pack_lower(covariances), 1.0, chunk_positions=2)
+            factor = whitening_factor(pack_lower(covariances), 1.0)
             assert torch.get_num_threads() == 2
         finally:
             torch.set_num_threads(before)

@@ -201,14 +201,14 @@ def test_tiny_reg_on_rank_deficient_features_warns_and_stays_finite():
 
 @st.composite
 def problems(draw):
-    """A training set (any dtype), a test set, and a split of the training set."""
+    """A training set (any float dtype), a test set, and a split of the training set."""
     n = draw(st.integers(1, 12))
     d = draw(st.integers(1, 8))
     h, w = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**32 - 1))
-    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16, np.int16]))
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16]))
     rng = np.random.default_rng(seed)
-    scale = 10.0 if dtype == np.int16 else rng.uniform(0.01, 100)
+    scale = rng.uniform(0.01, 100)
     train = (rng.normal(size=(n, d, h, w)) * scale).astype(dtype)
     test = (rng.normal(size=(3, d, h, w)) * scale * 2).astype(dtype)
     cuts = sorted(draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=3, unique=True)))

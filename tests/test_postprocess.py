@@ -4,7 +4,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from sk_padim.postprocess import anomaly_maps
+from sk_padim.postprocess import AnomalyMapGenerator
+
+
+def anomaly_maps(grids, size, sigma, truncate):
+    return AnomalyMapGenerator(tuple(grids.shape[1:]), size, sigma, truncate)(grids)
 
 
 @pytest.mark.parametrize(

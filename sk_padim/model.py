@@ -1,0 +1,106 @@
+"""The torch core: pixels -> ``(maps, scores)`` in one module, on any device.
+
+:class:`PatchScorer` is the fitted detector as a module (features -> maps and image
+scores); :class:`PadimModel` puts the patch embedding in front of it. Both are plain
+tensor programs with no per-image Python control flow, so they run batched on a GPU,
+are shared by any number of threads, and export (``torch.onnx``) as they are. The
+scikit-learn estimators build them (``PatchFeatureTransformer.to_module``,
+``PadimDetector.to_module``) and run them; this module holds no estimator logic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sk_padim.embedding import PatchEmbedding
+from sk_padim.mahalanobis import PatchGaussians
+from sk_padim.postprocess import AnomalyMapGenerator
+
+
+class PatchScorer(nn.Module):
+    """Features ``(B, d, h, w)`` -> anomaly maps ``(B, H, W)`` and image scores ``(B,)``.
+
+    Parameters
+    ----------
+    gaussians : PatchGaussians
+        The per-position Gaussians: features -> distance grids.
+    maps : AnomalyMapGenerator
+        Distance grids -> upsampled, smoothed maps.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_padim import PadimDetector
+    >>> X = np.random.default_rng(0).normal(size=(8, 4, 3, 3)).astype(np.float32)
+    >>> scorer = PadimDetector().fit(X).to_module("cpu")
+    >>> maps, scores = scorer(torch.from_numpy(X))
+    >>> maps.shape, scores.shape
+    (torch.Size([8, 12, 12]), torch.Size([8]))
+    """
+
+    def __init__(self, gaussians: PatchGaussians, maps: AnomalyMapGenerator):
+        super().__init__()
+        self.gaussians = gaussians
+        self.maps = maps
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.maps_of_distances(self.gaussians(features))
+
+    def maps_of_distances(self, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps and image scores (the maximum of each map) of distance grids ``(B, h, w)``."""
+        maps = self.maps(distances)
+        return maps, maps.amax(dim=(1, 2))
+
+
+class PadimModel(nn.Module):
+    """A fitted PaDiM pipeline as one module: pixels -> ``(maps, scores)``.
+
+    Parameters
+    ----------
+    embedding : PatchEmbedding
+        Pixels -> features.
+    scorer : PatchScorer
+        Features -> maps and scores.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> from sklearn.pipeline import Pipeline
+    >>> from sk_padim import PadimDetector, PatchFeatureTransformer
+    >>> from sk_padim.model import PadimModel
+    >>> X = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    >>> pipe = Pipeline([
+    ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
+    ...     ("padim", PadimDetector()),
+    ... ]).fit(X)
+    >>> model = PadimModel.from_pipeline(pipe, "cpu")
+    >>> maps, scores = model(torch.from_numpy(X).permute(0, 3, 1, 2))
+    >>> bool(np.allclose(scores.numpy(), pipe.decision_function(X), atol=1e-4))
+    True
+    """
+
+    def __init__(self, embedding: PatchEmbedding, scorer: PatchScorer):
+        super().__init__()
+        self.embedding = embedding
+        self.scorer = scorer
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(maps, scores)`` of images ``(B, 3, H, W)``: uint8 0-255 or float 0-1.
+
+        The images must already have the transformer's ``image_size``.
+        """
+        return self.scorer(self.embedding(pixels))
+
+    @classmethod
+    def from_pipeline(cls, pipeline, device: str | torch.device = "cpu") -> PadimModel:
+        """The model of a fitted ``Pipeline([transformer, detector])``, on ``device``."""
+        steps = [step for _, step in getattr(pipeline, "steps", ())]
+        if len(steps) != 2 or not all(hasattr(step, "to_module") for step in steps):
+            raise TypeError(
+                "from_pipeline needs a fitted Pipeline([(name, PatchFeatureTransformer(...)), "
+                "(name, PadimDetector(...))])."
+            )
+        feat, detector = steps
+        return cls(feat.to_module(device), detector.to_module(device)).eval()
