@@ -524,12 +524,12 @@ def _calibrate(args: argparse.Namespace, progress: bool) -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(calibrator, output)
-    unit = "images" if level == "image" else "pixels"
+    on = "on" if level == "image" else "on the pixels of"
     print(
         f"threshold {calibrator.threshold_:.6g} ({level} level; anomalous when the score is "
         f">= it)\nF1 {calibrator.best_score_:.3f}, precision {calibrator.precision_:.3f}, "
-        f"recall {calibrator.recall_:.3f} on the {unit} of {len(good)} good and {len(bad)} "
-        "bad images (measured on the images that chose the threshold)"
+        f"recall {calibrator.recall_:.3f} {on} {len(good)} good and {len(bad)} bad images "
+        "(measured on the images that chose the threshold)"
     )
     _info(args, f"Wrote {output}; score with: sk-padim score {output} <images>")
 
