@@ -346,7 +346,8 @@ def test_list_images_sorted_by_path_hidden_and_other_files_left_out(tree):
 
 
 def test_list_images_names_the_problem(tree, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"No image files .* in .*\.cache or its sub-folders"):
+    expected = r"No image files .* in .*\.cache or its sub-folders"
+    with pytest.raises(FileNotFoundError, match=expected):
         list_images(tree / "widget" / "test" / ".cache", recursive=True)
     with pytest.raises(
         FileNotFoundError,

@@ -28,6 +28,11 @@ def metric(text, name):
     return value
 
 
+def table_row(line):
+    """The cells of a row of a Markdown table."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def test_every_example_is_tested():
     tested = {"quickstart.py", "mvtec_evaluation.py", "custom_backbone.py", "calibration.py"}
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
@@ -47,8 +52,8 @@ def test_quickstart(tmp_path):
 def test_mvtec_evaluation_without_a_path_uses_the_built_in_textures(tmp_path):
     process = run_example("mvtec_evaluation.py", cwd=tmp_path)
     assert process.returncode == 0, process.stderr
-    rows = process.stdout.splitlines()[1:]
-    assert [row.split()[0] for row in rows] == ["brick", "grass", "gravel"]
+    rows = [table_row(line) for line in process.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["brick", "grass", "gravel", "mean"]
 
 
 def test_mvtec_evaluation_reads_the_given_root_and_category(tmp_path):
@@ -63,9 +68,9 @@ def test_mvtec_evaluation_reads_the_given_root_and_category(tmp_path):
     root = write_mvtec_layout(dataset, tmp_path / "data")
     process = run_example("mvtec_evaluation.py", root, "grass", cwd=tmp_path)
     assert process.returncode == 0, process.stderr
-    (row,) = process.stdout.splitlines()[1:]
-    assert row.split()[0] == "grass"
-    assert all(0 <= float(value) <= 1 for value in row.split()[1:4])
+    (row,) = [table_row(line) for line in process.stdout.splitlines()[2:]]
+    assert row[:3] == ["grass", "5", "5"]  # 5 training and 2 + 3 test images
+    assert all(0 <= float(value) <= 1 for value in row[3:6])  # image/pixel AUROC, AUPRO
 
 
 def test_custom_backbone(tmp_path):
