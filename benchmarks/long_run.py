@@ -118,17 +118,19 @@ def child(args) -> dict:
         with open(args.paths, encoding="utf-8") as file:
             paths = file.read().split("\n")[:n]
         baseline = peak_rss_mib()
-        # fit_streaming fits a copy of the detector: note the peak after its first chunk
-        # through the class.
-        original = PadimDetector._accumulate
+        # fit_streaming transforms chunk by chunk: the second transform starts once the
+        # first chunk is folded into the statistics.
+        original = PatchFeatureTransformer.transform
+        calls = []
 
-        def accumulate_noting_the_first(self, features, stats):
+        def transform_noting_the_first_chunk(self, X):
             nonlocal after_first
-            stats = original(self, features, stats)
-            after_first = after_first or peak_rss_mib()
-            return stats
+            calls.append(1)
+            if len(calls) == 2:
+                after_first = after_first or peak_rss_mib()
+            return original(self, X)
 
-        PadimDetector._accumulate = accumulate_noting_the_first
+        PatchFeatureTransformer.transform = transform_noting_the_first_chunk
         fit_streaming(pipe, paths, chunk_size=batch)
         assert pipe.named_steps["padim"].n_samples_seen_ == n
     seconds, peak, now = time.perf_counter() - begin, peak_rss_mib(), current_rss_mib()

@@ -45,12 +45,12 @@ from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer, image_auroc, pixel_auroc
 from sk_padim.backbones import TruncatedBackbone, load_backbone
-from sk_padim.detector import _chunk_positions
 from sk_padim.devices import resolve_device
-from sk_padim.gaussian import GaussianStatistics, whitening_factor
+from sk_padim.gaussian import GaussianStatistics, factorise_statistics
 from sk_padim.images import iter_batches
-from sk_padim.mahalanobis import mahalanobis
-from sk_padim.postprocess import anomaly_maps
+from sk_padim.mahalanobis import PatchGaussians, positions_per_chunk
+from sk_padim.model import PatchScorer
+from sk_padim.postprocess import AnomalyMapGenerator
 
 
 def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -102,55 +102,56 @@ class StageTimer:
 def _staged_features(feat, images, phase, timer):
     """Yield feature batches, timing decoding, the backbone and assembly."""
     device = resolve_device(feat.device)
-    model = feat._model_on(device)
-    batches = iter_batches(images, feat._image_size(), feat.batch_size, *feat.normalization_)
+    embedding = feat.to_module(device)
+    batches = iter_batches(images, feat.image_size_, feat.batch_size)
     while True:
         with timer(f"{phase}: decode + resize"):
             batch = next(batches, None)
             if batch is not None:
-                batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+                pixels = embedding.normalise(batch.to(device))
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
         if batch is None:
             return
         with torch.inference_mode():
             with timer(f"{phase}: backbone forward"):
-                layer_maps = model(batch)
+                layer_maps = embedding.backbone(pixels)
             with timer(f"{phase}: feature assembly"):
-                features = feat._assemble(layer_maps)
+                features = embedding.assemble(layer_maps)
         yield features
 
 
-def staged_fit(feat, detector, images, timer):
-    """The fit path through the library's stages; returns (mean, factor)."""
+def staged_fit(feat, detector, images, timer) -> PatchGaussians:
+    """The fit path through the library's stages; returns the fitted Gaussians."""
     d, h, w = feat.feature_shape_
     device = resolve_device(feat.device)
     stats = GaussianStatistics.empty(h * w, d, device)
-    chunk = _chunk_positions(device, feat.batch_size + 1, d)
+    chunk = positions_per_chunk(device, feat.batch_size + 1, d)
     for features in _staged_features(feat, images, "fit", timer):
         with torch.inference_mode(), timer("fit: statistics update"):
             stats.update(features, chunk)
-    with timer("fit: finalisation"):
-        return stats.mean, whitening_factor(stats.consume_packed(), detector.reg)
+    with timer("fit: factorisation"):
+        mean = stats.mean
+        return PatchGaussians(mean, factorise_statistics(stats, detector.reg)[1])
 
 
-def staged_score(feat, detector, images, mean, factor, timer):
+def staged_score(feat, detector, images, gaussians, timer):
     """The scoring path through the library's stages."""
     d, h, w = feat.feature_shape_
-    chunk = _chunk_positions(resolve_device(feat.device), feat.batch_size, d)
+    generator = AnomalyMapGenerator((h, w), (4 * h, 4 * w), detector.sigma, detector.truncate)
+    scorer = PatchScorer(gaussians, generator.to(resolve_device(feat.device)))
     for features in _staged_features(feat, images, "score", timer):
         with torch.inference_mode():
             with timer("score: distance kernel"):
-                distances = mahalanobis(features, mean, factor, chunk)
-            with timer("score: upsample + blur"):
-                maps = anomaly_maps(distances, (4 * h, 4 * w), detector.sigma, detector.truncate)
-            with timer("score: image score"):
-                maps.amax(dim=(1, 2)).cpu()
+                distances = scorer.gaussians(features)
+            with timer("score: upsample + blur + image score"):
+                scorer.maps_of_distances(distances)[1].cpu()
 
 
 def reference_backbone(feat, args, device) -> torch.nn.Module:
     """torchvision's backbone truncated after the deepest layer, batch norms not folded."""
     weights = None if args.weights == "none" else args.weights
     model = load_backbone(args.backbone, weights, init_seed=0)
-    probe = torch.zeros(1, 3, *feat._image_size())
+    probe = torch.zeros(1, 3, *feat.image_size_)
     truncated = TruncatedBackbone(model, feat.layers_, probe)
     return truncated.to(device, memory_format=torch.channels_last)
 
@@ -170,10 +171,9 @@ def seconds_of(call) -> float:
     return time.perf_counter() - start
 
 
-def fit_seconds(pipe, train, device) -> float:
-    """Pipeline ``fit`` plus the factorisation, which the first scoring does lazily."""
-    detector = pipe.named_steps["padim"]
-    return seconds_of(lambda: (pipe.fit(train), detector._scoring_tensors(device)))
+def fit_seconds(pipe, train) -> float:
+    """Pipeline ``fit``: statistics, factorisation and the default threshold."""
+    return seconds_of(lambda: pipe.fit(train))
 
 
 def peak_rss_mb() -> float:
@@ -195,9 +195,8 @@ def model_sizes_mb(pipe) -> tuple[float, float]:
 def float16_copy(pipe) -> Pipeline:
     """The pipeline with ``covariance_dtype="float16"``: what its ``fit`` would store."""
     detector = pipe.named_steps["padim"]
-    half = clone(detector).set_params(covariance_dtype="float16")
-    half._store(detector._statistics(), detector.feature_shape_)
-    half.threshold_ = detector.threshold_
+    half = clone(detector).set_params(covariance_dtype="float16", threshold=detector.threshold_)
+    half.set_statistics(detector.statistics(), detector.feature_shape_)
     return Pipeline([pipe.steps[0], ("padim", half)])
 
 
@@ -232,7 +231,7 @@ def file_figures(feat, pipe, test, args) -> dict:
     """Scoring from PNG files, and the decoding alone (nothing to overlap it with)."""
     with tempfile.TemporaryDirectory() as folder:
         paths = write_pngs(test, args.file_size, folder)
-        batches = iter_batches(paths, feat._image_size(), feat.batch_size, *feat.normalization_)
+        batches = iter_batches(paths, feat.image_size_, feat.batch_size)
         decode_s = seconds_of(lambda: sum(1 for _ in batches))
         rates = [
             len(paths) / seconds_of(lambda: pipe.decision_function(paths))
@@ -268,27 +267,27 @@ def run(args) -> dict:
         device=args.device,
         random_state=0,
     )
-    # An explicit threshold: the default one costs two half fits and a scoring pass.
-    detector = PadimDetector(batch_size=args.batch_size, device=args.device, threshold=0.0)
+    detector = PadimDetector(batch_size=args.batch_size, device=args.device)
     pipe = Pipeline([("feat", feat), ("padim", detector)])
     train = synthetic_images(args.n_train, args.image_size, seed=0)
     test, labels, masks = with_defects(synthetic_images(args.n_test, args.image_size, 1), 2)
     feat.fit()
+    embedding = feat.to_module(device)
     batches = [
-        b.to(device).contiguous(memory_format=torch.channels_last)
-        for b in iter_batches(test, feat._image_size(), feat.batch_size, *feat.normalization_)
+        embedding.normalise(b.to(device)).contiguous(memory_format=torch.channels_last)
+        for b in iter_batches(test, feat.image_size_, feat.batch_size)
     ]
-    backbones = (reference_backbone(feat, args, device), feat._model_on(device))
+    backbones = (reference_backbone(feat, args, device), embedding.backbone)
     for model in backbones:  # warm-up: kernel selection, allocator, caches
         backbone_seconds(model, batches[:1])
 
     timer = StageTimer(device)
-    mean, factor = staged_fit(feat, detector, train, timer)
-    staged_score(feat, detector, test, mean, factor, timer)
-    del mean, factor
+    gaussians = staged_fit(feat, detector, train, timer)
+    staged_score(feat, detector, test, gaussians, timer)
+    del gaussians
 
     fit_rate = statistics.median(
-        args.n_train / fit_seconds(pipe, train, device) for _ in range(args.repeats)
+        args.n_train / fit_seconds(pipe, train) for _ in range(args.repeats)
     )
     backbone_rate, folded_rate, score_rate = throughputs(
         backbones, pipe, test, batches, args.repeats
@@ -299,7 +298,6 @@ def run(args) -> dict:
             loaded = throughputs(backbones[:1], pipe, test, batches, args.repeats)
     files = file_figures(feat, pipe, test, args) if args.file_size else None
     full = accuracy(pipe, test, labels, masks)
-    pipe.named_steps["padim"]._scoring_cache = None  # the factor: 3.8 GB for WRN50
     half = float16_copy(pipe)
     half_accuracy = accuracy(half, test, labels, masks)
     in_memory_mb, joblib_mb = model_sizes_mb(pipe)

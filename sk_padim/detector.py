@@ -203,7 +203,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if threshold is None and len(features) >= 2:
             scorer = PatchScorer(gaussians, self._map_generator(shape, device))
             threshold = _held_out_threshold(scorer, self._batches(features, device), stats.count)
-        self._adopt(fitted, threshold, gaussians)
+        self._adopt(fitted, threshold, gaussians, device)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -357,12 +357,13 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 "The features are too large for float32 statistics (their squares "
                 "overflow); scale them down, e.g. by a constant factor."
             )
+        device = stats.mean.device
         if self.covariance_dtype == "float16":
             fitted, gaussians = self._factorised(stats, (d, h, w))
         else:
             fitted, gaussians = _fitted_attributes(stats, (d, h, w)), None
             fitted["packed_covariance_"] = stats.consume_packed().cpu().numpy()
-        self._adopt(fitted, self.threshold, gaussians)
+        self._adopt(fitted, self.threshold, gaussians, device)
         return self
 
     def score_samples(self, X) -> np.ndarray | torch.Tensor:
@@ -527,8 +528,12 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             factor = unpack_lower(rounded.float(), shape[0]).transpose(1, 2).contiguous()
         return fitted, PatchGaussians(mean, factor)
 
-    def _adopt(self, fitted: dict, threshold, gaussians: PatchGaussians | None) -> None:
-        """Replace the fitted state at once (the previous Gaussians are dropped)."""
+    def _adopt(self, fitted: dict, threshold, gaussians: PatchGaussians | None, device) -> None:
+        """Replace the fitted state at once (the previous Gaussians are dropped).
+
+        ``gaussians`` (on ``device``, the resolved ``device`` parameter of the fit) are
+        kept for scoring there.
+        """
         for name in _FITTED:
             vars(self).pop(name, None)
         vars(self).update(fitted)
@@ -536,7 +541,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             self.threshold_ = float(threshold)
         self._gaussians_by_device = PerDeviceCache()
         if gaussians is not None:
-            self._gaussians_by_device.put((gaussians.factor.device, self.reg), gaussians)
+            self._gaussians_by_device.put((device, self.reg), gaussians)
 
     def _gaussians(self, device: torch.device) -> PatchGaussians:
         """The fitted Gaussians on ``device``, factorised from the stored covariances."""

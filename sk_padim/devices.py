@@ -11,12 +11,13 @@ import torch
 def resolve_device(device: str | torch.device) -> torch.device:
     """Turn a ``device`` parameter into a usable ``torch.device``.
 
-    ``"auto"`` picks CUDA when it is available and the CPU otherwise. A CUDA device on
+    ``"auto"`` picks CUDA when it is available and the CPU otherwise; ``"cuda"`` becomes
+    the current CUDA device with its index. A CUDA device on
     a machine without CUDA (for example a model fitted on a GPU and loaded on a laptop)
     is an error that says how to switch to the CPU.
     """
     if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
@@ -28,6 +29,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"device={device!r} but CUDA is not available here; call "
             "set_params(device='cpu') (or device='auto') before using the estimator."
         )
+    if resolved.type == "cuda" and resolved.index is None:
+        # With its index, as tensors report it, so that it compares equal to theirs.
+        resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 

@@ -207,10 +207,11 @@ def whitening_factor(packed_covariance: torch.Tensor, reg: float) -> torch.Tenso
     """
     n_positions = len(packed_covariance)
     n_features = int((math.isqrt(8 * packed_covariance.shape[1] + 1) - 1) // 2)
-    factor = packed_covariance.new_empty(n_positions, n_features, n_features)
+    factor = torch.empty(n_positions, n_features, n_features, device=packed_covariance.device)
 
     def factorise(positions: slice) -> None:
-        factor[positions] = _factor_chunk(packed_covariance[positions], reg, positions.start)
+        covariance = unpack_symmetric(packed_covariance[positions], n_features)
+        factor[positions] = _factor_chunk(covariance, reg, positions.start)
 
     _for_position_chunks(n_positions, n_features, packed_covariance.device, factorise)
     return factor
@@ -237,20 +238,28 @@ def factorise_statistics(
     packed = torch.empty(n_positions, n_features * (n_features + 1) // 2)
 
     def factorise(positions: slice) -> None:
-        covariance = pack_lower(scatter[positions]).div_(divisor)
-        packed[positions] = covariance.cpu()
+        # The covariance's float32 values are those stored, so that a reloaded model,
+        # factorised from them, scores exactly as this one.
+        covariance = scatter[positions] / divisor
+        packed[positions] = pack_lower(covariance).cpu()
         scatter[positions] = _factor_chunk(covariance, reg, positions.start)
 
     _for_position_chunks(n_positions, n_features, scatter.device, factorise)
     return packed, scatter
 
 
-def _factor_chunk(packed_covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
-    n_features = int((math.isqrt(8 * packed_covariance.shape[1] + 1) - 1) // 2)
-    covariance = unpack_symmetric(packed_covariance.double(), n_features)
+def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
+    """Whitening factors ``L^{-T}`` of float32 covariances ``(k, d, d)`` (lower triangles read).
+
+    The Cholesky factor is computed in float64 (the covariance plus ``reg * I`` may be
+    ill-conditioned), then inverted in float32: a triangular solve's error grows with the
+    condition number of ``L``, the square root of the covariance's, and the factor is
+    stored in float32 anyway. It halves the solve's cost.
+    """
+    covariance = covariance.to(torch.float64)
     covariance.diagonal(dim1=1, dim2=2).add_(reg)
-    lower = _robust_cholesky(covariance, reg, offset)
-    eye = torch.eye(n_features, dtype=torch.float64, device=lower.device)
+    lower = _robust_cholesky(covariance, reg, offset).to(torch.float32)
+    eye = torch.eye(lower.shape[-1], device=lower.device)
     return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).transpose(1, 2)
 
 

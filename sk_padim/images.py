@@ -208,11 +208,12 @@ def _array_to_tensor(images: np.ndarray) -> torch.Tensor:
 
     ``uint8`` and ``float32`` arrays are viewed channels-first without a copy; other
     integer dtypes (values 0-255, checked) become ``uint8``, other floats ``float32``.
-    Read-only arrays (e.g. ``np.asarray(pil_image)``) are copied, as torch cannot wrap
-    them.
+    Read-only arrays (e.g. ``np.asarray(pil_image)``) and reversed views are copied, as
+    torch cannot wrap them.
     """
     dtype = np.uint8 if np.issubdtype(images.dtype, np.integer) else np.float32
-    if images.dtype != dtype or not images.flags.writeable:
+    negative_strides = any(stride < 0 for stride in images.strides)  # e.g. X[::-1]
+    if images.dtype != dtype or not images.flags.writeable or negative_strides:
         images = images.astype(dtype)
     tensor = torch.from_numpy(images)
     return tensor.movedim(-1, -3) if images.ndim == 4 else tensor.unsqueeze(-3)

@@ -36,7 +36,7 @@ from sklearn.utils.validation import check_is_fitted
 from sk_padim.backbones import TruncatedBackbone, fold_batch_norms, load_backbone
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
-from sk_padim.versioning import VersionMismatchWarning, _major_minor, current_versions
+from sk_padim.versioning import VersionMismatchWarning, current_versions, major_minor
 
 FORMAT = "sk-padim-npz"
 FORMAT_VERSION = 1
@@ -416,7 +416,7 @@ def _parse_metadata(entry: np.ndarray | None) -> dict:
 def _warn_on_version_mismatch(saved: dict, path: str) -> None:
     for package, version in current_versions().items():
         old = saved.get(package)
-        if isinstance(old, str) and _major_minor(old) != _major_minor(version):
+        if isinstance(old, str) and major_minor(old) != major_minor(version):
             warnings.warn(
                 f"The model in {path!r} was saved with {package} {old} and is loaded with "
                 f"{version}; results may differ. Refit it, or install {package}=={old}.",

@@ -17,7 +17,8 @@ def current_versions() -> dict[str, str]:
     return {"sk_padim": __version__, "torch": torch.__version__}
 
 
-def _major_minor(version: str) -> tuple[str, ...]:
+def major_minor(version: str) -> tuple[str, ...]:
+    """``("2", "14")`` of ``"2.14.1+cu130"``: the part whose change may change results."""
     return tuple(version.split("+")[0].split(".")[:2])
 
 
@@ -33,7 +34,7 @@ class VersionedPickleMixin:
         saved = state.get("_saved_versions", {})
         for package, version in current_versions().items():
             old = saved.get(package)
-            if old is not None and _major_minor(old) != _major_minor(version):
+            if old is not None and major_minor(old) != major_minor(version):
                 warnings.warn(
                     f"This {type(self).__name__} was saved with {package} {old} and is "
                     f"loaded with {version}; results may differ. Refit it, or install "
