@@ -203,7 +203,6 @@ def load_masks(
     return masks
 
 
-
 def load_mvtec_ad(
     root: str | os.PathLike,
     category: str,

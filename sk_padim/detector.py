@@ -195,6 +195,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if y is not None:
             features = features[torch.as_tensor(_normal_rows(y, len(features)))]
         device = resolve_device(self.device)
+        # The previous model's Gaussians would double the peak memory; its stored
+        # attributes stay (a failed fit leaves them) and refactorise if needed.
+        self._gaussians_by_device = PerDeviceCache()
         stats, shape = self._accumulate([features], None, device)
         # Everything is computed before any attribute changes, so that an error or an
         # interrupt leaves the detector as it was.

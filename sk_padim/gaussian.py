@@ -236,16 +236,70 @@ def factorise_statistics(
     stats.scatter = None
     n_positions, n_features = scatter.shape[:2]
     packed = torch.empty(n_positions, n_features * (n_features + 1) // 2)
+    to_host = _HostCopies(packed, scatter.device)
 
     def factorise(positions: slice) -> None:
         # The covariance's float32 values are those stored, so that a reloaded model,
         # factorised from them, scores exactly as this one.
         covariance = scatter[positions] / divisor
-        packed[positions] = pack_lower(covariance).cpu()
+        to_host.copy(positions, pack_lower(covariance))
         scatter[positions] = _factor_chunk(covariance, reg, positions.start)
 
-    _for_position_chunks(n_positions, n_features, scatter.device, factorise)
+    try:
+        _for_position_chunks(n_positions, n_features, scatter.device, factorise)
+    finally:
+        to_host.finish()
     return packed, scatter
+
+
+class _HostCopies:
+    """Copy device chunks into rows of a CPU tensor, overlapped with the device's work.
+
+    From a GPU, a copy into pageable memory runs at about 1 GB/s and stalls the device
+    (2 s of the 2.6 s factorisation of Wide-ResNet-50-2, d=550, 256 px, on an H200). So
+    each chunk goes by DMA into one of two pinned staging buffers, and a background
+    thread moves it on into ``out`` while the device computes the next chunk.
+    """
+
+    def __init__(self, out: torch.Tensor, device: torch.device):
+        self.out = out
+        self.device = device
+        self.staging: list[torch.Tensor | None] = [None, None]
+        self.pending: list = [None, None]
+        self.slot = 0
+        self.pool = ThreadPoolExecutor(1) if device.type == "cuda" else None
+
+    def copy(self, rows: slice, chunk: torch.Tensor) -> None:
+        if self.pool is None:
+            self.out[rows] = chunk
+            return
+        slot, self.slot = self.slot, 1 - self.slot
+        if self.pending[slot] is not None:
+            self.pending[slot].result()  # the slot's previous chunk has left it
+        staging = self.staging[slot]
+        if staging is None or staging.numel() < chunk.numel():
+            staging = self.staging[slot] = torch.empty(chunk.numel(), pin_memory=True)
+        view = staging[: chunk.numel()].view(chunk.shape)
+        view.copy_(chunk, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def move() -> None:
+            done.synchronize()
+            self.out[rows] = view
+
+        self.pending[slot] = self.pool.submit(move)
+
+    def finish(self) -> None:
+        """Wait for every copy (errors re-raised)."""
+        if self.pool is None:
+            return
+        try:
+            for future in self.pending:
+                if future is not None:
+                    future.result()
+        finally:
+            self.pool.shutdown()
 
 
 def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
