@@ -12,7 +12,10 @@ What a user does: images in host memory as ``uint8`` arrays ``(n, H, W, 3)``, a
 after the deepest layer (``create_feature_extractor``, batch norms not folded), given the
 same batches: copied to the device, normalised there, forward. Throughputs are medians
 over ``--repeats`` runs after a warm-up, in one process; peak device memory is measured
-per phase (CUDA only). Weights are random: speed does not depend on their values.
+per phase (CUDA only). Weights are random (speed does not depend on their values), read
+from a state-dict file as pretrained ones would be (``--weights none`` initialises them
+at random in every ``fit`` instead, which costs more than the forward passes for
+Wide-ResNet-50-2).
 The script prints a Markdown table and writes it, with the raw numbers as JSON, to
 ``--out``.
 """
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +57,13 @@ def synchronised(device: torch.device, call):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def weights_file(backbone: str, folder: str) -> str:
+    """Random weights of ``backbone`` saved as a state-dict file."""
+    path = os.path.join(folder, f"{backbone}.pth")
+    torch.save(load_backbone(backbone, None, init_seed=0).state_dict(), path)
+    return path
 
 
 def bare_backbone(args, layers, device):
@@ -85,13 +97,13 @@ def peak_gib(device: torch.device, call) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def run(args) -> dict:
+def run(args, folder: str) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     feat = PatchFeatureTransformer(
         backbone=args.backbone,
-        weights=None,
+        weights=None if args.weights == "none" else weights_file(args.backbone, folder),
         n_features=args.n_features,
         image_size=args.image_size,
         batch_size=args.batch_size,
@@ -165,8 +177,9 @@ def markdown(result: dict) -> str:
             f"| {name} | {rate:.0f} | {result['ratio_to_bare_backbone'][name]:.2f} | "
             f"{'-' if peak is None else f'{peak:.2f}'} |"
         )
+    source = "random init" if c["weights"] == "none" else "weights from a file"
     lines.append(
-        f"\n`fit` includes the transformer's own fit (building the backbone, random init: "
+        f"\n`fit` includes the transformer's own fit (building the backbone, {source}: "
         f"{result['transformer_fit_seconds']:.2f} s of each fit)."
     )
     return "\n".join(lines)
@@ -181,11 +194,13 @@ def main(argv=None) -> None:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--weights", default="file", choices=["file", "none"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="folder for the .md and .json results")
     args = parser.parse_args(argv)
-    result = run(args)
+    with tempfile.TemporaryDirectory() as folder:
+        result = run(args, folder)
     table = markdown(result)
     print(table)
     if args.out:

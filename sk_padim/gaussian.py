@@ -323,11 +323,12 @@ CPU_CHUNK_POSITIONS = 64  # positions per factorisation step on the CPU, at most
 def _for_position_chunks(n_positions: int, n_features: int, device, work) -> None:
     """Call ``work(positions)`` on slices covering ``range(n_positions)``.
 
-    A float64 chunk of matrices takes at most 32 MiB (64 positions) on the CPU, 256 MiB
-    on a GPU (fewer, larger launches). On the CPU the chunks are shared among threads,
-    each with one torch thread (see :func:`whitening_factor`).
+    A float64 chunk of matrices takes at most 32 MiB (64 positions) on the CPU, 128 MiB
+    on a GPU (fewer, larger launches; a chunk's temporaries take about five times that).
+    On the CPU the chunks are shared among threads, each with one torch thread (see
+    :func:`whitening_factor`).
     """
-    budget = 2**22 if device.type == "cpu" else 2**25  # float64 values per chunk
+    budget = 2**22 if device.type == "cpu" else 2**24  # float64 values per chunk
     chunk = max(1, budget // n_features**2)
     if device.type == "cpu":
         chunk = min(chunk, CPU_CHUNK_POSITIONS)
