@@ -2,15 +2,23 @@
 
 PaDiM's fit is a sum: the per-position counts, means and scatter matrices of any split of
 the training images merge exactly into those of the whole set
-(:meth:`PadimDetector.merge`). :func:`fit_distributed` therefore fits one partial
-detector per partition of image paths on the workers and merges the partials pairwise on
-the cluster (a binary tree); only model-sized objects travel, never features.
-:func:`score_distributed` scores partitions in parallel and returns the image scores as a
-Dask array, optionally writing each image's anomaly map to a ``.npy`` file.
+(:meth:`PadimDetector.merge`). :func:`fit_distributed` gives each worker a contiguous
+share of the image paths, cut into partitions; each worker extracts its partitions'
+features and folds them, one after the other, into its own partial detector, so each
+worker ships one model-sized partial and the merge tree has as many leaves as workers.
+The merged model then scores the cached training features on the workers for the
+leave-one-out ``threshold_`` of a local fit. :func:`score_distributed` scores
+partitions in parallel and returns the image scores as a Dask array, optionally writing
+each image's anomaly map to a ``.npy`` file.
+
+In every task torch uses the worker's share of its machine's cores (Dask's nannies
+would leave it one thread), and image files are decoded in a background thread while
+the backbone runs.
 
 Both take a :class:`dask.distributed.Client` that the caller creates, connected to a
 ``LocalCluster`` or to a remote scheduler; see ``docs/scale_out.md`` for the recipe,
-including grid searches with ``joblib.parallel_backend("dask")``.
+the scaling figures and how to size workers, including grid searches with
+``joblib.parallel_backend("dask")``.
 
 This module needs the ``dask`` extra (``pip install 'sk-padim[dask]'``) and is not
 imported by ``import sk_padim``.
@@ -19,19 +27,23 @@ imported by ``import sk_padim``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import uuid
 from collections.abc import Sequence
 from numbers import Integral
 
 import numpy as np
+import torch
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 try:
     import dask.array as da
-    from distributed import Client
+    from dask.system import CPU_COUNT
+    from distributed import Client, get_worker
+    from distributed.comm import get_address_host
 except ImportError as error:  # pragma: no cover - exercised in a test with dask hidden
     raise ImportError(
         "sk_padim.dask needs Dask's distributed scheduler; install it with "
@@ -40,8 +52,14 @@ except ImportError as error:  # pragma: no cover - exercised in a test with dask
 
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
+from sk_padim.images import check_images, iter_batches
 
 __all__ = ["fit_distributed", "score_distributed"]
+
+# Largest partition of a fit, in bytes of features (ResNet-18, d=100 at 224 px: about
+# 200 images). Features stay on their worker until the threshold pass; Dask spills them
+# to the worker's disk beyond its memory target, a partition at a time.
+PARTITION_BYTES = 256 * 2**20
 
 
 def fit_distributed(
@@ -49,30 +67,35 @@ def fit_distributed(
     paths,
     client: Client,
     *,
-    partition_size: int = 128,
+    partition_size: int | None = None,
+    torch_threads: int | None = None,
     retries: int = 0,
 ) -> Pipeline:
     """Fit a ``[PatchFeatureTransformer, PadimDetector]`` pipeline on a Dask cluster.
 
     The transformer learns nothing from images, so it is fitted here, once, and
     broadcast to the workers with the backbone's weights inside it (workers need no
-    model hub). Each task transforms one partition of ``paths`` and returns a partial
-    detector fitted on it (a model-sized object); the partials are merged pairwise on the
-    cluster with :meth:`PadimDetector.merge`, and only the final model comes back. A
-    worker never holds more than one partition's features plus two models. The fitted
-    detector equals ``pipeline.fit`` on the same images to float32 rounding, whatever
-    ``partition_size`` and the number of workers; the merge tree is fixed by the order of
-    ``paths``, so reruns give the same model.
+    model hub). Each worker gets a contiguous share of ``paths`` (in proportion to its
+    threads), cut into partitions. A task per partition extracts its features, which
+    stay on that worker; the worker folds them, partition after partition, into one
+    partial detector. The workers' partials are merged pairwise on the cluster with
+    :meth:`PadimDetector.merge` (a tree with one leaf per worker), and the merged model
+    scores each worker's cached features for the threshold. Only the final model comes
+    back. The fitted pipeline equals ``pipeline.fit`` on the same images to float32
+    rounding, ``threshold_`` included, whatever the partitions and the number of
+    workers; the merge order is fixed by the order of ``paths`` and the workers, so
+    reruns on the same cluster give the same model.
 
-    **Threshold**: as with :func:`sk_padim.fit_streaming`, the training images are not
-    scored a second time, so ``threshold_`` is set only from the detector's explicit
-    ``threshold`` parameter; otherwise it is left unset and ``predict`` raises until you
-    set ``threshold`` or calibrate (:class:`sk_padim.F1ThresholdCalibrator`).
+    **Threshold**: with ``threshold=None`` the detector's ``threshold_`` is, as after
+    :meth:`PadimDetector.fit`, the highest leave-one-out score of a training image
+    (:meth:`PadimDetector.held_out_scores`), computed on the workers from the features
+    of the first pass: the backbone runs once per image. An explicit ``threshold`` is
+    used as it is, and each partition's features are released once folded.
 
     **Failures**: a task that raises is retried up to ``retries`` times (tasks are
     deterministic, so a retried fit gives the same model); a worker that dies has its
-    tasks rerun by Dask. If a partition still fails, a ``RuntimeError`` names it and the
-    pipeline is left unchanged: no partition is ever skipped.
+    tasks rerun by Dask on the others. If a partition still fails, a ``RuntimeError``
+    names it and the pipeline is left unchanged: no partition is ever skipped.
 
     Parameters
     ----------
@@ -86,10 +109,17 @@ def fit_distributed(
         absolute paths on a shared file system).
     client : dask.distributed.Client
         Client of the cluster to run on.
-    partition_size : int, default=128
-        Images per task. A task holds ``partition_size * d * h * w * 4`` bytes of
-        features (1.25 MB per image for ResNet-18, d=100 at 224 px) besides the model;
-        more partitions mean more parallelism and more (cheap) merges.
+    partition_size : int or None, default=None
+        Images per task. ``None``: each worker's share in as few partitions as keep a
+        partition's features under 256 MiB (about 200 images for ResNet-18, d=100 at
+        224 px; ``d * h * w * 4`` bytes per image), and at least one per worker thread.
+        Smaller partitions cost one ``merge`` each on their worker (0.6 s on one thread
+        at that size), never a transfer.
+    torch_threads : int or None, default=None
+        Torch threads per task. ``None``: the worker's share of its machine's cores,
+        ``dask.system.CPU_COUNT`` divided by the Dask threads of all the workers on
+        that machine (at least 1), whatever ``OMP_NUM_THREADS`` Dask gave the worker.
+        Each task restores the worker's setting when it ends.
     retries : int, default=0
         Times Dask reruns a task that raised, for transient failures (a flaky network
         file system).
@@ -110,69 +140,96 @@ def fit_distributed(
     >>> client = Client(LocalCluster(n_workers=2, threads_per_worker=1))  # doctest: +SKIP
     >>> pipe = Pipeline([("feat", PatchFeatureTransformer()), ("padim", PadimDetector())])
     ... # doctest: +SKIP
-    >>> fit_distributed(pipe, good_paths, client, partition_size=64)  # doctest: +SKIP
+    >>> fit_distributed(pipe, good_paths, client)  # doctest: +SKIP
+    >>> pipe.predict(test_paths)  # doctest: +SKIP
     >>> scores = score_distributed(pipe, test_paths, client).compute()  # doctest: +SKIP
     """
     (feat_name, feat), (detector_name, detector) = _check_pipeline(pipeline, "fit_distributed")
     paths = _check_paths(paths)
-    partition_size = _check_count(partition_size, "partition_size", minimum=1)
+    if partition_size is not None:
+        partition_size = _check_count(partition_size, "partition_size", minimum=1)
+    if torch_threads is not None:
+        torch_threads = _check_count(torch_threads, "torch_threads", minimum=1)
     retries = _check_count(retries, "retries", minimum=0)
     _check_client(client)
     detector.check_params()
 
     fitted_feat = clone(feat).fit()
+    workers = _workers(client)
+    threads = torch_threads or _threads_per_host(workers)
+    if partition_size is None:
+        image_bytes = 4 * math.prod(fitted_feat.feature_shape_)
+        partition_size = _fit_partition_size(len(paths), workers, image_bytes)
+    parts = _partitions(len(paths), partition_size)
+    owners = _owners(len(parts), workers)
     # Partials keep float32 covariances whatever the final storage, so that a float16
     # model is rounded once, at the end, as a single-machine fit is.
     template = clone(detector).set_params(covariance_dtype="float32")
     token = uuid.uuid4().hex[:8]
-    feat_future = client.scatter(fitted_feat, broadcast=True, hash=False)
-    parts = _partitions(len(paths), partition_size)
-    futures = [
-        client.submit(
-            _fit_partition,
-            feat_future,
-            template,
-            paths[part],
-            index,
-            len(parts),
-            part.start,
-            key=f"padim-fit-partition-{token}-{index}",
-            retries=retries,
+
+    def submit(function, *args, key, owner=None):
+        # A loose restriction: the task runs on its owner, or elsewhere if it dies.
+        where = {} if owner is None else {"workers": [owner], "allow_other_workers": True}
+        return client.submit(
+            function, threads, *args, key=f"padim-fit-{token}-{key}", retries=retries, **where
         )
-        for index, part in enumerate(parts)
-    ]
-    level, depth = list(futures), 0
+
+    feat_future = client.scatter(fitted_feat, broadcast=True, hash=False)
+    features, partials = [], []
+    for index, (part, owner) in enumerate(zip(parts, owners, strict=True)):
+        features.append(
+            submit(
+                _transform_partition,
+                feat_future,
+                paths[part],
+                index,
+                len(parts),
+                part.start,
+                key=f"features-{index}",
+                owner=owner,
+            )
+        )
+        first = index == 0 or owners[index - 1] != owner
+        previous = None if first else partials.pop()
+        partials.append(
+            submit(_fold, previous, template, features[-1], key=f"fold-{index}", owner=owner)
+        )
+    futures = [feat_future, *features, *partials]
+    level, depth = partials, 0
     while len(level) > 1:
         merged = [
-            client.submit(
-                _merge,
-                level[i],
-                level[i + 1],
-                key=f"padim-fit-merge-{token}-{depth}-{i // 2}",
-                retries=retries,
-            )
+            submit(_merge, level[i], level[i + 1], key=f"merge-{depth}-{i // 2}")
             for i in range(0, len(level) - 1, 2)
         ]
         futures += merged
         level = merged + level[len(level) - len(level) % 2 :]
         depth += 1
+    model = level[0]
+    if detector.covariance_dtype != template.covariance_dtype:
+        model = submit(_with_storage, model, clone(detector), key="storage")
+        futures.append(model)
+    scored = []
+    if detector.threshold is None and len(paths) >= 2:
+        scored = [
+            submit(_held_out_maximum, model, part_features, key=f"threshold-{index}", owner=owner)
+            for index, (part_features, owner) in enumerate(zip(features, owners, strict=True))
+        ]
+    features = None  # with an explicit threshold, each partition's features go once folded
     try:
-        model = level[0].result()
+        final, *maxima = client.gather([model, *scored])
     except Exception as error:
         with contextlib.suppress(Exception):  # the cluster may be what failed
-            client.cancel([*futures, feat_future])
+            client.cancel([*futures, *scored])
         hint = "" if retries else " Pass retries=N to retry transient failures."
         raise RuntimeError(
             f"fit_distributed failed, so the pipeline is unchanged. "
             f"{type(error).__name__}: {error}.{hint}"
         ) from error
     finally:
-        del futures, level
+        del futures, level, model, scored
 
-    if detector.covariance_dtype == template.covariance_dtype:
-        final = model  # merge() kept the template's parameters, which are the user's
-    else:
-        final = clone(detector).set_statistics(model.statistics(), model.feature_shape_)
+    if maxima:
+        final.threshold_ = max(maxima)  # what PadimDetector.fit sets: the highest one
     pipeline.steps[0] = (feat_name, fitted_feat)
     pipeline.steps[1] = (detector_name, final)
     return pipeline
@@ -183,16 +240,19 @@ def score_distributed(
     paths,
     client: Client,
     *,
-    partition_size: int = 128,
+    partition_size: int | None = None,
     heatmap_dir: str | os.PathLike | None = None,
+    torch_threads: int | None = None,
     retries: int = 0,
 ) -> da.Array:
     """Image anomaly scores of many image files, computed on a Dask cluster.
 
     The fitted pipeline is broadcast to the workers once; each task scores one partition
-    of ``paths``. The tasks are submitted at once and run in the background; the
-    returned Dask array is backed by their results, in the order of ``paths``.
-    Scores equal ``pipeline.decision_function(paths)`` (higher means more anomalous).
+    of ``paths``, a batch at a time (the next batch is decoded while the backbone runs
+    on this one), so a task's memory does not grow with its partition. The tasks are
+    submitted at once and run in the background, wherever a thread is free; the
+    returned Dask array is backed by their results, in the order of ``paths``. Scores
+    equal ``pipeline.decision_function(paths)`` (higher means more anomalous).
 
     Parameters
     ----------
@@ -202,8 +262,10 @@ def score_distributed(
         Image files, readable by the workers at these paths.
     client : dask.distributed.Client
         Client of the cluster to run on.
-    partition_size : int, default=128
-        Images per task; the chunk size of the returned array.
+    partition_size : int or None, default=None
+        Images per task; the chunk size of the returned array. ``None``: about four
+        partitions per worker thread, so that a slow worker delays the end by little,
+        but at least the transformer's ``batch_size`` images.
     heatmap_dir : str, os.PathLike or None, default=None
         If given, each task also writes every image's anomaly map (``score_samples``,
         ``(H, W)`` float32) with ``np.save`` to
@@ -212,6 +274,9 @@ def score_distributed(
         writable by the workers (a shared file system for a remote cluster). Files are
         written atomically (temporary file, then rename), so a retried task leaves no
         partial file. Two paths that would give the same file name are an error.
+    torch_threads : int or None, default=None
+        Torch threads per task; ``None``: the worker's share of its machine's cores, as
+        in :func:`fit_distributed`.
     retries : int, default=0
         Times Dask reruns a task that raised.
 
@@ -231,7 +296,10 @@ def score_distributed(
     check_is_fitted(feat)
     check_is_fitted(detector)
     paths = _check_paths(paths)
-    partition_size = _check_count(partition_size, "partition_size", minimum=1)
+    if partition_size is not None:
+        partition_size = _check_count(partition_size, "partition_size", minimum=1)
+    if torch_threads is not None:
+        torch_threads = _check_count(torch_threads, "torch_threads", minimum=1)
     retries = _check_count(retries, "retries", minimum=0)
     _check_client(client)
     targets = None
@@ -243,6 +311,11 @@ def score_distributed(
         root = os.fspath(heatmap_dir)
         targets = [os.path.join(root, name) for name in _heatmap_names(paths)]
 
+    workers = _workers(client)
+    threads = torch_threads or _threads_per_host(workers)
+    if partition_size is None:
+        n_slots = sum(workers.values())
+        partition_size = max(feat.batch_size, math.ceil(len(paths) / (4 * n_slots)))
     token = uuid.uuid4().hex[:8]
     pipeline_future = client.scatter(pipeline, broadcast=True, hash=False)
     parts = _partitions(len(paths), partition_size)
@@ -250,6 +323,7 @@ def score_distributed(
     for index, part in enumerate(parts):
         future = client.submit(
             _score_partition,
+            threads,
             pipeline_future,
             paths[part],
             None if targets is None else targets[part],
@@ -263,28 +337,78 @@ def score_distributed(
     return da.concatenate(chunks)
 
 
-def _fit_partition(feat, template, paths, index, n_parts, start):
+@contextlib.contextmanager
+def _torch_threads(threads):
+    """Run with ``threads`` torch threads (an int, or Dask threads per host), then restore.
+
+    Torch's OpenMP thread count is per calling thread, so it is set in the task's own
+    thread; Dask's nannies set ``OMP_NUM_THREADS=1``, which would leave it at one.
+    """
+    if not isinstance(threads, int):
+        worker = get_worker()
+        on_host = threads.get(get_address_host(worker.address), worker.state.nthreads)
+        threads = max(1, CPU_COUNT // on_host)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        features = feat.transform(paths)
-        return clone(template).partial_fit(features)
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _transform_partition(threads, feat, paths, index, n_parts, start) -> np.ndarray:
+    try:
+        with _torch_threads(threads):
+            return feat.transform(paths)
     except Exception as error:
         raise RuntimeError(
             _partition_failure("Fitting", index, n_parts, start, paths, error)
         ) from error
 
 
-def _merge(left: PadimDetector, right: PadimDetector) -> PadimDetector:
-    return left.merge(right)
+def _fold(threads, previous: PadimDetector | None, template, features) -> PadimDetector:
+    """``previous`` (None for a worker's first partition) with ``features`` added."""
+    with _torch_threads(threads):
+        partial = clone(template).fit_batches([features])
+        return partial if previous is None else previous.merge(partial)
 
 
-def _score_partition(pipeline, paths, targets, index, n_parts, start):
+def _merge(threads, left: PadimDetector, right: PadimDetector) -> PadimDetector:
+    with _torch_threads(threads):
+        return left.merge(right)
+
+
+def _with_storage(threads, model: PadimDetector, detector: PadimDetector) -> PadimDetector:
+    """``detector`` (unfitted: the user's parameters) given the statistics of ``model``."""
+    with _torch_threads(threads):
+        return detector.set_statistics(model.statistics(), model.feature_shape_)
+
+
+def _held_out_maximum(threads, model: PadimDetector, features) -> float:
+    with _torch_threads(threads):
+        return float(model.held_out_scores(features).max())
+
+
+def _score_partition(threads, pipeline, paths, targets, index, n_parts, start):
+    feat, detector = pipeline[0], pipeline[-1]
     try:
-        if targets is None:
-            return np.asarray(pipeline.decision_function(paths), dtype=np.float32)
-        maps = pipeline.score_samples(paths)
-        for anomaly_map, target in zip(maps, targets, strict=True):
-            _save_atomically(target, anomaly_map)
-        return maps.max(axis=(1, 2)).astype(np.float32, copy=False)
+        with _torch_threads(threads):
+            images = check_images(paths)
+            scores = np.empty(len(images), np.float32)
+            done = 0
+            for pixels in iter_batches(images, feat.image_size_, feat.batch_size):
+                features = feat.transform(pixels)
+                stop = done + len(pixels)
+                if targets is None:
+                    scores[done:stop] = detector.decision_function(features).cpu().numpy()
+                else:
+                    maps, batch_scores = detector.maps_and_scores(features)
+                    batch_targets = targets[done:stop]
+                    for anomaly_map, target in zip(maps.cpu().numpy(), batch_targets, strict=True):
+                        _save_atomically(target, anomaly_map)
+                    scores[done:stop] = batch_scores.cpu().numpy()
+                done = stop
+            return scores
     except Exception as error:
         raise RuntimeError(
             _partition_failure("Scoring", index, n_parts, start, paths, error)
@@ -327,6 +451,38 @@ def _heatmap_names(paths: list) -> list[str]:
 
 def _partitions(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _workers(client: Client) -> dict[str, int]:
+    """Dask threads of each worker, by address, in a fixed (sorted) order."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if not info:
+        raise ValueError("The Dask cluster has no workers; start some, or wait for them.")
+    return {address: info[address]["nthreads"] for address in sorted(info)}
+
+
+def _threads_per_host(workers: dict[str, int]) -> dict[str, int]:
+    """Dask threads of all the workers on each machine, by host."""
+    on_host: dict[str, int] = {}
+    for address, n_threads in workers.items():
+        host = get_address_host(address)
+        on_host[host] = on_host.get(host, 0) + n_threads
+    return on_host
+
+
+def _fit_partition_size(n_images: int, workers: dict[str, int], image_bytes: int) -> int:
+    """Partitions of at most PARTITION_BYTES of features, at least one per worker thread."""
+    per_thread = math.ceil(n_images / sum(workers.values()))
+    per_partition = min(per_thread, max(1, PARTITION_BYTES // image_bytes))
+    return math.ceil(per_thread / math.ceil(per_thread / per_partition))
+
+
+def _owners(n_parts: int, workers: dict[str, int]) -> list[str]:
+    """The worker of each partition: contiguous runs, in proportion to workers' threads."""
+    addresses = list(workers)
+    bounds = np.cumsum(list(workers.values())) / sum(workers.values()) * n_parts
+    owners = np.searchsorted(bounds, np.arange(n_parts), side="right")
+    return [addresses[owner] for owner in owners]
 
 
 def _check_pipeline(pipeline, caller: str):

@@ -83,9 +83,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         more), so that normal images like the training ones are rarely flagged. The
         held-out Gaussians are exact rank-one downdates of the fitted ones, so this
         costs one scoring pass over the training features, not a refit (see
-        :func:`sk_padim.gaussian.held_out_distances`). :meth:`partial_fit`,
-        :meth:`fit_batches` and :meth:`merge` do not score training images and leave it
-        unset. For a threshold tuned on labelled data, use
+        :func:`sk_padim.gaussian.held_out_distances`; :meth:`held_out_scores` gives
+        each image's score). :meth:`partial_fit`, :meth:`fit_batches` and :meth:`merge`
+        do not score training images and leave it unset. For a threshold tuned on labelled data, use
         :class:`sk_padim.F1ThresholdCalibrator`.
     covariance_dtype : {"float32", "float16"}, default="float32"
         How the fitted Gaussians are stored. ``"float32"``: the covariances
@@ -206,7 +206,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         threshold = self.threshold
         if threshold is None and len(features) >= 2:
             scorer = PatchScorer(gaussians, self._map_generator(shape, device))
-            threshold = _held_out_threshold(scorer, self._batches(features, device), stats.count)
+            batches = self._batches(features, device)
+            threshold = float(_held_out_scores(scorer, batches, stats.count).max())
         self._adopt(fitted, threshold, gaussians, device)
         return self
 
@@ -414,6 +415,42 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         scores : ndarray or Tensor of shape (n,), float32
         """
         return self._score(X, keep_maps=True)
+
+    def held_out_scores(self, X) -> np.ndarray | torch.Tensor:
+        """Leave-one-out image scores of training images: each under the model without it.
+
+        For features of images this detector was fitted on, the score each image gets
+        from the Gaussians fitted on all the other training images (exact rank-one
+        downdates, see :func:`sk_padim.gaussian.held_out_distances`: one scoring pass, no
+        refit). The default ``threshold_`` of :meth:`fit` is their maximum, so a fit
+        spread over machines (:func:`sk_padim.dask.fit_distributed`) gets the same
+        threshold as the maximum of each shard's maximum. For images the detector was
+        not fitted on the numbers mean nothing; use :meth:`decision_function`.
+
+        Parameters
+        ----------
+        X : array-like, Tensor or DeviceFeatures of shape (n, d, h, w)
+            Features of training images.
+
+        Returns
+        -------
+        scores : ndarray or Tensor of shape (n,), float32
+            A tensor on ``X``'s device when ``X`` is one.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sk_padim import PadimDetector
+        >>> X = np.random.default_rng(0).normal(size=(20, 5, 4, 4)).astype(np.float32)
+        >>> detector = PadimDetector().fit(X)
+        >>> bool(detector.held_out_scores(X).max() == np.float32(detector.threshold_))
+        True
+        """
+        features = self._check_features(X, self._fitted_shape())
+        device = resolve_device(self.device)
+        batches = self._batches(features, device)
+        scores = _held_out_scores(self.to_module(device), batches, self.n_samples_seen_)
+        return scores.to(X.device) if isinstance(X, torch.Tensor) else scores.cpu().numpy()
 
     def predict(self, X) -> np.ndarray | torch.Tensor:
         """Label images: +1 normal, -1 anomalous (image score ``>= threshold_``).
@@ -700,18 +737,17 @@ def _fitted_attributes(stats: GaussianStatistics, shape) -> dict:
     }
 
 
-def _held_out_threshold(scorer: PatchScorer, batches, n_samples: int) -> float:
-    """Highest image score of the training features under the model fitted without each.
+def _held_out_scores(scorer: PatchScorer, batches, n_samples: int) -> torch.Tensor:
+    """Image scores of the training features under the model fitted without each.
 
     Scores of the training images under the model fitted on all of them are far too low
     (with fewer images than ``d``, each one lies almost in its own Gaussian's support),
-    so they would flag every new image; leave-one-out scores are what a new normal
-    image gets.
+    so their maximum would flag every new image; leave-one-out scores are what a new
+    normal image gets.
     """
-    highest = -np.inf
+    scores = []
     for batch in batches:
         with torch.inference_mode():
             distances = held_out_distances(scorer.gaussians(batch), n_samples)
-            _, scores = scorer.maps_of_distances(distances)
-        highest = max(highest, float(scores.max()))
-    return highest
+            scores.append(scorer.maps_of_distances(distances)[1])
+    return torch.cat(scores)

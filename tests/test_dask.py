@@ -22,6 +22,8 @@ distributed = pytest.importorskip("dask.distributed")
 da = pytest.importorskip("dask.array")
 joblib = pytest.importorskip("joblib")
 
+from dask.system import CPU_COUNT  # noqa: E402
+
 from sk_padim.dask import fit_distributed, score_distributed  # noqa: E402
 
 SIZE = 32
@@ -117,10 +119,38 @@ class FlakyPath(os.PathLike):
         raise RuntimeError("simulated transient read failure")
 
 
+class KillerPath(os.PathLike):
+    """A path whose first read, in any process, kills that process (a worker dying)."""
+
+    def __init__(self, path, flag):
+        self.path, self.flag = path, flag
+
+    def __fspath__(self):
+        try:
+            os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return self.path
+        os._exit(1)
+
+
+class ThreadProbe(nn.Module):
+    """A feature channel holding the number of torch threads of the calling thread."""
+
+    def forward(self, x):
+        if bool(x.isnan().any()):  # data-dependent: the backbone is not traced but hooked
+            raise ValueError("NaN input")
+        return torch.full_like(x[:, :1], torch.get_num_threads())
+
+
 @pytest.fixture(scope="module")
 def distributed_fit(client, image_paths):
-    """ResNet-18 pipeline fitted on the cluster in 4 partitions (6, 6, 6, 2 images)."""
-    return fit_distributed(make_pipeline("resnet18"), image_paths[0], client, partition_size=6)
+    """ResNet-18 pipeline fitted on the cluster in 4 partitions (6, 6, 6, 2 images).
+
+    Returns the pipeline and the cluster's task stream of the fit.
+    """
+    with distributed.get_task_stream(client) as stream:
+        pipe = fit_distributed(make_pipeline("resnet18"), image_paths[0], client, partition_size=6)
+    return pipe, stream.data
 
 
 @pytest.fixture(scope="module")
@@ -128,25 +158,73 @@ def local_fit(image_paths):
     return make_pipeline().fit(image_paths[0])
 
 
-def test_distributed_fit_equals_local_fit(distributed_fit, image_paths):
+def test_distributed_fit_equals_local_fit_threshold_included(distributed_fit, image_paths):
     train, test = image_paths
-    detector = distributed_fit[-1]
-    expected = local_detector(distributed_fit, train)
+    pipe = distributed_fit[0]
+    detector = pipe[-1]
+    expected = local_detector(pipe, train)
     assert detector.get_params() == PadimDetector().get_params()
     assert_same_model(detector, expected)
-    test_features = distributed_fit[0].transform(test)
+    assert detector.threshold_ == pytest.approx(expected.threshold_, rel=1e-5)
+    test_features = pipe[0].transform(test)
     np.testing.assert_allclose(
         detector.score_samples(test_features), expected.score_samples(test_features), rtol=1e-4
     )
+    np.testing.assert_array_equal(pipe.predict(test), expected.predict(test_features))
 
 
-def test_threshold_is_left_unset_without_the_parameter(distributed_fit, image_paths):
-    assert not hasattr(distributed_fit[-1], "threshold_")
-    with pytest.raises(NotFittedError, match="threshold_"):
-        distributed_fit.predict(image_paths[1])
+def test_each_worker_folds_its_partitions_and_ships_one_partial(distributed_fit):
+    _, records = distributed_fit
+    by_kind = {}
+    for record in records:
+        _, _, _, kind, *index = record["key"].split("-")  # padim-fit-<token>-<kind>-<index>
+        by_kind.setdefault(kind, {})["-".join(index)] = record
+    features, folds = by_kind["features"], by_kind["fold"]
+    assert sorted(folds) == ["0", "1", "2", "3"]
+    # Partitions 0, 1 on one worker and 2, 3 on the other; each folded where it was made.
+    workers = [folds[index]["worker"] for index in "0123"]
+    assert workers[0] == workers[1] != workers[2] == workers[3]
+    assert all(features[index]["worker"] == folds[index]["worker"] for index in "0123")
+    assert not any(
+        step["action"] == "transfer" for fold in folds.values() for step in fold["startstops"]
+    )
+    assert len(by_kind["merge"]) == 1  # two workers: one merge, whatever the partitions
+    assert len(by_kind["threshold"]) == 4  # the cached features, scored by the merged model
 
 
-def test_odd_merge_tree_keeps_threshold_and_float16_parameters(client, image_paths):
+def test_torch_threads_are_the_workers_share_or_the_given_number(client, image_paths):
+    train, _ = image_paths
+    backbone = nn.Sequential(
+        OrderedDict(conv1=nn.Conv2d(3, 8, 3, stride=4, padding=1), probe=ThreadProbe())
+    )
+    feat = PatchFeatureTransformer(backbone, ("conv1", "probe"), n_features=9, image_size=SIZE)
+    n_threads = sum(client.nthreads().values())  # all on this machine
+    for torch_threads, expected in ((None, max(1, CPU_COUNT // n_threads)), (3, 3)):
+        pipe = Pipeline([("feat", clone(feat)), ("padim", PadimDetector())])
+        fit_distributed(pipe, train[:4], client, torch_threads=torch_threads)
+        np.testing.assert_array_equal(pipe[-1].mean_[:, -1], expected)
+
+
+def test_held_out_scores_are_scores_under_the_model_without_each_image():
+    X = np.random.default_rng(0).normal(size=(12, 3, 2, 2)).astype(np.float32)
+    detector = PadimDetector(sigma=0, map_size=(2, 2)).fit(X)  # maps are the distances
+    vectors = X.reshape(12, 3, 4).transpose(0, 2, 1).astype(np.float64)  # (n, positions, d)
+    expected = []
+    for i in range(12):
+        others = np.delete(vectors, i, axis=0)
+        residual = others - others.mean(axis=0)
+        scatter = np.einsum("npi,npj->pij", residual, residual)
+        # The rank-one downdate keeps the full fit's N - 1 normalisation.
+        covariance = scatter / 11 + 0.01 * np.eye(3)
+        offset = vectors[i] - others.mean(axis=0)
+        squared = np.einsum("pi,pij,pj->p", offset, np.linalg.inv(covariance), offset)
+        expected.append(np.sqrt(squared).max())
+    scores = detector.held_out_scores(X)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    assert detector.threshold_ == pytest.approx(max(expected), rel=1e-4)
+
+
+def test_explicit_threshold_and_float16_storage_are_kept(client, image_paths):
     train, _ = image_paths
     params = {"threshold": 2.5, "covariance_dtype": "float16"}
     pipe = fit_distributed(make_pipeline(**params), train, client, partition_size=3)  # 7 parts
@@ -154,6 +232,13 @@ def test_odd_merge_tree_keeps_threshold_and_float16_parameters(client, image_pat
     assert pipe[-1].threshold_ == 2.5
     assert pipe[-1].packed_factor_.dtype == np.float16
     assert_same_model(pipe[-1], local_detector(pipe, train, **params), atol=1e-3)
+
+
+def test_float16_threshold_is_the_local_float16_threshold(client, image_paths):
+    train, _ = image_paths
+    pipe = fit_distributed(make_pipeline(covariance_dtype="float16"), train, client)
+    expected = local_detector(pipe, train, covariance_dtype="float16")
+    assert pipe[-1].threshold_ == pytest.approx(expected.threshold_, rel=1e-5)
 
 
 def test_distributed_scores_equal_local_scores_in_input_order(client, image_paths, local_fit):
@@ -281,3 +366,15 @@ def test_missing_dask_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "sk_padim.dask")
     with pytest.raises(ImportError, match=r"pip install 'sk-padim\[dask\]'"):
         importlib.import_module("sk_padim.dask")
+
+
+def test_worker_killed_mid_fit_gives_the_same_model(client, image_paths, tmp_path):
+    train, _ = image_paths
+    flag = str(tmp_path / "killed-once")
+    paths = [*train[:13], KillerPath(train[13], flag), *train[14:]]  # the second worker's
+    pipe = fit_distributed(make_pipeline(), paths, client, partition_size=5)
+    assert os.path.exists(flag)  # a worker did die
+    expected = local_detector(pipe, train)
+    assert_same_model(pipe[-1], expected)
+    assert pipe[-1].threshold_ == pytest.approx(expected.threshold_, rel=1e-5)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it, for later tests
