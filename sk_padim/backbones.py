@@ -246,11 +246,14 @@ class TruncatedBackbone(nn.Module):
     ----------
     traced : bool
         Whether the model was traced.
+    model_name : str
+        The class name of the model it was made from.
     """
 
     def __init__(self, model: nn.Module, layers: tuple[str, ...], probe: torch.Tensor):
         super().__init__()
         self.layers = tuple(layers)
+        self.model_name = type(model).__name__
         self.model = _traced(model, self.layers)
         self.traced = self.model is not None
         if not self.traced:

@@ -45,6 +45,7 @@ from sk_padim.evaluation import (
     padim_pipeline,
     results_table,
 )
+from sk_padim.export import export_onnx
 from sk_padim.features import PatchFeatureTransformer
 from sk_padim.persistence import load_model
 from sk_padim.plotting import check_matplotlib, picture_names, save_heatmaps
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_fit(commands, [common, model])
     _add_score(commands, [common])
     _add_calibrate(commands, [common])
+    _add_export(commands, [common])
     _add_evaluate(commands, [common, model])
     _add_demo(commands, [common])
     return parser
@@ -307,6 +309,25 @@ def _add_calibrate(commands, parents) -> None:
         "--device", help="run on this device instead of the model's (auto, cpu, cuda)"
     )
     parser.set_defaults(run=_calibrate)
+
+
+def _add_export(commands, parents) -> None:
+    parser = commands.add_parser(
+        "export",
+        parents=parents,
+        help="write a model as one ONNX file, for scoring without Python",
+        description="Write a fitted (or calibrated) model as one ONNX file: uint8 images "
+        "(batch, H, W, 3) at the model's image size in; the anomaly map, the image score "
+        "and, when the model has a threshold, the verdict out. See docs/export.md.",
+    )
+    parser.add_argument("model", help="model file written by 'sk-padim fit' or 'calibrate'")
+    parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--float16",
+        action="store_true",
+        help="store the Gaussians and the backbone's weights in half precision (half the size)",
+    )
+    parser.set_defaults(run=_export)
 
 
 def _add_evaluate(commands, parents) -> None:
@@ -532,6 +553,14 @@ def _calibrate(args: argparse.Namespace, progress: bool) -> None:
         "(measured on the images that chose the threshold)"
     )
     _info(args, f"Wrote {output}; score with: sk-padim score {output} <images>")
+
+
+def _export(args: argparse.Namespace, progress: bool) -> None:
+    path = export_onnx(_load_model(Path(args.model)), args.output, float16=args.float16)
+    size = path.stat().st_size + sum(
+        extra.stat().st_size for extra in path.parent.glob(path.name + ".data")
+    )
+    print(f"Wrote {path} ({size / 2**20:.1f} MiB)")
 
 
 def _calibration_masks(good: list[str], bad: list[str], args: argparse.Namespace) -> np.ndarray:

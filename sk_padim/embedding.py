@@ -28,6 +28,8 @@ class PatchEmbedding(nn.Module):
         Channels of each layer.
     mean, std : tuple of float
         Per-channel normalisation of RGB pixels in [0, 1].
+    image_size : (int, int)
+        ``(H, W)`` of the pixels it takes (kept for exports; not checked).
 
     Examples
     --------
@@ -47,9 +49,12 @@ class PatchEmbedding(nn.Module):
         layer_channels: tuple[int, ...],
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        image_size: tuple[int, int],
     ):
         super().__init__()
         self.backbone = backbone
+        self.image_size = tuple(image_size)
+        self.normalization = (tuple(mean), tuple(std))
         indices = np.asarray(channel_indices)
         offsets = np.cumsum((0, *layer_channels))
         self.kept = []  # (layer number, buffer name) of the layers with kept channels
@@ -81,18 +86,22 @@ class PatchEmbedding(nn.Module):
     def assemble(
         self, layer_maps: list[torch.Tensor], out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Select the kept channels of each layer, then upsample them to the first grid."""
-        first = layer_maps[0]
+        """Select the kept channels of each layer, then upsample them to the first grid.
+
+        With ``out`` the result is written into it with no temporaries; without, it is
+        built by concatenation (functional, as ``torch.onnx`` needs), with equal values.
+        """
+        grid = layer_maps[0].shape[2:]
+        selected = [
+            (layer_maps[number].index_select(1, getattr(self, name))) for number, name in self.kept
+        ]
         if out is None:
-            out = first.new_empty(
-                (len(first), self.n_features, *first.shape[2:]), dtype=torch.float32
-            )
+            parts = [F.interpolate(part, size=grid, mode="nearest") for part in selected]
+            return torch.cat(parts, dim=1).float()
         position = 0
-        for number, name in self.kept:
-            index = getattr(self, name)
-            selected = layer_maps[number].index_select(1, index)
-            upsample_nearest_into(selected, out[:, position : position + len(index)])
-            position += len(index)
+        for part in selected:
+            upsample_nearest_into(part, out[:, position : position + part.shape[1]])
+            position += part.shape[1]
         return out
 
 

@@ -281,7 +281,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     def _embedding(self, device: torch.device) -> PatchEmbedding:
         embedding = PatchEmbedding(
-            self.backbone_, self.channel_indices_, self.layer_channels_, *self.normalization_
+            self.backbone_,
+            self.channel_indices_,
+            self.layer_channels_,
+            *self.normalization_,
+            self.image_size_,
         ).eval()
         # .to() would move backbone_ itself; a GPU copy must leave it on the CPU.
         return embedding if device.type == "cpu" else _copy_to(embedding, device)

@@ -76,7 +76,8 @@ class PadimModel(nn.Module):
     ...     ("padim", PadimDetector()),
     ... ]).fit(X)
     >>> model = PadimModel.from_pipeline(pipe, "cpu")
-    >>> maps, scores = model(torch.from_numpy(X).permute(0, 3, 1, 2))
+    >>> with torch.inference_mode():
+    ...     maps, scores = model(torch.from_numpy(X).permute(0, 3, 1, 2))
     >>> bool(np.allclose(scores.numpy(), pipe.decision_function(X), atol=1e-4))
     True
     """
