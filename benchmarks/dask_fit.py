@@ -1,24 +1,27 @@
-"""Distributed fit on a local Dask cluster versus the single-process fit.
+"""Distributed fit and scoring on local Dask clusters of 1, 2, 4, 8 workers versus one process.
 
 Example (the figures in docs/scale_out.md)::
 
-    python benchmarks/dask_fit.py --n-images 64 --image-size 64 --partition-size 16
+    python benchmarks/dask_fit.py --n-images 64 --image-size 224 --workers 1,2,4,8
 
-Writes ``--n-images`` synthetic PNG textures to a temporary folder, then times, from the
-call to a fitted pipeline, in ``--repeats`` interleaved rounds (best and median):
+Writes ``--n-images`` synthetic PNG textures to a temporary folder. For each worker
+count it starts a ``LocalCluster`` of that many processes with one Dask thread each
+(``sk_padim.dask`` gives each task the worker's share of the cores in torch threads),
+warms it up (imports, a small fit and scoring), then times, in ``--repeats``
+interleaved rounds, from the call to the result:
 
-- ``fit_streaming`` in this process, with torch's default thread count and with one
-  thread (as in each worker);
-- ``Pipeline.fit`` in this process (it also scores the training images for
-  ``threshold_``, which the other two do not);
-- ``sk_padim.dask.fit_distributed`` on a ``LocalCluster`` of ``--n-workers`` processes
-  with one thread each (Dask sets ``OMP_NUM_THREADS=1`` in its workers).
+- ``Pipeline.fit`` in this process (torch's default threads: all cores), threshold
+  included, and ``sk_padim.dask.fit_distributed`` with its default partitions;
+- ``Pipeline.decision_function`` in this process and
+  ``sk_padim.dask.score_distributed(...).compute()``.
 
-All of them use the same ResNet-18 weights (random values: speed does not
-depend on them), so the script also checks that the distributed model equals the local
-one. Workers are warmed up (imports, a small fit) before timing. Memory is each process's
-peak resident set size (``resource.getrusage``; Linux reports KiB), taken after the runs,
-next to its resident size after warm-up. Prints a Markdown table.
+The local runs are repeated next to each cluster's, so every ratio compares runs made
+under the same load (the machine may be shared). Also reported: the bytes the workers
+sent (to each other and to the client) during one fit and one scoring, from each
+worker's ``transfer_outgoing_bytes_total``; the size of the broadcast transformer; the
+workers' peak resident memory; and the largest differences between the distributed and
+the local model. All use the same backbone weights (random values: speed does not depend
+on them). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import platform
 import resource
 import statistics
@@ -35,12 +39,13 @@ import time
 import numpy as np
 import torch
 import torchvision
+from dask.system import CPU_COUNT
 from distributed import Client, LocalCluster
 from PIL import Image
 from sklearn.pipeline import Pipeline
 
-from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
-from sk_padim.dask import fit_distributed
+from sk_padim import PadimDetector, PatchFeatureTransformer
+from sk_padim.dask import fit_distributed, score_distributed
 
 
 def write_images(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
@@ -92,116 +97,126 @@ def memory_mib() -> tuple[float, float]:
     return psutil.Process().memory_info().rss / 2**20, peak_kib / 2**10
 
 
+def bytes_sent(dask_worker) -> int:
+    """Bytes this worker has sent to other workers and clients since it started."""
+    return dask_worker.transfer_outgoing_bytes_total
+
+
+def sent_during(client: Client, run) -> tuple[object, list[int]]:
+    """``run()``'s result and the bytes each worker sent meanwhile."""
+    before = client.run(bytes_sent)
+    result = run()
+    after = client.run(bytes_sent)
+    return result, [after[address] - before[address] for address in sorted(after)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--n-features", type=int, default=100)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--n-images", type=int, default=64)
-    parser.add_argument("--partition-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--n-workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", default="1,2,4,8", help="worker counts, comma-separated")
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    worker_counts = [int(count) for count in args.workers.split(",")]
 
     folder = tempfile.mkdtemp(prefix="sk-padim-dask-bench-")
     paths = write_images(folder, args.n_images, args.image_size)
     weights_path = os.path.join(folder, f"{args.backbone}.pth")
     torch.manual_seed(0)
     torch.save(torchvision.models.get_model(args.backbone, weights=None).state_dict(), weights_path)
+    fitted = make_pipeline(args, weights_path).fit(paths)  # also the local warm-up
+    n = args.n_images
 
-    with (
-        LocalCluster(
-            n_workers=args.n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.CRITICAL,  # shutdown chatter
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        # Warm-up: imports, backbone construction, first-call costs, on both sides.
-        fit_distributed(make_pipeline(args, weights_path), paths[:4], client, partition_size=2)
-        fit_streaming(make_pipeline(args, weights_path), paths[:4])
-        worker_after_warmup = client.run(memory_mib)
-        local_after_warmup = memory_mib()
+    rows, traffic, checks = [], [], []
+    for n_workers in worker_counts:
+        with (
+            LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.CRITICAL,  # shutdown chatter
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            warm = make_pipeline(args, weights_path)
+            fit_distributed(warm, paths[: 2 * n_workers], client)
+            score_distributed(warm, paths[: 2 * n_workers], client).compute()
+            runs = {
+                "local fit": lambda: make_pipeline(args, weights_path).fit(paths),
+                "distributed fit": lambda: fit_distributed(
+                    make_pipeline(args, weights_path), paths, client
+                ),
+                "local scoring": lambda: fitted.decision_function(paths),
+                "distributed scoring": lambda: score_distributed(fitted, paths, client).compute(),
+            }
+            seconds, results = interleaved_times(runs, args.repeats)
+            distributed, fit_bytes = sent_during(
+                client, lambda: fit_distributed(make_pipeline(args, weights_path), paths, client)
+            )
+            _, score_bytes = sent_during(
+                client, lambda: score_distributed(fitted, paths, client).compute()
+            )
+            peak = max(memory[1] for memory in client.run(memory_mib).values())
+        median = {name: statistics.median(times) for name, times in seconds.items()}
+        rows.append((n_workers, median, peak))
+        traffic.append((n_workers, fit_bytes, score_bytes))
+        local, remote = results["local fit"][-1], distributed[-1]
+        checks.append(
+            (
+                n_workers,
+                float(np.abs(remote.mean_ - local.mean_).max()),
+                float(np.abs(remote.packed_covariance_ - local.packed_covariance_).max()),
+                abs(remote.threshold_ - local.threshold_) / local.threshold_,
+                float(np.abs(results["distributed scoring"] - results["local scoring"]).max()),
+            )
+        )
 
-        threads = torch.get_num_threads()
-
-        def streaming(n_threads):
-            def run():
-                torch.set_num_threads(n_threads)
-                try:
-                    pipe = make_pipeline(args, weights_path)
-                    return fit_streaming(pipe, paths, chunk_size=args.partition_size)
-                finally:
-                    torch.set_num_threads(threads)
-
-            return run
-
-        runs = {
-            "local": streaming(threads),
-            "local-1": streaming(1),
-            "pipeline": lambda: make_pipeline(args, weights_path).fit(paths),
-            "transformer": lambda: make_pipeline(args, weights_path)[0].fit(),
-            "distributed": lambda: fit_distributed(
-                make_pipeline(args, weights_path), paths, client, partition_size=args.partition_size
-            ),
-        }
-        seconds, results = interleaved_times(runs, args.repeats)
-        local, distributed = results["local"], results["distributed"]
-        local_memory = memory_mib()
-        worker_memory = client.run(memory_mib)
-
-    max_mean_diff = float(np.abs(distributed[-1].mean_ - local[-1].mean_).max())
-    max_cov_diff = float(
-        np.abs(distributed[-1].packed_covariance_ - local[-1].packed_covariance_).max()
-    )
-    d, h, w = local[-1].feature_shape_
-    partition_mib = args.partition_size * d * h * w * 4 / 2**20
-    model_mib = (local[-1].mean_.nbytes + local[-1].packed_covariance_.nbytes) / 2**20
-    n_parts = -(-args.n_images // args.partition_size)
-
+    d, h, w = fitted[-1].feature_shape_
+    model_mib = (fitted[-1].mean_.nbytes + fitted[-1].packed_covariance_.nbytes) / 2**20
+    feat_mib = len(pickle.dumps(fitted[0])) / 2**20
     print(
-        f"{args.backbone}, d={args.n_features}, {args.image_size} px, {args.n_images} PNG "
-        f"images, partitions of {args.partition_size} ({n_parts} tasks, "
-        f"{partition_mib:.1f} MiB of features each; model {model_mib:.1f} MiB); "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {platform.python_version()}; "
-        f"{args.repeats} interleaved rounds\n"
+        f"{args.backbone}, d={args.n_features}, {args.image_size} px, {n} PNG images "
+        f"(features {d * h * w * 4 / 2**20:.2f} MiB per image; model {model_mib:.1f} MiB, "
+        f"pickled transformer {feat_mib:.1f} MiB); {CPU_COUNT} CPUs, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads in this process), Python "
+        f"{platform.python_version()}; median of {args.repeats} interleaved rounds per row\n"
     )
     print(
-        "| fit | processes x threads | seconds, best (median) | images/s, best (median) "
-        "| RSS after warm-up | peak RSS |"
+        "| workers x 1 Dask thread | local fit img/s | distributed fit img/s | ratio "
+        "| local scoring img/s | distributed scoring img/s | ratio | worker peak RSS |"
     )
-    print("|---|---|---|---|---|---|")
-
-    def timing(name):
-        best, median = min(seconds[name]), statistics.median(seconds[name])
-        n = args.n_images
-        return f"{best:.2f} ({median:.2f}) | {n / best:.0f} ({n / median:.0f})"
-
-    local_mem = f"{local_after_warmup[0]:.0f} MiB | {local_memory[1]:.0f} MiB"
-    for name, label, n_threads in (
-        ("local", "`fit_streaming`, one process", threads),
-        ("local-1", "`fit_streaming`, one process", 1),
-        ("pipeline", "`Pipeline.fit`, one process (also scores for `threshold_`)", threads),
-    ):
-        print(f"| {label} | 1 x {n_threads} | {timing(name)} | {local_mem} |")
-    per_worker_now = ", ".join(f"{m[0]:.0f}" for m in worker_after_warmup.values())
-    per_worker_peak = ", ".join(f"{m[1]:.0f}" for m in worker_memory.values())
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n_workers, median, peak in rows:
+        fit_local, fit_remote = n / median["local fit"], n / median["distributed fit"]
+        score_local, score_remote = n / median["local scoring"], n / median["distributed scoring"]
+        print(
+            f"| {n_workers} | {fit_local:.1f} | {fit_remote:.1f} | {fit_remote / fit_local:.2f} "
+            f"| {score_local:.1f} | {score_remote:.1f} | {score_remote / score_local:.2f} "
+            f"| {peak:.0f} MiB |"
+        )
+    fit_1 = n / rows[0][1]["distributed fit"]
+    for n_workers, median, _ in rows[1:]:
+        efficiency = n / median["distributed fit"] / (fit_1 * n_workers / rows[0][0])
+        print(f"\nFit scaling efficiency {rows[0][0]} -> {n_workers} workers: {efficiency:.0%}")
+    print("\n| workers | MiB sent per worker during a fit | during a scoring |\n|---:|---|---|")
+    for n_workers, fit_bytes, score_bytes in traffic:
+        print(
+            f"| {n_workers} | {', '.join(f'{b / 2**20:.1f}' for b in fit_bytes)} "
+            f"| {', '.join(f'{b / 2**20:.2f}' for b in score_bytes)} |"
+        )
     print(
-        f"| `fit_distributed`, LocalCluster | {args.n_workers} x 1 | {timing('distributed')} "
-        f"| {per_worker_now} MiB | {per_worker_peak} MiB (per worker) |"
+        "\n| workers | max abs mean diff | max abs covariance diff | threshold rel. diff "
+        "| max abs score diff |\n|---:|---:|---:|---:|---:|"
     )
-    print(
-        f"\nOf each fit's time, {min(seconds['transformer']):.2f} s (best) is the "
-        "transformer's fit (building the backbone, loading its weights), done once in "
-        "this process in all of them."
-    )
-    print(
-        f"Distributed vs local model: max |mean diff| {max_mean_diff:.1e}, "
-        f"max |covariance diff| {max_cov_diff:.1e}."
-    )
+    for n_workers, mean_diff, cov_diff, threshold_diff, score_diff in checks:
+        print(
+            f"| {n_workers} | {mean_diff:.1e} | {cov_diff:.1e} | {threshold_diff:.1e} "
+            f"| {score_diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

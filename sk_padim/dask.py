@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 
 try:
     import dask.array as da
+    from dask.sizeof import sizeof
     from dask.system import CPU_COUNT
     from distributed import Client, get_worker
     from distributed.comm import get_address_host
@@ -156,15 +157,56 @@ def fit_distributed(
 
     fitted_feat = clone(feat).fit()
     workers = _workers(client)
-    threads = torch_threads or _threads_per_host(workers)
     if partition_size is None:
         image_bytes = 4 * math.prod(fitted_feat.feature_shape_)
         partition_size = _fit_partition_size(len(paths), workers, image_bytes)
-    parts = _partitions(len(paths), partition_size)
-    owners = _owners(len(parts), workers)
     # Partials keep float32 covariances whatever the final storage, so that a float16
     # model is rounded once, at the end, as a single-machine fit is.
     template = clone(detector).set_params(covariance_dtype="float32")
+    storage = None if detector.covariance_dtype == "float32" else clone(detector)
+    score = detector.threshold is None and len(paths) >= 2
+    model, scored = _submit_fit(
+        client,
+        fitted_feat,
+        template,
+        storage,
+        paths,
+        _partitions(len(paths), partition_size),
+        workers,
+        torch_threads or _threads_per_host(workers),
+        retries,
+        score,
+    )
+    try:
+        final, *maxima = client.gather([model, *scored])
+    except Exception as error:
+        with contextlib.suppress(Exception):  # the cluster may be what failed
+            client.cancel([model, *scored])  # and, with them, all they wait for
+        hint = "" if retries else " Pass retries=N to retry transient failures."
+        raise RuntimeError(
+            f"fit_distributed failed, so the pipeline is unchanged. "
+            f"{type(error).__name__}: {error}.{hint}"
+        ) from error
+    finally:
+        del model, scored
+
+    if maxima:
+        final.threshold_ = max(maxima)  # what PadimDetector.fit sets: the highest one
+    pipeline.steps[0] = (feat_name, fitted_feat)
+    pipeline.steps[1] = (detector_name, final)
+    return pipeline
+
+
+def _submit_fit(
+    client, feat, template, storage, paths, parts, workers, threads, retries, score
+) -> tuple:
+    """Submit the fit's tasks; return the futures of the model and of the threshold's parts.
+
+    Per partition, a task extracts the features on the partition's worker (they stay
+    there) and a task folds them into that worker's running partial; the partials of
+    the workers are merged pairwise. Only the returned futures are held, so Dask keeps
+    each intermediate result just until the tasks that need it are done.
+    """
     token = uuid.uuid4().hex[:8]
 
     def submit(function, *args, key, owner=None):
@@ -174,7 +216,8 @@ def fit_distributed(
             function, threads, *args, key=f"padim-fit-{token}-{key}", retries=retries, **where
         )
 
-    feat_future = client.scatter(fitted_feat, broadcast=True, hash=False)
+    feat_future = client.scatter(feat, broadcast=True, hash=False)
+    owners = _owners(len(parts), workers)
     features, partials = [], []
     for index, (part, owner) in enumerate(zip(parts, owners, strict=True)):
         features.append(
@@ -194,45 +237,24 @@ def fit_distributed(
         partials.append(
             submit(_fold, previous, template, features[-1], key=f"fold-{index}", owner=owner)
         )
-    futures = [feat_future, *features, *partials]
     level, depth = partials, 0
     while len(level) > 1:
         merged = [
             submit(_merge, level[i], level[i + 1], key=f"merge-{depth}-{i // 2}")
             for i in range(0, len(level) - 1, 2)
         ]
-        futures += merged
         level = merged + level[len(level) - len(level) % 2 :]
         depth += 1
     model = level[0]
-    if detector.covariance_dtype != template.covariance_dtype:
-        model = submit(_with_storage, model, clone(detector), key="storage")
-        futures.append(model)
+    if storage is not None:
+        model = submit(_with_storage, model, storage, key="storage")
     scored = []
-    if detector.threshold is None and len(paths) >= 2:
+    if score:
         scored = [
             submit(_held_out_maximum, model, part_features, key=f"threshold-{index}", owner=owner)
             for index, (part_features, owner) in enumerate(zip(features, owners, strict=True))
         ]
-    features = None  # with an explicit threshold, each partition's features go once folded
-    try:
-        final, *maxima = client.gather([model, *scored])
-    except Exception as error:
-        with contextlib.suppress(Exception):  # the cluster may be what failed
-            client.cancel([*futures, *scored])
-        hint = "" if retries else " Pass retries=N to retry transient failures."
-        raise RuntimeError(
-            f"fit_distributed failed, so the pipeline is unchanged. "
-            f"{type(error).__name__}: {error}.{hint}"
-        ) from error
-    finally:
-        del futures, level, model, scored
-
-    if maxima:
-        final.threshold_ = max(maxima)  # what PadimDetector.fit sets: the highest one
-    pipeline.steps[0] = (feat_name, fitted_feat)
-    pipeline.steps[1] = (detector_name, final)
-    return pipeline
+    return model, scored
 
 
 def score_distributed(
@@ -247,7 +269,8 @@ def score_distributed(
 ) -> da.Array:
     """Image anomaly scores of many image files, computed on a Dask cluster.
 
-    The fitted pipeline is broadcast to the workers once; each task scores one partition
+    The fitted transformer and detector are broadcast to the workers once (each worker
+    factorises the covariances once, at its first task); each task scores one partition
     of ``paths``, a batch at a time (the next batch is decoded while the backbone runs
     on this one), so a task's memory does not grow with its partition. The tasks are
     submitted at once and run in the background, wherever a thread is free; the
@@ -317,14 +340,16 @@ def score_distributed(
         n_slots = sum(workers.values())
         partition_size = max(feat.batch_size, math.ceil(len(paths) / (4 * n_slots)))
     token = uuid.uuid4().hex[:8]
-    pipeline_future = client.scatter(pipeline, broadcast=True, hash=False)
+    # Scattered apart, so that Dask knows their sizes (see _sizeof_detector).
+    feat_future, detector_future = client.scatter([feat, detector], broadcast=True, hash=False)
     parts = _partitions(len(paths), partition_size)
     chunks = []
     for index, part in enumerate(parts):
         future = client.submit(
             _score_partition,
             threads,
-            pipeline_future,
+            feat_future,
+            detector_future,
             paths[part],
             None if targets is None else targets[part],
             index,
@@ -335,6 +360,21 @@ def score_distributed(
         )
         chunks.append(da.from_delayed(future, shape=(part.stop - part.start,), dtype=np.float32))
     return da.concatenate(chunks)
+
+
+@sizeof.register(PadimDetector)
+def _sizeof_detector(detector: PadimDetector) -> int:
+    """Bytes of the fitted arrays: Dask weighs transfers and spills memory by this."""
+    names = ("mean_", "packed_covariance_", "packed_factor_")
+    return sum(getattr(detector, name).nbytes for name in names if hasattr(detector, name))
+
+
+@sizeof.register(PatchFeatureTransformer)
+def _sizeof_transformer(feat: PatchFeatureTransformer) -> int:
+    """Bytes of the backbone's weights (the rest is small)."""
+    if not hasattr(feat, "backbone_"):
+        return 1024
+    return sum(value.nbytes for value in feat.backbone_.state_dict().values())
 
 
 @contextlib.contextmanager
@@ -389,8 +429,7 @@ def _held_out_maximum(threads, model: PadimDetector, features) -> float:
         return float(model.held_out_scores(features).max())
 
 
-def _score_partition(threads, pipeline, paths, targets, index, n_parts, start):
-    feat, detector = pipeline[0], pipeline[-1]
+def _score_partition(threads, feat, detector, paths, targets, index, n_parts, start):
     try:
         with _torch_threads(threads):
             images = check_images(paths)

@@ -165,7 +165,7 @@ def test_distributed_fit_equals_local_fit_threshold_included(distributed_fit, im
     expected = local_detector(pipe, train)
     assert detector.get_params() == PadimDetector().get_params()
     assert_same_model(detector, expected)
-    assert detector.threshold_ == pytest.approx(expected.threshold_, rel=1e-5)
+    assert detector.threshold_ == pytest.approx(expected.threshold_, rel=1e-4)
     test_features = pipe[0].transform(test)
     np.testing.assert_allclose(
         detector.score_samples(test_features), expected.score_samples(test_features), rtol=1e-4
@@ -238,7 +238,7 @@ def test_float16_threshold_is_the_local_float16_threshold(client, image_paths):
     train, _ = image_paths
     pipe = fit_distributed(make_pipeline(covariance_dtype="float16"), train, client)
     expected = local_detector(pipe, train, covariance_dtype="float16")
-    assert pipe[-1].threshold_ == pytest.approx(expected.threshold_, rel=1e-5)
+    assert pipe[-1].threshold_ == pytest.approx(expected.threshold_, rel=1e-4)
 
 
 def test_distributed_scores_equal_local_scores_in_input_order(client, image_paths, local_fit):
@@ -376,5 +376,5 @@ def test_worker_killed_mid_fit_gives_the_same_model(client, image_paths, tmp_pat
     assert os.path.exists(flag)  # a worker did die
     expected = local_detector(pipe, train)
     assert_same_model(pipe[-1], expected)
-    assert pipe[-1].threshold_ == pytest.approx(expected.threshold_, rel=1e-5)
+    assert pipe[-1].threshold_ == pytest.approx(expected.threshold_, rel=1e-4)
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it, for later tests
