@@ -1,0 +1,199 @@
+"""A disk cache of backbone layer outputs, per image and per layer, shared across fits.
+
+A grid search over ``n_features``, layer sets, ``random_state`` or the detector's
+parameters runs the same backbone over the same images for every candidate and fold.
+:class:`LayerCache` stores each image's output of each layer (all its channels, at the
+layer's own grid) in a ``joblib.Memory``, so that every transformer sharing the memory
+runs the backbone once per image; the kept channels are selected and upsampled from the
+stored outputs, as they would be from fresh ones.
+
+An entry's key covers everything its values depend on: a digest of the backbone's
+architecture and weights (:func:`model_digest`), the context given by the transformer
+(image size, normalisation, ``autocast``, device type), the versions of sk-padim, torch
+and torchvision, the layer's name, and a digest of the image's pixels as they enter the
+network (after decoding and resizing). A change to any of them reads another entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from sklearn.utils.validation import check_memory
+from torch import nn
+
+from sk_padim._version import __version__
+
+__all__ = ["LayerCache", "clear_feature_cache", "image_digests", "model_digest"]
+
+
+def _layer_output(context, image: str, layer: str, output=None):
+    """The stored function of the cache: returns the output it is given to store.
+
+    ``joblib.Memory`` keys each call by ``context``, ``image`` and ``layer`` (``output``
+    is ignored by the key), so ``call(..., output=x)`` stores ``x`` under that key, and a
+    later call with the same key reads it back.
+    """
+    return output
+
+
+def _stored(memory):
+    return check_memory(memory).cache(_layer_output, ignore=["output"])
+
+
+def clear_feature_cache(memory) -> None:
+    """Delete every layer output that transformers stored in ``memory``.
+
+    Other functions cached in the same ``joblib.Memory`` (e.g. a Pipeline's fitted
+    transformers) are left alone; ``joblib.Memory(folder).clear()`` deletes those too.
+
+    Parameters
+    ----------
+    memory : str, path or joblib.Memory
+        What was passed as ``PatchFeatureTransformer(memory=...)``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sk_padim.feature_cache import clear_feature_cache
+    >>> clear_feature_cache(tempfile.mkdtemp())
+    """
+    _stored(_as_memory(memory)).clear(warn=False)
+
+
+def _as_memory(memory):
+    return str(memory) if hasattr(memory, "__fspath__") else memory
+
+
+def model_digest(model: nn.Module) -> str:
+    """A digest of a model's architecture (its module tree) and of its weights.
+
+    The module tree is the model's ``repr`` (module classes and their settings); every
+    tensor of its state dict goes in with its name, dtype and shape. Python code in a
+    custom module's ``forward`` is not part of it: clear the cache after changing such
+    code (:func:`clear_feature_cache`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    digest : str
+        32 hexadecimal characters.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from sk_padim.feature_cache import model_digest
+    >>> layer = nn.Conv2d(3, 4, 1)
+    >>> model_digest(layer) == model_digest(layer)
+    True
+    """
+    digest = hashlib.blake2b(repr(model).encode(), digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(data.numpy().data)
+    return digest.hexdigest()
+
+
+def image_digests(pixels: torch.Tensor) -> list[str]:
+    """A digest of each image of a batch of pixels ``(B, C, H, W)`` (dtype, shape, values).
+
+    Parameters
+    ----------
+    pixels : Tensor of shape (B, C, H, W)
+
+    Returns
+    -------
+    digests : list of str
+        One per image, 32 hexadecimal characters each.
+    """
+    pixels = pixels.detach().cpu()
+    header = f"{pixels.dtype} {tuple(pixels.shape[1:])}".encode()
+    return [
+        hashlib.blake2b(header + image.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+        for image in pixels
+    ]
+
+
+class LayerCache:
+    """Backbone layer outputs per image and layer, in a ``joblib.Memory``.
+
+    Parameters
+    ----------
+    memory : str, path or joblib.Memory
+        Where the outputs are stored, as for ``Pipeline(memory=...)``. A
+        ``joblib.Memory(None)`` stores nothing (every lookup misses).
+    context : tuple
+        Everything besides the image and the layer that the outputs depend on, e.g. the
+        :func:`model_digest` of the backbone, the image size and the normalisation.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from sk_padim.feature_cache import LayerCache
+    >>> cache = LayerCache(tempfile.mkdtemp(), context=("example",))
+    >>> pixels = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    >>> def run(pixels):
+    ...     return [pixels.float().mean(1, keepdim=True)]
+    >>> cache.layer_maps(pixels, ("only",), run)[0].shape
+    torch.Size([2, 1, 8, 8])
+    """
+
+    def __init__(self, memory, context: tuple):
+        self.context = (*context, __version__, torch.__version__, torchvision.__version__)
+        self.stored = _stored(_as_memory(memory))
+
+    def load(self, image: str, layer: str) -> np.ndarray | None:
+        """The stored output of ``layer`` for the image of digest ``image``, or None."""
+        if not self.stored.check_call_in_cache(self.context, image, layer):
+            return None
+        # None too if the entry was cleared since the check (joblib then stores None).
+        return self.stored(self.context, image, layer)
+
+    def store(self, image: str, layer: str, output: np.ndarray) -> None:
+        """Store the output ``(C, h, w)`` of ``layer`` for the image of digest ``image``."""
+        self.stored.call(self.context, image, layer, output=output)
+
+    def layer_maps(
+        self,
+        pixels: torch.Tensor,
+        layers: Sequence[str],
+        run: Callable[[torch.Tensor], list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """The outputs of ``layers`` for a batch of pixels, from the cache where stored.
+
+        Images with an output missing go through ``run`` together, and all their outputs
+        are stored.
+
+        Parameters
+        ----------
+        pixels : Tensor of shape (B, C, H, W)
+            The images as they enter the network (the digests are of these).
+        layers : sequence of str
+            Names of the layers ``run`` returns, in its order.
+        run : callable
+            Pixels ``(b, C, H, W)`` -> one tensor ``(b, C_l, h_l, w_l)`` per layer.
+
+        Returns
+        -------
+        layer_maps : list of Tensor of shape (B, C_l, h_l, w_l), float32, on the CPU
+        """
+        digests = image_digests(pixels)
+        found = [[self.load(image, layer) for layer in layers] for image in digests]
+        missing = [i for i, outputs in enumerate(found) if any(o is None for o in outputs)]
+        if missing:
+            computed = run(pixels[torch.as_tensor(missing, device=pixels.device)])
+            for row, i in enumerate(missing):
+                found[i] = [maps[row].float().cpu().contiguous().numpy() for maps in computed]
+                for layer, output in zip(layers, found[i], strict=True):
+                    self.store(digests[i], layer, output)
+        return [
+            torch.from_numpy(np.stack([outputs[k] for outputs in found]))
+            for k in range(len(layers))
+        ]
