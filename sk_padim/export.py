@@ -196,7 +196,7 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
         threshold, source = float(model.threshold_), f"calibrated ({model.level} F1)"
         model = model.estimator_
     if isinstance(model, PadimModel):
-        core = model
+        embedding, scorer = model.embedding, model.scorer
     else:
         steps = [step for _, step in getattr(model, "steps", ())]
         if len(steps) != 2 or not all(hasattr(step, "to_module") for step in steps):
@@ -210,22 +210,26 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
         check_is_fitted(detector)
         if threshold is None and hasattr(detector, "threshold_"):
             threshold, source = float(detector.threshold_), "the detector's threshold_"
-        core = PadimModel.from_pipeline(model, "cpu")
-    if any(buffer.device.type != "cpu" for buffer in core.buffers()):
-        core = copy.deepcopy(core).cpu()  # the caller's model stays where it is
-    embedding = _last_layer_pruned(core.embedding)
-    gaussians, maps = core.scorer.gaussians, core.scorer.maps
-    packed_factor = pack_lower(gaussians.factor.transpose(1, 2))
-    module = ExportedPadim(embedding, gaussians.mean_high, packed_factor, maps, threshold).eval()
-    mean, std = embedding.normalization
+        # The Gaussians where the detector keeps them (a GPU fit's are on the GPU):
+        # packing them there and copying the packed half saves a CPU factorisation.
+        embedding, scorer = feat.to_module("cpu"), detector.to_module()
+    if any(buffer.device.type != "cpu" for buffer in embedding.buffers()):
+        embedding = copy.deepcopy(embedding).cpu()  # the caller's model stays where it is
+    gaussians = scorer.gaussians
+    packed_factor = pack_lower(gaussians.factor.transpose(1, 2)).cpu()
+    maps = copy.deepcopy(scorer.maps).cpu()
+    embedding = _last_layer_pruned(embedding)
+    mean = gaussians.mean_high.cpu()
+    module = ExportedPadim(embedding, mean, packed_factor, maps, threshold).eval()
+    normalization_mean, normalization_std = embedding.normalization
     metadata = {
         "sk_padim_version": __version__,
         "backbone": _backbone_name(feat, embedding),
         "n_features": str(embedding.n_features),
         "image_size": ",".join(map(str, embedding.image_size)),
         "map_size": ",".join(map(str, maps.size)),
-        "normalization_mean": ",".join(map(str, mean)),
-        "normalization_std": ",".join(map(str, std)),
+        "normalization_mean": ",".join(map(str, normalization_mean)),
+        "normalization_std": ",".join(map(str, normalization_std)),
         "threshold": "" if threshold is None else repr(threshold),
         "threshold_source": source,
         "storage": "float16" if float16 else "float32",
