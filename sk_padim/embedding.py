@@ -11,18 +11,23 @@ from sk_padim.backbones import TruncatedBackbone
 
 
 class PatchEmbedding(nn.Module):
-    """Normalise pixels, run the truncated backbone, keep ``d`` channels, upsample.
+    """Normalise pixels, run the truncated backbone, reduce to ``d`` channels, upsample.
 
-    The kept channels of each layer are selected on that layer's own grid, then
-    upsampled (nearest) to the first layer's grid and written side by side, so the full
-    concatenation of the layers is never built. Everything is a tensor operation on the
-    module's device; there is no per-image Python code.
+    The reduction is either PaDiM's, keeping ``d`` of the concatenated layers' channels
+    (``channel_indices``), or Kim et al.'s semi-orthogonal embedding, ``W^T x`` per
+    position for an ``(F, d)`` matrix ``W`` (``projection``). Either way it is applied to
+    each layer on its own grid before that layer is upsampled (nearest) to the first
+    layer's grid: nearest upsampling repeats positions, so it commutes with a per-position
+    linear map, ``W^T x = W_1^T l_1 + up(W_2^T l_2) + ...`` with ``W_k`` the rows of
+    ``W`` for layer ``k``. The full concatenation of the layers is never built.
+    Everything is a tensor operation on the module's device; there is no per-image
+    Python code.
 
     Parameters
     ----------
     backbone : TruncatedBackbone
         Returns the requested layers' outputs, shallowest first.
-    channel_indices : array-like of int
+    channel_indices : array-like of int or None
         Sorted indices of the kept channels in the concatenation of the layers.
     layer_channels : tuple of int
         Channels of each layer.
@@ -30,6 +35,8 @@ class PatchEmbedding(nn.Module):
         Per-channel normalisation of RGB pixels in [0, 1].
     image_size : (int, int)
         ``(H, W)`` of the pixels it takes (kept for exports; not checked).
+    projection : array-like of shape (F, d) or None, default=None
+        With ``channel_indices=None``: the projection ``W``, ``F = sum(layer_channels)``.
 
     Examples
     --------
@@ -50,21 +57,32 @@ class PatchEmbedding(nn.Module):
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         image_size: tuple[int, int],
+        projection=None,
     ):
         super().__init__()
         self.backbone = backbone
         self.image_size = tuple(image_size)
         self.normalization = (tuple(mean), tuple(std))
-        indices = np.asarray(channel_indices)
         offsets = np.cumsum((0, *layer_channels))
+        layer_ranges = list(zip(offsets[:-1], offsets[1:], strict=True))
         self.kept = []  # (layer number, buffer name) of the layers with kept channels
-        for number, (low, high) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
-            local = indices[(indices >= low) & (indices < high)] - low
-            if len(local):
-                name = f"kept_channels_{number}"
-                self.register_buffer(name, torch.as_tensor(local, dtype=torch.long))
-                self.kept.append((number, name))
-        self.n_features = len(indices)
+        self.projected = []  # (layer number, buffer name) of the per-layer projections
+        if channel_indices is not None:
+            indices = np.asarray(channel_indices)
+            for number, (low, high) in enumerate(layer_ranges):
+                local = indices[(indices >= low) & (indices < high)] - low
+                if len(local):
+                    name = f"kept_channels_{number}"
+                    self.register_buffer(name, torch.as_tensor(local, dtype=torch.long))
+                    self.kept.append((number, name))
+            self.n_features = len(indices)
+        else:
+            matrix = torch.as_tensor(np.asarray(projection), dtype=torch.float32)
+            for number, (low, high) in enumerate(layer_ranges):
+                name = f"projection_{number}"
+                self.register_buffer(name, matrix[low:high].contiguous())
+                self.projected.append((number, name))
+            self.n_features = matrix.shape[1]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -86,12 +104,28 @@ class PatchEmbedding(nn.Module):
     def assemble(
         self, layer_maps: list[torch.Tensor], out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Select the kept channels of each layer, then upsample them to the first grid.
+        """Reduce each layer to its share of the ``d`` channels, then upsample to the first grid.
 
         With ``out`` the result is written into it with no temporaries; without, it is
-        built by concatenation (functional, as ``torch.onnx`` needs), with equal values.
+        built by concatenation or summation (functional, as ``torch.onnx`` needs), with
+        equal values.
         """
         grid = layer_maps[0].shape[2:]
+        if self.projected:
+            parts = [
+                torch.matmul(layer_maps[number].permute(0, 2, 3, 1), getattr(self, name)).permute(
+                    0, 3, 1, 2
+                )
+                for number, name in self.projected
+            ]
+            if out is None:  # summed in the same order as into ``out``
+                total = parts[0]
+                for part in parts[1:]:
+                    total = total + F.interpolate(part, size=grid, mode="nearest")
+                return total.float()
+            for position, part in enumerate(parts):
+                upsample_nearest_into(part, out, accumulate=position > 0)
+            return out
         selected = [
             (layer_maps[number].index_select(1, getattr(self, name))) for number, name in self.kept
         ]
@@ -105,16 +139,21 @@ class PatchEmbedding(nn.Module):
         return out
 
 
-def upsample_nearest_into(maps: torch.Tensor, out: torch.Tensor) -> None:
+def upsample_nearest_into(maps: torch.Tensor, out: torch.Tensor, accumulate: bool = False):
     """``F.interpolate(maps, size=out.shape[2:], mode="nearest")`` written into ``out``.
 
-    For a whole-number scale (layers of a CNN halve their grid) each value is repeated
-    through a broadcast view, with no temporary as large as the result.
+    Added to ``out`` instead with ``accumulate=True``. For a whole-number scale (layers of
+    a CNN halve their grid) each value is repeated through a broadcast view, with no
+    temporary as large as the result.
     """
     (n, k, h, w), (height, width) = maps.shape, out.shape[2:]
     if height % h or width % w:
-        out.copy_(F.interpolate(maps, size=(height, width), mode="nearest"))
-        return
-    fy, fx = height // h, width // w
-    blocks = out.view(n, k, h, fy, w, fx)
-    blocks.copy_(maps[:, :, :, None, :, None].expand(n, k, h, fy, w, fx))
+        target, source = out, F.interpolate(maps, size=(height, width), mode="nearest")
+    else:
+        fy, fx = height // h, width // w
+        target = out.view(n, k, h, fy, w, fx)
+        source = maps[:, :, :, None, :, None].expand(n, k, h, fy, w, fx)
+    if accumulate:
+        target.add_(source)
+    else:
+        target.copy_(source)
