@@ -34,7 +34,13 @@ def table_row(line):
 
 
 def test_every_example_is_tested():
-    tested = {"quickstart.py", "mvtec_evaluation.py", "custom_backbone.py", "calibration.py"}
+    tested = {
+        "quickstart.py",
+        "mvtec_evaluation.py",
+        "custom_backbone.py",
+        "calibration.py",
+        "grid_search_memory.py",
+    }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
 
 
@@ -91,3 +97,10 @@ def test_calibration(tmp_path):
     assert image_line.startswith("image threshold") and pixel_line.startswith("pixel threshold")
     for line in (image_line, pixel_line):
         assert metric(line, "validation F1") > 0 and metric(line, "test F1") > 0
+
+
+def test_grid_search_memory(tmp_path):
+    process = run_example("grid_search_memory.py", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr  # it asserts equal results itself
+    assert re.search(r"without memory [0-9.]+ s, with memory [0-9.]+ s", process.stdout)
+    assert metric(process.stdout, "pixel AUROC") > 0.8
