@@ -17,9 +17,14 @@ import numpy as np
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
-from sk_padim import NormalTrainSplit, PadimDetector, PatchFeatureTransformer, pixel_auroc_scorer
+from sk_padim import (
+    NormalTrainSplit,
+    PadimDetector,
+    PatchFeatureTransformer,
+    clear_feature_cache,
+    pixel_auroc_scorer,
+)
 from sk_padim.datasets import make_defect_textures
-from sk_padim.feature_cache import clear_feature_cache
 
 # The tests run every example with SK_PADIM_EXAMPLES_SMALL=1, at a smaller size.
 SMALL = bool(os.environ.get("SK_PADIM_EXAMPLES_SMALL"))

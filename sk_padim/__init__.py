@@ -6,6 +6,7 @@ from sk_padim.datasets import load_mvtec_ad, make_defect_textures, write_mvtec_l
 from sk_padim.detector import PadimDetector
 from sk_padim.devices import DeviceFeatures
 from sk_padim.export import export_onnx
+from sk_padim.feature_cache import clear_feature_cache
 from sk_padim.features import PatchFeatureTransformer
 from sk_padim.metrics import (
     aupro,
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "aupro",
     "aupro_scorer",
+    "clear_feature_cache",
     "export_onnx",
     "f1_optimal_threshold",
     "fit_streaming",

@@ -87,7 +87,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         one image alone at small sizes; at 224 px ResNet-18 gives the same bits in
         every batch size). Disk use: 4 bytes per value, 1.4 MB per
         image for ResNet-18's default layers at 224 px, 5.6 MB for Wide-ResNet-50-2's;
-        :func:`sk_padim.feature_cache.clear_feature_cache` deletes them. Fitting with
+        :func:`sk_padim.clear_feature_cache` deletes them. Fitting with
         memory also fingerprints the weights (a few tens of ms for ResNet-18).
     autocast : {"bfloat16", "float16"} or None, default=None
         Run the backbone under ``torch.autocast`` with this dtype (features are still
