@@ -139,6 +139,25 @@ class PatchEmbedding(nn.Module):
         return out
 
 
+def semi_orthogonal_matrix(n_rows: int, n_columns: int, rng: np.random.RandomState) -> np.ndarray:
+    """A random ``(n_rows, n_columns)`` float32 matrix with orthonormal columns.
+
+    Kim et al.'s recipe: the Q of the QR decomposition of a standard Gaussian matrix, each
+    column's sign set by the sign of R's diagonal (so that the distribution is uniform
+    over such matrices, not tied to LAPACK's sign convention).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_padim.embedding import semi_orthogonal_matrix
+    >>> W = semi_orthogonal_matrix(6, 3, np.random.RandomState(0))
+    >>> bool(np.allclose(W.T @ W, np.eye(3), atol=1e-6))
+    True
+    """
+    q, r = np.linalg.qr(rng.standard_normal((n_rows, n_columns)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
 def upsample_nearest_into(maps: torch.Tensor, out: torch.Tensor, accumulate: bool = False):
     """``F.interpolate(maps, size=out.shape[2:], mode="nearest")`` written into ``out``.
 

@@ -23,7 +23,7 @@ from sk_padim.backbones import (
     load_backbone,
 )
 from sk_padim.devices import DeviceFeatures, PerDeviceCache, resolve_device
-from sk_padim.embedding import PatchEmbedding
+from sk_padim.embedding import PatchEmbedding, semi_orthogonal_matrix
 from sk_padim.feature_cache import LayerCache, model_digest
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
 from sk_padim.versioning import VersionedPickleMixin
@@ -97,6 +97,13 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         float32 ones by about 1e-2 relative.
     verbose : bool, default=False
         Show a progress bar over batches.
+    projection : {"channels", "semi_orthogonal"}, default="channels"
+        How the layers' ``F`` concatenated channels become ``d``. ``"channels"``:
+        PaDiM's ``d`` channels drawn at random (``channel_indices_``). ``"semi_orthogonal"``:
+        Kim et al.'s semi-orthogonal embedding (arXiv 2105.14737), ``W^T x`` per position
+        for a random ``(F, d)`` matrix ``W`` with orthonormal columns
+        (``projection_``), computed per layer on its own grid; see docs/algorithm.md for
+        when to prefer it.
 
     Attributes
     ----------
@@ -110,7 +117,10 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     layer_channels_ : tuple of int
         Channels of each layer.
     channel_indices_ : ndarray of shape (n_features_,)
-        Sorted indices of the kept channels in the concatenation of the layers.
+        Sorted indices of the kept channels in the concatenation of the layers (with
+        ``projection="channels"``).
+    projection_ : ndarray of shape (F, n_features_), float32
+        The semi-orthogonal ``W`` (with ``projection="semi_orthogonal"``).
     n_features_ : int
         Number of channels kept, ``d``.
     feature_shape_ : tuple of int
@@ -147,6 +157,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         "autocast": [StrOptions({"bfloat16", "float16"}), None],
         "verbose": ["boolean"],
         "memory": [str, os.PathLike, HasMethods(["cache"]), None],
+        "projection": [StrOptions({"channels", "semi_orthogonal"})],
     }
 
     def __init__(
@@ -162,6 +173,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         autocast: str | None = None,
         verbose: bool = False,
         memory=None,
+        projection: str = "channels",
     ):
         self.backbone = backbone
         self.layers = layers
@@ -174,6 +186,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self.autocast = autocast
         self.verbose = verbose
         self.memory = memory
+        self.projection = projection
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
@@ -207,8 +220,13 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         truncated, outputs = self._truncate(model, layers, size)
         channels = tuple(int(output.shape[1]) for output in outputs)
         n_features = self._resolve_n_features(spec, layers, sum(channels))
-        # Nested draws: a smaller n_features keeps a prefix of the same permutation.
-        self.channel_indices_ = np.sort(rng.permutation(sum(channels))[:n_features])
+        for name in ("channel_indices_", "projection_"):
+            vars(self).pop(name, None)  # a refit with the other projection
+        if self.projection == "channels":
+            # Nested draws: a smaller n_features keeps a prefix of the same permutation.
+            self.channel_indices_ = np.sort(rng.permutation(sum(channels))[:n_features])
+        else:
+            self.projection_ = semi_orthogonal_matrix(sum(channels), n_features, rng)
         self.backbone_ = truncated.to(memory_format=torch.channels_last)
         self.layers_ = layers
         self.layer_channels_ = channels
@@ -321,10 +339,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     def _embedding(self, device: torch.device) -> PatchEmbedding:
         embedding = PatchEmbedding(
             self.backbone_,
-            self.channel_indices_,
+            getattr(self, "channel_indices_", None),
             self.layer_channels_,
             *self.normalization_,
             self.image_size_,
+            getattr(self, "projection_", None),
         ).eval()
         # .to() would move backbone_ itself; a GPU copy must leave it on the CPU.
         return embedding if device.type == "cpu" else _copy_to(embedding, device)

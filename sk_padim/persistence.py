@@ -376,7 +376,10 @@ def _transformer_record(feat: PatchFeatureTransformer, prefix: str, arrays: dict
             "Export the detector alone (save_npz(pipeline[-1], path)) and rebuild the "
             "transformer in your code, or use save_model (joblib) for trusted storage."
         )
-    arrays[prefix + "channel_indices_"] = np.asarray(feat.channel_indices_, dtype=np.int64)
+    if hasattr(feat, "projection_"):
+        arrays[prefix + "projection_"] = np.asarray(feat.projection_, dtype=np.float32)
+    else:
+        arrays[prefix + "channel_indices_"] = np.asarray(feat.channel_indices_, dtype=np.int64)
     for key, tensor in feat.backbone_.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
         if tensor.dtype in (torch.bfloat16, torch.float16):
@@ -511,6 +514,26 @@ def _load_backbone_state(shell: PatchFeatureTransformer, state: dict) -> None:
     shell.backbone_ = truncated.to(memory_format=torch.channels_last)
 
 
+def _stored_reduction(shell: PatchFeatureTransformer, prefix: str, arrays: dict):
+    """``(name, array)``: the stored channel indices or projection, checked."""
+    n_channels = sum(shell.layer_channels_)
+    if prefix + "projection_" in arrays:
+        projection = np.asarray(arrays[prefix + "projection_"], dtype=np.float32)
+        if projection.shape != (n_channels, shell.n_features_) or not np.isfinite(projection).all():
+            raise ValueError("projection_ is not a finite (channels, n_features) matrix")
+        return "projection_", projection
+    indices = arrays[prefix + "channel_indices_"]
+    if (
+        indices.shape != (shell.n_features_,)
+        or indices.dtype.kind not in "iu"
+        or len(np.unique(indices)) != len(indices)
+        or indices.min() < 0
+        or indices.max() >= n_channels
+    ):
+        raise ValueError("channel_indices_ are not distinct valid channel numbers")
+    return "channel_indices_", indices.astype(np.int64)
+
+
 def _restore_transformer(
     feat: PatchFeatureTransformer, fitted: dict, prefix: str, arrays: dict
 ) -> None:
@@ -523,15 +546,7 @@ def _restore_transformer(
                 f"{name} of the rebuilt backbone is {getattr(shell, name)}, the file says "
                 f"{fitted[name]} (another torchvision version's architecture?)"
             )
-    indices = arrays[prefix + "channel_indices_"]
-    if (
-        indices.shape != (shell.n_features_,)
-        or indices.dtype.kind not in "iu"
-        or len(np.unique(indices)) != len(indices)
-        or indices.min() < 0
-        or indices.max() >= sum(shell.layer_channels_)
-    ):
-        raise ValueError("channel_indices_ are not distinct valid channel numbers")
+    reduction = _stored_reduction(shell, prefix, arrays)
     key_prefix = prefix + _BACKBONE_PREFIX
     state = {
         key[len(key_prefix) :]: torch.from_numpy(np.array(value))
@@ -549,4 +564,6 @@ def _restore_transformer(
         "normalization_",
     ):
         setattr(feat, name, getattr(shell, name))
-    feat.channel_indices_ = indices.astype(shell.channel_indices_.dtype)
+    for name in ("channel_indices_", "projection_"):
+        vars(feat).pop(name, None)
+    setattr(feat, *reduction)
