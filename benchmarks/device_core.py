@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_data import synthetic_images
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -39,13 +40,6 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from sk_padim import PadimDetector, PatchFeatureTransformer
 from sk_padim.backbones import load_backbone
 from sk_padim.devices import resolve_device
-
-
-def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
-    """Blocky random RGB textures, uint8 (n, size, size, 3)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (n, size // 8, size // 8, 3), dtype=np.uint8)
-    return np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
 
 
 def synchronised(device: torch.device, call):

@@ -25,16 +25,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from bench_data import synthetic_images
 from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer, export_onnx
-
-
-def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
-    """Blocky random RGB textures, uint8 (n, size, size, 3)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (n, size // 8, size // 8, 3), dtype=np.uint8)
-    return np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
 
 
 def seconds(call) -> float:

@@ -39,6 +39,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import torch
+from bench_data import synthetic_images
 from PIL import Image
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
@@ -51,13 +52,6 @@ from sk_padim.images import iter_batches
 from sk_padim.mahalanobis import PatchGaussians, positions_per_chunk
 from sk_padim.model import PatchScorer
 from sk_padim.postprocess import AnomalyMapGenerator
-
-
-def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
-    """Blocky random RGB textures, uint8 (n, size, size, 3)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (n, size // 8, size // 8, 3), dtype=np.uint8)
-    return np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
 
 
 def with_defects(images: np.ndarray, seed: int):
