@@ -20,8 +20,9 @@ under the same load (the machine may be shared). Also reported: the bytes the wo
 sent (to each other and to the client) during one fit and one scoring, from each
 worker's ``transfer_outgoing_bytes_total``; the size of the broadcast transformer; the
 workers' peak resident memory; and the largest differences between the distributed and
-the local model. All use the same backbone weights (random values: speed does not depend
-on them). Prints Markdown tables.
+the local model. ``--no-malloc-trim`` starts the workers without the
+``MALLOC_TRIM_THRESHOLD_`` that Dask's nannies set. All use the same backbone weights
+(random values: speed does not depend on them). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import statistics
 import tempfile
 import time
 
+import dask
 import numpy as np
 import torch
 import torchvision
@@ -119,7 +121,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--no-malloc-trim",
+        action="store_true",
+        help="start workers without Dask's MALLOC_TRIM_THRESHOLD_=65536 (see docs/scale_out.md)",
+    )
     args = parser.parse_args()
+    if args.no_malloc_trim:
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     worker_counts = [int(count) for count in args.workers.split(",")]
 
     folder = tempfile.mkdtemp(prefix="sk-padim-dask-bench-")
@@ -183,7 +192,9 @@ def main() -> None:
         f"(features {d * h * w * 4 / 2**20:.2f} MiB per image; model {model_mib:.1f} MiB, "
         f"pickled transformer {feat_mib:.1f} MiB); {CPU_COUNT} CPUs, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads in this process), Python "
-        f"{platform.python_version()}; median of {args.repeats} interleaved rounds per row\n"
+        f"{platform.python_version()}; median of {args.repeats} interleaved rounds per row; "
+        f"workers' MALLOC_TRIM_THRESHOLD_: "
+        f"{dask.config.get('distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_')}\n"
     )
     print(
         "| workers x 1 Dask thread | local fit img/s | distributed fit img/s | ratio "

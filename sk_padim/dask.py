@@ -371,10 +371,9 @@ def _sizeof_detector(detector: PadimDetector) -> int:
 
 @sizeof.register(PatchFeatureTransformer)
 def _sizeof_transformer(feat: PatchFeatureTransformer) -> int:
-    """Bytes of the backbone's weights (the rest is small)."""
-    if not hasattr(feat, "backbone_"):
-        return 1024
-    return sum(value.nbytes for value in feat.backbone_.state_dict().values())
+    """Bytes of the fitted backbone's weights (the rest is small)."""
+    weights = feat.backbone_.state_dict().values() if hasattr(feat, "backbone_") else ()
+    return sum(value.nbytes for value in weights)
 
 
 @contextlib.contextmanager
@@ -419,9 +418,9 @@ def _merge(threads, left: PadimDetector, right: PadimDetector) -> PadimDetector:
 
 
 def _with_storage(threads, model: PadimDetector, detector: PadimDetector) -> PadimDetector:
-    """``detector`` (unfitted: the user's parameters) given the statistics of ``model``."""
+    """A copy of ``detector`` (the user's parameters) given the statistics of ``model``."""
     with _torch_threads(threads):
-        return detector.set_statistics(model.statistics(), model.feature_shape_)
+        return clone(detector).set_statistics(model.statistics(), model.feature_shape_)
 
 
 def _held_out_maximum(threads, model: PadimDetector, features) -> float:
