@@ -40,6 +40,7 @@ def test_every_example_is_tested():
         "custom_backbone.py",
         "calibration.py",
         "grid_search_memory.py",
+        "export_onnx.py",
     }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
 
@@ -104,3 +105,12 @@ def test_grid_search_memory(tmp_path):
     assert process.returncode == 0, process.stderr  # it asserts equal results itself
     assert re.search(r"without memory [0-9.]+ s, with memory [0-9.]+ s", process.stdout)
     assert metric(process.stdout, "pixel AUROC") > 0.8
+
+
+def test_export_onnx(tmp_path):
+    process = run_example("export_onnx.py", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr  # it checks the scores itself
+    assert re.search(r"threshold [0-9.e+-]+: \d+ of 30 flagged", process.stdout)
+    difference = float(re.search(r"score difference ([0-9.e+-]+)", process.stdout).group(1))
+    assert difference < 1e-4
+    assert (tmp_path / "padim.onnx").stat().st_size > 0
