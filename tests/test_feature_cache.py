@@ -233,8 +233,10 @@ def test_two_worker_processes_share_the_cache(data, plain_search, tmp_path):
 def test_dask_backend_grid_search_uses_the_cache(data, plain_search, tmp_path):
     distributed = pytest.importorskip("distributed")
     X, _, masks = data
+    # One thread: transformers fitted at once in threads of one process can race in
+    # torch.fx tracing (NameError "module is not installed as a submodule"), memory or not.
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
     )
     with distributed.Client(cluster), joblib.parallel_backend("dask"):
         cached = grid_search(counting_pipeline(tmp_path), n_jobs=2).fit(X, masks)
