@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from run import synthetic_images, with_defects
+from bench_data import synthetic_images
+from run import with_defects
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, cross_validate
 from sklearn.pipeline import Pipeline
