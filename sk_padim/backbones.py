@@ -322,13 +322,17 @@ class TruncatedBackbone(nn.Module):
                     parent._modules[child] = nn.Identity()
 
 
+_TRACING = threading.Lock()
+
+
 def _traced(model: nn.Module, layers: tuple[str, ...]) -> nn.Module | None:
     """A plain ``torch.fx`` graph module returning ``{layer: output}``, or None.
 
     torchvision's dual train/eval graph module does not survive ``copy.deepcopy`` (the
     copy runs the train graph), so its eval graph is rebuilt as a plain graph module.
     """
-    with warnings.catch_warnings():
+    # torch.fx patches nn.Module.__call__ while it traces: one trace at a time.
+    with _TRACING, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's note on train/eval node differences
         try:
             dual = create_feature_extractor(model, return_nodes={name: name for name in layers})

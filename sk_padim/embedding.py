@@ -79,12 +79,24 @@ class PatchEmbedding(nn.Module):
         else:
             matrix = torch.as_tensor(np.asarray(projection), dtype=torch.float32)
             for number, (low, high) in enumerate(layer_ranges):
-                name = f"projection_{number}"
-                self.register_buffer(name, matrix[low:high].contiguous())
+                name = f"projection_{number}"  # W_k^T, (d, F_k)
+                self.register_buffer(name, matrix[low:high].T.contiguous())
                 self.projected.append((number, name))
             self.n_features = matrix.shape[1]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def _project(self, layer_map: torch.Tensor, name: str) -> torch.Tensor:
+        """``W_k^T l_k`` per position, ``(B, d, h, w)`` laid out channels first.
+
+        ``(d, F) @ (F, h w)`` per image, the layer map read through a transposed view: a
+        channels-last map is a row-major ``(h w, F)`` matrix, which BLAS reads transposed
+        without a copy, and the product comes out channels first, ready to upsample.
+        """
+        n_images, n_channels, height, width = layer_map.shape
+        columns = layer_map.permute(0, 2, 3, 1).reshape(n_images, height * width, n_channels)
+        projected = torch.matmul(getattr(self, name), columns.transpose(1, 2))
+        return projected.view(n_images, -1, height, width)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """``uint8`` (0-255) or float (0-1) pixels ``(B, 3, H, W)`` -> normalised float32."""
@@ -98,8 +110,12 @@ class PatchEmbedding(nn.Module):
         ``out``, when given, is a float32 ``(B, d, h, w)`` tensor the features are
         written into (e.g. a slice of the array :meth:`transform` returns).
         """
+        return self.assemble(self.layer_maps(pixels), out)
+
+    def layer_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's outputs ``[(B, F_k, h_k, w_k), ...]`` for pixels, all channels."""
         x = self.normalise(pixels).contiguous(memory_format=torch.channels_last)
-        return self.assemble(self.backbone(x), out)
+        return self.backbone(x)
 
     def assemble(
         self, layer_maps: list[torch.Tensor], out: torch.Tensor | None = None
@@ -112,12 +128,7 @@ class PatchEmbedding(nn.Module):
         """
         grid = layer_maps[0].shape[2:]
         if self.projected:
-            parts = [
-                torch.matmul(layer_maps[number].permute(0, 2, 3, 1), getattr(self, name)).permute(
-                    0, 3, 1, 2
-                )
-                for number, name in self.projected
-            ]
+            parts = [self._project(layer_maps[number], name) for number, name in self.projected]
             if out is None:  # summed in the same order as into ``out``
                 total = parts[0]
                 for part in parts[1:]:

@@ -305,7 +305,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                     embedding(batch.to(device), out=out[start:stop])
                 else:
                     layer_maps = cache.layer_maps(
-                        batch, self.layers_, lambda pixels: _layer_outputs(embedding, pixels)
+                        batch,
+                        self.layers_,
+                        lambda pixels: embedding.layer_maps(pixels.to(embedding.mean.device)),
                     )
                     maps = [layer_map.to(device) for layer_map in layer_maps]
                     embedding.assemble(maps, out=out[start:stop])
@@ -407,13 +409,6 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         tags.input_tags.two_d_array = False
         tags.requires_fit = True
         return tags
-
-
-def _layer_outputs(embedding: PatchEmbedding, pixels: torch.Tensor) -> list[torch.Tensor]:
-    """The backbone's layer outputs for pixels, as ``embedding(pixels)`` computes them."""
-    pixels = pixels.to(embedding.mean.device)
-    x = embedding.normalise(pixels).contiguous(memory_format=torch.channels_last)
-    return embedding.backbone(x)
 
 
 def _copy_to(module: nn.Module, device: torch.device) -> nn.Module:

@@ -276,3 +276,13 @@ def test_modules_use_only_public_names_of_other_modules(path):
     if not path.exists():
         pytest.skip(f"{path.name} is not in this checkout")
     assert _private_uses(path) == []
+
+
+def test_transformers_fitted_in_threads_at_once_all_trace():
+    # torch.fx patches nn.Module.__call__ while it traces: concurrent fits used to fail.
+    def fit(seed):
+        feat = PatchFeatureTransformer(weights=None, image_size=32, random_state=seed).fit()
+        return feat.backbone_.traced
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(fit, range(8)))
