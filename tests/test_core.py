@@ -278,11 +278,17 @@ def test_modules_use_only_public_names_of_other_modules(path):
     assert _private_uses(path) == []
 
 
-def test_transformers_fitted_in_threads_at_once_all_trace():
-    # torch.fx patches nn.Module.__call__ while it traces: concurrent fits used to fail.
-    def fit(seed):
-        feat = PatchFeatureTransformer(weights=None, image_size=32, random_state=seed).fit()
-        return feat.backbone_.traced
+def test_fits_and_transforms_in_threads_at_once(images):
+    # torch.fx patches nn.Module.__call__ for every thread while it traces: fits (which
+    # trace) and forward passes in other threads used to fail together.
+    fitted = PatchFeatureTransformer(weights=None, image_size=64, random_state=0).fit()
+    expected = fitted.transform(images[1])
+
+    def work(index):
+        if index % 2:
+            return np.array_equal(fitted.transform(images[1]), expected)
+        feat = PatchFeatureTransformer(weights=None, image_size=32, random_state=index)
+        return feat.fit().backbone_.traced
 
     with ThreadPoolExecutor(4) as pool:
-        assert all(pool.map(fit, range(8)))
+        assert all(pool.map(work, range(12)))
