@@ -89,7 +89,8 @@ def _order_seconds(feat, images: np.ndarray, repeats: int) -> tuple[float, float
             upsampled = [F.interpolate(x, size=grid, mode="nearest") for x in layers]
             return torch.matmul(torch.cat(upsampled, dim=1).permute(0, 2, 3, 1), matrix)
 
-        per_layer = _seconds(lambda: embedding.assemble(layers), repeats)
+        out = torch.empty(len(images), *feat.feature_shape_)  # as transform writes it
+        per_layer = _seconds(lambda: embedding.assemble(layers, out), repeats)
         return per_layer, _seconds(concatenate_then_project, repeats)
 
 
