@@ -192,6 +192,17 @@ def test_each_worker_folds_its_partitions_and_ships_one_partial(distributed_fit)
     assert len(by_kind["threshold"]) == 4  # the cached features, scored by the merged model
 
 
+def test_default_partitions_are_sized_from_the_cluster(client, image_paths, local_fit):
+    train, test = image_paths
+    with distributed.get_task_stream(client) as stream:
+        fit_distributed(make_pipeline(threshold=1.0), train, client)
+    kinds = [record["key"].split("-")[3] for record in stream.data]
+    # Small features: one partition per worker thread, so one fold each and one merge.
+    assert (kinds.count("features"), kinds.count("fold"), kinds.count("merge")) == (2, 2, 1)
+    # Scoring: partitions of at least a batch (batch_size=32 > 8 images): one chunk.
+    assert score_distributed(local_fit, test, client).chunks == ((8,),)
+
+
 def test_torch_threads_are_the_workers_share_or_the_given_number(client, image_paths):
     train, _ = image_paths
     backbone = nn.Sequential(
