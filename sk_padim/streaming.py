@@ -21,43 +21,42 @@ from sk_padim.images import check_images
 def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = False):
     """Fit a ``[PatchFeatureTransformer, PadimDetector]`` pipeline chunk by chunk.
 
-        The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
-        ``threshold_``: the training images are not scored a second time, so the detector
-        sets ``threshold_`` only from an explicit ``threshold`` parameter (as
-        :meth:`PadimDetector.fit_batches` does). The pipeline's two steps are replaced by
-        fitted copies once every chunk is in, so if the fit fails or is interrupted, the
-        pipeline keeps its previous steps.
+    The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
+    ``threshold_``: the training images are not scored a second time, so the detector
+    sets ``threshold_`` only from an explicit ``threshold`` parameter (as
+    :meth:`PadimDetector.fit_batches` does). The pipeline's two steps are replaced by
+    fitted copies once every chunk is in, so if the fit fails or is interrupted, the
+    pipeline keeps its previous steps.
 
-        Parameters
-        ----------
-        pipeline : Pipeline
-            Two steps: a :class:`PatchFeatureTransformer` then a :class:`PadimDetector`.
-        X : array-like or list
-            Images of normal parts: an array, or a list of file paths, PIL images or arrays.
-            A list of paths is the way to fit on more images than fit in memory.
-        chunk_size : int, default=256
-            Images transformed at a time; memory grows with it, not with ``len(X)``.
-        verbose : bool, default=False
-            Show a progress bar over chunks.
+    Parameters
+    ----------
+    pipeline : Pipeline
+        Two steps: a :class:`PatchFeatureTransformer` then a :class:`PadimDetector`.
+    X : array-like or list
+        Images of normal parts: an array, or a list of file paths, PIL images or arrays.
+        A list of paths is the way to fit on more images than fit in memory.
+    chunk_size : int, default=256
+        Images transformed at a time; memory grows with it, not with ``len(X)``.
+    verbose : bool, default=False
+        Show a progress bar over chunks.
 
-        Returns
-        -------
-        pipeline : Pipeline
-            The same pipeline, fitted.
+    Returns
+    -------
+    pipeline : Pipeline
+        The same pipeline object, its two steps replaced by fitted copies.
 
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from sklearn.base import clone
-    from sklearn.pipeline import Pipeline
-        >>> from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
-        >>> X = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-        >>> pipe = Pipeline([
-        ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
-        ...     ("padim", PadimDetector()),
-        ... ])
-        >>> fit_streaming(pipe, X, chunk_size=4).named_steps["padim"].n_samples_seen_
-        6
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import Pipeline
+    >>> from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
+    >>> X = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    >>> pipe = Pipeline([
+    ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
+    ...     ("padim", PadimDetector()),
+    ... ])
+    >>> fit_streaming(pipe, X, chunk_size=4).named_steps["padim"].n_samples_seen_
+    6
     """
     feat, detector = _feature_and_detector_steps(pipeline)
     if not isinstance(chunk_size, int) or chunk_size < 1:
