@@ -110,12 +110,15 @@ class PatchEmbedding(nn.Module):
         ``out``, when given, is a float32 ``(B, d, h, w)`` tensor the features are
         written into (e.g. a slice of the array :meth:`transform` returns).
         """
-        return self.assemble(self.layer_maps(pixels), out)
+        return self.assemble(self.backbone(self.prepare(pixels)), out)
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels, channels last: the backbone's input."""
+        return self.normalise(pixels).contiguous(memory_format=torch.channels_last)
 
     def layer_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's outputs ``[(B, F_k, h_k, w_k), ...]`` for pixels, all channels."""
-        x = self.normalise(pixels).contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        return self.backbone(self.prepare(pixels))
 
     def assemble(
         self, layer_maps: list[torch.Tensor], out: torch.Tensor | None = None

@@ -290,7 +290,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             out = torch.from_numpy(np.empty((len(images), *self.feature_shape_), np.float32))
         else:
             out = torch.empty((len(images), *self.feature_shape_), device=device)
-        batches = iter_batches(images, self.image_size_, self.batch_size)
+        # On the CPU without a cache, pixels are normalised in the loader's thread, while
+        # the backbone runs on the previous batch; a GPU normalises them itself.
+        overlap = device.type == "cpu" and cache is None
+        prepare = embedding.prepare if overlap else None
+        batches = iter_batches(images, self.image_size_, self.batch_size, prepare)
         start = 0
         for batch in tqdm(
             batches,
@@ -301,7 +305,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         ):
             stop = start + len(batch)
             with torch.inference_mode(), self._autocast(device):
-                if cache is None:
+                if overlap:
+                    embedding.assemble(embedding.backbone(batch), out=out[start:stop])
+                elif cache is None:
                     embedding(batch.to(device), out=out[start:stop])
                 else:
                     layer_maps = cache.layer_maps(

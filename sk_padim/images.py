@@ -25,7 +25,7 @@ ambiguous: it is almost always one colour image missing its batch axis (pass
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -283,7 +283,10 @@ def _concatenate(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def iter_batches(
-    images: np.ndarray | torch.Tensor | list, size: tuple[int, int], batch_size: int
+    images: np.ndarray | torch.Tensor | list,
+    size: tuple[int, int],
+    batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield batches of pixels ``(b, C, *size)``, C = 1 (grey) or 3 (RGB), channels first.
 
@@ -294,16 +297,20 @@ def iter_batches(
     one batch at a time, so memory holds two batches: a background thread prepares the
     next batch while the caller computes on this one (PIL's decoders and torch's kernels
     release the GIL), so that reading image files overlaps with the backbone. Resizing
-    is bilinear with antialiasing (torchvision's ``Resize`` on tensors).
+    is bilinear with antialiasing (torchvision's ``Resize`` on tensors). ``prepare``, when
+    given, is applied to each batch in the background thread too (e.g. normalising for a
+    CPU backbone, so that it overlaps with the backbone's work).
     """
 
     def load(start: int) -> torch.Tensor:
         chunk = images[start : start + batch_size]
         if isinstance(chunk, torch.Tensor):
-            return _sized(chunk if chunk.ndim == 4 else chunk[:, None], size)
-        if isinstance(chunk, np.ndarray):
-            return _sized(_array_to_tensor(chunk), size)
-        return _concatenate([_sized(_to_tensor(item), size) for item in chunk])
+            batch = _sized(chunk if chunk.ndim == 4 else chunk[:, None], size)
+        elif isinstance(chunk, np.ndarray):
+            batch = _sized(_array_to_tensor(chunk), size)
+        else:
+            batch = _concatenate([_sized(_to_tensor(item), size) for item in chunk])
+        return batch if prepare is None else prepare(batch)
 
     starts = range(0, len(images), batch_size)
     if not starts:
