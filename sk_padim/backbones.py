@@ -12,7 +12,6 @@ import copy
 import os
 import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD
+from sk_padim.tracing import TraceSafeModule, tracing
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ class _LayerHook:
             raise _StopForward
 
 
-class TruncatedBackbone(nn.Module):
+class TruncatedBackbone(TraceSafeModule):
     """A model run only until all requested layers have produced their outputs.
 
     Where ``torch.fx`` can trace the model, it becomes a graph module returning the
@@ -265,10 +265,6 @@ class TruncatedBackbone(nn.Module):
             self._prune_unreached(probe)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        with _TRACING.forward():
-            return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.traced:
             outputs = self.model(x)
             return [outputs[name] for name in self.layers]
@@ -327,59 +323,13 @@ class TruncatedBackbone(nn.Module):
                     parent._modules[child] = nn.Identity()
 
 
-class _TraceGuard:
-    """Forward passes run together; a ``torch.fx`` trace runs alone.
-
-    While fx traces, it patches ``nn.Module.__call__`` for every thread, so a forward
-    pass running meanwhile in another thread fails ("module is not installed as a
-    submodule"). A trace waits for running passes to end, and new passes (and traces)
-    wait for it; a waiting trace goes before new passes, so a busy scorer cannot starve a
-    refit.
-    """
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._passes = 0
-        self._tracing = False
-        self._waiting_traces = 0
-
-    @contextmanager
-    def forward(self):
-        with self._condition:
-            self._condition.wait_for(lambda: not (self._tracing or self._waiting_traces))
-            self._passes += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._passes -= 1
-                self._condition.notify_all()
-
-    @contextmanager
-    def trace(self):
-        with self._condition:
-            self._waiting_traces += 1
-            self._condition.wait_for(lambda: not (self._tracing or self._passes))
-            self._waiting_traces -= 1
-            self._tracing = True
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._tracing = False
-                self._condition.notify_all()
-
-
-_TRACING = _TraceGuard()
-
-
 def _traced(model: nn.Module, layers: tuple[str, ...]) -> nn.Module | None:
     """A plain ``torch.fx`` graph module returning ``{layer: output}``, or None.
 
     torchvision's dual train/eval graph module does not survive ``copy.deepcopy`` (the
     copy runs the train graph), so its eval graph is rebuilt as a plain graph module.
     """
-    with _TRACING.trace(), warnings.catch_warnings():
+    with tracing(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's note on train/eval node differences
         try:
             dual = create_feature_extractor(model, return_nodes={name: name for name in layers})

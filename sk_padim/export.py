@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
 
 from sk_padim._version import __version__
 from sk_padim.embedding import PatchEmbedding
 from sk_padim.gaussian import pack_lower
 from sk_padim.postprocess import AnomalyMapGenerator
 from sk_padim.pruning import prune_output_channels
+from sk_padim.tracing import TraceSafeModule
 
 __all__ = ["export_onnx"]
 
@@ -37,7 +37,7 @@ _FLOAT16_MIN_VALUES = 1024
 _KEEP_FLOAT32 = ("mean",)
 
 
-class ExportedPadim(nn.Module):
+class ExportedPadim(TraceSafeModule):
     """uint8 images ``(B, H, W, 3)`` -> ``anomaly_map``, ``score`` [, ``is_anomalous``].
 
     Parameters

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from sklearn import get_config
-from torch import nn
 
 from sk_padim.gaussian import centred_position_chunks
+from sk_padim.tracing import TraceSafeModule
 
 
 def positions_per_chunk(device: torch.device, n_rows: int, n_features: int) -> int:
@@ -24,7 +24,7 @@ def positions_per_chunk(device: torch.device, n_rows: int, n_features: int) -> i
     return max(1, int(budget // per_position))
 
 
-class PatchGaussians(nn.Module):
+class PatchGaussians(TraceSafeModule):
     """Mahalanobis distance of each patch vector to its position's Gaussian.
 
     Parameters

@@ -11,14 +11,14 @@ scikit-learn estimators build them (``PatchFeatureTransformer.to_module``,
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from sk_padim.embedding import PatchEmbedding
 from sk_padim.mahalanobis import PatchGaussians
 from sk_padim.postprocess import AnomalyMapGenerator
+from sk_padim.tracing import TraceSafeModule
 
 
-class PatchScorer(nn.Module):
+class PatchScorer(TraceSafeModule):
     """Features ``(B, d, h, w)`` -> anomaly maps ``(B, H, W)`` and image scores ``(B,)``.
 
     Parameters
@@ -53,7 +53,7 @@ class PatchScorer(nn.Module):
         return maps, maps.amax(dim=(1, 2))
 
 
-class PadimModel(nn.Module):
+class PadimModel(TraceSafeModule):
     """A fitted PaDiM pipeline as one module: pixels -> ``(maps, scores)``.
 
     Parameters

@@ -17,7 +17,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from sk_padim.tracing import TraceSafeModule
 
 
 def gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
@@ -67,7 +68,7 @@ def axis_operator(length_in: int, length_out: int, sigma: float, truncate: float
     return matrix
 
 
-class AnomalyMapGenerator(nn.Module):
+class AnomalyMapGenerator(TraceSafeModule):
     """Upsample ``(B, h, w)`` distance grids to ``(B, *size)`` maps and smooth them.
 
     The per-axis operators are float32 buffers, so the module moves with ``.to(device)``
