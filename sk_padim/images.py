@@ -223,8 +223,19 @@ def _array_to_tensor(images: np.ndarray) -> torch.Tensor:
 _WIDE_MODES = ("I", "F")
 
 
-def _read_image(item) -> np.ndarray:
-    """An RGB array ``(H, W, 3)`` (uint8 0-255, or float in [0, 1]) from a file or PIL image."""
+def read_image(item) -> np.ndarray:
+    """An RGB array ``(H, W, 3)`` (uint8 0-255, or float in [0, 1]) from a file or PIL image.
+
+    Files and PIL images wider than 8 bits are checked, not clipped (module docstring);
+    unreadable files raise a ValueError naming the file.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> from sk_padim.images import read_image
+    >>> read_image(Image.new("L", (4, 3), 7)).shape
+    (3, 4, 3)
+    """
     if isinstance(item, Image.Image):
         return _pil_to_rgb(item, "the PIL image")
     path = os.fspath(item)
@@ -256,7 +267,7 @@ def _pil_to_rgb(image: Image.Image, what: str) -> np.ndarray:
 
 def _to_tensor(item) -> torch.Tensor:
     """One image (file, PIL image or array) as a ``(1, C, H, W)`` tensor of its pixels."""
-    image = _read_image(item) if isinstance(item, Image.Image) or _is_path(item) else item
+    image = read_image(item) if isinstance(item, Image.Image) or _is_path(item) else item
     return _array_to_tensor(np.asarray(image)[None])
 
 

@@ -23,7 +23,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 
 from sk_padim._checks import image_labels
-from sk_padim.images import _read_image, check_images
+from sk_padim.images import check_images, read_image
 from sk_padim.metrics import image_auroc
 
 __all__ = [
@@ -160,7 +160,7 @@ def _check_axes(ax, n_panels: int, caller: str, layout: dict) -> np.ndarray:
 def _display_image(image) -> np.ndarray:
     """One image (array, file path or PIL image) as an array ``imshow`` can draw."""
     (item,) = check_images([image])
-    array = np.asarray(item) if isinstance(item, np.ndarray) else _read_image(item)
+    array = np.asarray(item) if isinstance(item, np.ndarray) else read_image(item)
     return array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
 
 

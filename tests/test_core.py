@@ -268,6 +268,7 @@ def _private_uses(path: Path) -> list[str]:
     [
         *(ROOT / "sk_padim" / name for name in ("streaming.py", "dask.py", "persistence.py")),
         *(ROOT / "sk_padim" / name for name in ("cli.py", "evaluation.py", "demo.py")),
+        *(ROOT / "sk_padim" / name for name in ("plotting.py", "export.py")),
         *sorted((ROOT / "benchmarks").glob("*.py")),
     ],
     ids=lambda path: path.name,
