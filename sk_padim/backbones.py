@@ -77,6 +77,17 @@ def load_backbone(
         return _load_backbone(backbone, weights)
 
 
+def check_backbone(backbone: str | nn.Module) -> None:
+    """Raise a ValueError naming the choices if ``backbone`` is no known model or module."""
+    if isinstance(backbone, nn.Module) or backbone == "efficientnet_lite0":
+        return
+    if backbone not in torchvision_names():
+        raise ValueError(
+            f"Unknown backbone {backbone!r}. Use one of {sorted(REGISTRY)}, any torchvision "
+            "classification model name (torchvision.models.list_models()), or an nn.Module."
+        )
+
+
 def _load_backbone(backbone, weights) -> nn.Module:
     weights_path = _as_existing_path(weights)
     if isinstance(backbone, nn.Module):
@@ -90,16 +101,33 @@ def _load_backbone(backbone, weights) -> nn.Module:
         model = _load_efficientnet_lite0(use_packaged=weights_path is None and weights is not None)
     elif backbone in torchvision_names() and weights_path is not None:
         return _torchvision_from_file(backbone, weights_path).eval()
-    elif backbone in torchvision_names():
-        model = _load_torchvision(backbone, weights)
     else:
-        raise ValueError(
-            f"Unknown backbone {backbone!r}. Use one of {sorted(REGISTRY)}, any torchvision "
-            "classification model name (torchvision.models.list_models()), or an nn.Module."
-        )
+        check_backbone(backbone)
+        model = _load_torchvision(backbone, weights)
     if weights_path is not None:
         _load_state_dict_file(model, weights_path)
     return model.eval()
+
+
+def weights_identity(weights: str | os.PathLike | None) -> tuple:
+    """What tells the values of ``weights`` apart within this process.
+
+    A weights name (or ``None``) is its own identity; a state-dict file is known by its
+    real path, inode, size and change times, so a file saved again, or replaced, reads as
+    new weights (the status change time cannot be set back, unlike the modification time).
+
+    Examples
+    --------
+    >>> from sk_padim.backbones import weights_identity
+    >>> weights_identity("DEFAULT")
+    ('name', 'DEFAULT')
+    """
+    path = _as_existing_path(weights)
+    if path is None:
+        return ("name", weights)
+    stat = os.stat(path)
+    times = (stat.st_mtime_ns, stat.st_ctime_ns)
+    return ("file", os.path.realpath(path), stat.st_ino, stat.st_size, *times)
 
 
 def _as_existing_path(weights) -> str | None:

@@ -12,12 +12,18 @@ architecture and weights (:func:`model_digest`), the context given by the transf
 (image size, normalisation, ``autocast``, device type), the versions of sk-padim, torch
 and torchvision, the layer's name, and a digest of the image's pixels as they enter the
 network (after decoding and resizing). A change to any of them reads another entry.
+
+The outputs read or written most recently are also kept in this process's memory
+(:data:`RECENT_OUTPUTS`, up to 1 GiB), since the folds and candidates of a grid search
+read the same images over and over: a read from there costs no file access.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +33,76 @@ from torch import nn
 
 from sk_padim._version import __version__
 
-__all__ = ["LayerCache", "clear_feature_cache", "image_digests", "model_digest"]
+__all__ = [
+    "RECENT_OUTPUTS",
+    "LayerCache",
+    "RecentOutputs",
+    "clear_feature_cache",
+    "image_digests",
+    "model_digest",
+]
+
+
+class RecentOutputs:
+    """The most recently used arrays, by key, up to a total number of bytes.
+
+    Least recently used arrays are dropped first; an array larger than the limit is not
+    kept. Arrays are stored read-only and shared by every reader. Safe to use from many
+    threads.
+
+    Parameters
+    ----------
+    max_bytes : int
+        The most bytes of arrays kept.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_padim.feature_cache import RecentOutputs
+    >>> recent = RecentOutputs(max_bytes=16)
+    >>> recent.put("a", np.zeros(2))
+    >>> recent.put("b", np.ones(2))
+    >>> recent.put("c", np.ones(1))  # 24 bytes in all: "a" goes
+    >>> recent.get("a") is None, recent.get("b")
+    (True, array([1., 1.]))
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._arrays: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        """The array stored under ``key``, or None."""
+        with self._lock:
+            array = self._arrays.get(key)
+            if array is not None:
+                self._arrays.move_to_end(key)
+            return array
+
+    def put(self, key: Hashable, array: np.ndarray) -> None:
+        """Keep ``array`` (made read-only) under ``key``."""
+        if array.nbytes > self.max_bytes:
+            return
+        array.setflags(write=False)
+        with self._lock:
+            previous = self._arrays.pop(key, None)
+            self._bytes -= 0 if previous is None else previous.nbytes
+            self._arrays[key] = array
+            self._bytes += array.nbytes
+            while self._bytes > self.max_bytes:
+                self._bytes -= self._arrays.popitem(last=False)[1].nbytes
+
+    def clear(self) -> None:
+        """Drop every array."""
+        with self._lock:
+            self._arrays.clear()
+            self._bytes = 0
+
+
+RECENT_OUTPUTS = RecentOutputs(max_bytes=2**30)
+"""Layer outputs recently read or stored by any :class:`LayerCache` of this process."""
 
 
 def _layer_output(context, image: str, layer: str, output=None):
@@ -49,6 +124,7 @@ def clear_feature_cache(memory) -> None:
 
     Other functions cached in the same ``joblib.Memory`` (e.g. a Pipeline's fitted
     transformers) are left alone; ``joblib.Memory(folder).clear()`` deletes those too.
+    The copies this process keeps in memory (:data:`RECENT_OUTPUTS`) go as well.
 
     Parameters
     ----------
@@ -62,6 +138,7 @@ def clear_feature_cache(memory) -> None:
     >>> clear_feature_cache(tempfile.mkdtemp())
     """
     _stored(_as_memory(memory)).clear(warn=False)
+    RECENT_OUTPUTS.clear()
 
 
 def _as_memory(memory):
@@ -148,17 +225,33 @@ class LayerCache:
     def __init__(self, memory, context: tuple):
         self.context = (*context, __version__, torch.__version__, torchvision.__version__)
         self.stored = _stored(_as_memory(memory))
+        # A joblib.Memory(None) has no store: nothing is kept, in memory either.
+        backend = getattr(self.stored, "store_backend", None)
+        self.location = None if backend is None else backend.location
 
     def load(self, image: str, layer: str) -> np.ndarray | None:
-        """The stored output of ``layer`` for the image of digest ``image``, or None."""
-        if not self.stored.check_call_in_cache(self.context, image, layer):
+        """The stored output of ``layer`` for the image of digest ``image``, or None.
+
+        The array is read-only (it may be shared with other readers).
+        """
+        if self.location is None:
             return None
-        # None too if the entry was cleared since the check (joblib then stores None).
-        return self.stored(self.context, image, layer)
+        key = (self.location, self.context, image, layer)
+        output = RECENT_OUTPUTS.get(key)
+        if output is None and self.stored.check_call_in_cache(self.context, image, layer):
+            # None too if the entry was cleared since the check (joblib then stores None).
+            output = self.stored(self.context, image, layer)
+            if output is not None:
+                RECENT_OUTPUTS.put(key, output)
+        return output
 
     def store(self, image: str, layer: str, output: np.ndarray) -> None:
         """Store the output ``(C, h, w)`` of ``layer`` for the image of digest ``image``."""
+        if self.location is None:
+            return
         self.stored.call(self.context, image, layer, output=output)
+        # A copy: ``output`` may be a view that would keep a whole batch alive.
+        RECENT_OUTPUTS.put((self.location, self.context, image, layer), output.copy())
 
     def layer_maps(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, replace
 from numbers import Integral
 
 import numpy as np
@@ -18,15 +19,34 @@ from tqdm.auto import tqdm
 from sk_padim.backbones import (
     REGISTRY,
     TruncatedBackbone,
+    check_backbone,
     check_layers,
     fold_batch_norms,
     load_backbone,
+    weights_identity,
 )
 from sk_padim.devices import DeviceFeatures, PerDeviceCache, resolve_device
 from sk_padim.embedding import PatchEmbedding, semi_orthogonal_matrix
 from sk_padim.feature_cache import LayerCache, model_digest
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
 from sk_padim.versioning import VersionedPickleMixin
+
+
+@dataclass(frozen=True)
+class _BuiltBackbone:
+    """A truncated backbone and what fitting a transformer reads from it."""
+
+    backbone: TruncatedBackbone
+    layers: tuple[str, ...]
+    layer_channels: tuple[int, ...]
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    digest: str | None
+
+
+BUILT_BACKBONES = PerDeviceCache()
+"""Backbones built by fits with ``memory``, reused by later fits in this process."""
+BUILT_BACKBONES.size = 2
 
 
 class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstimator):
@@ -207,19 +227,13 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         """
         if X is not None:
             check_images(X)
+        check_backbone(self.backbone)
         spec = REGISTRY.get(self.backbone) if isinstance(self.backbone, str) else None
         rng = check_random_state(self.random_state)
-        model = load_backbone(self.backbone, self.weights, int(rng.randint(2**31 - 1)))
-        layers = self._resolve_layers(spec)
-        size = self._image_size()
-        check_layers(model, layers)
-        # Folding needs the model's own module classes, which tracing replaces.
-        fold_batch_norms(model, keep=layers)
-        # The model before truncation: transformers with other layers share its digest.
-        digest = None if self.memory is None else model_digest(model)
-        truncated, outputs = self._truncate(model, layers, size)
-        channels = tuple(int(output.shape[1]) for output in outputs)
-        n_features = self._resolve_n_features(spec, layers, sum(channels))
+        seed = int(rng.randint(2**31 - 1))
+        built = self._built_backbone(seed, self._resolve_layers(spec), self._image_size())
+        channels = built.layer_channels
+        n_features = self._resolve_n_features(spec, built.layers, sum(channels))
         for name in ("channel_indices_", "projection_"):
             vars(self).pop(name, None)  # a refit with the other projection
         if self.projection == "channels":
@@ -227,16 +241,51 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             self.channel_indices_ = np.sort(rng.permutation(sum(channels))[:n_features])
         else:
             self.projection_ = semi_orthogonal_matrix(sum(channels), n_features, rng)
-        self.backbone_ = truncated.to(memory_format=torch.channels_last)
-        self.layers_ = layers
+        self.backbone_ = built.backbone
+        self.layers_ = built.layers
         self.layer_channels_ = channels
         self.n_features_ = n_features
-        self.feature_shape_ = (n_features, *outputs[0].shape[2:])
-        self.image_size_ = size
+        self.feature_shape_ = (n_features, *built.grid)
+        self.image_size_ = built.image_size
         self.normalization_ = (spec.mean, spec.std) if spec else (IMAGENET_MEAN, IMAGENET_STD)
         self._modules_by_device = PerDeviceCache()
-        self._backbone_digest = digest
+        self._backbone_digest = built.digest
         return self
+
+    def _built_backbone(self, seed: int, layers: tuple[str, ...], size) -> _BuiltBackbone:
+        """The truncated backbone, built, or copied from one built before.
+
+        With ``memory``, the backbones built in this process are reused by later fits
+        with the same backbone, weights, layers and image size, as in a grid search.
+        """
+
+        def build() -> _BuiltBackbone:
+            return self._build_backbone(seed, layers, size)
+
+        if self.memory is None or not isinstance(self.backbone, str):
+            return build()  # a module's weights may change between fits: never reused
+        # Random weights depend on the seed; named or file weights do not.
+        weights = weights_identity(self.weights)
+        key = (self.backbone, weights, seed if self.weights is None else None, layers, size)
+        built = BUILT_BACKBONES.get(key, build)
+        return replace(built, backbone=copy.deepcopy(built.backbone))
+
+    def _build_backbone(self, seed: int, layers: tuple[str, ...], size) -> _BuiltBackbone:
+        model = load_backbone(self.backbone, self.weights, seed)
+        check_layers(model, layers)
+        # Folding needs the model's own module classes, which tracing replaces.
+        fold_batch_norms(model, keep=layers)
+        # The model before truncation: transformers with other layers share its digest.
+        digest = None if self.memory is None else model_digest(model)
+        truncated, outputs = self._truncate(model, layers, size)
+        return _BuiltBackbone(
+            backbone=truncated.to(memory_format=torch.channels_last),
+            layers=layers,
+            layer_channels=tuple(int(output.shape[1]) for output in outputs),
+            grid=tuple(outputs[0].shape[2:]),
+            image_size=size,
+            digest=digest,
+        )
 
     def _truncate(self, model: nn.Module, layers: tuple[str, ...], size: tuple[int, int]):
         """The truncated backbone and its outputs for one blank image, checked."""

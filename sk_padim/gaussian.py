@@ -324,7 +324,8 @@ def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int) -> torch.Te
     covariance.diagonal(dim1=1, dim2=2).add_(reg)
     lower = _robust_cholesky(covariance, reg, offset).to(torch.float32)
     eye = torch.eye(lower.shape[-1], device=lower.device)
-    return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).transpose(1, 2)
+    # U = (L^T)^{-1} solved directly: no transposed copy afterwards.
+    return torch.linalg.solve_triangular(lower.mT, eye.expand_as(lower), upper=True)
 
 
 CPU_CHUNK_POSITIONS = 64  # positions per factorisation step on the CPU, at most
