@@ -63,6 +63,7 @@ class PatchEmbedding(TraceSafeModule):
         self.backbone = backbone
         self.image_size = tuple(image_size)
         self.normalization = (tuple(mean), tuple(std))
+        self.n_layers = len(layer_channels)
         offsets = np.cumsum((0, *layer_channels))
         layer_ranges = list(zip(offsets[:-1], offsets[1:], strict=True))
         self.kept = []  # (layer number, buffer name) of the layers with kept channels
@@ -120,14 +121,31 @@ class PatchEmbedding(TraceSafeModule):
         """The backbone's outputs ``[(B, F_k, h_k, w_k), ...]`` for pixels, all channels."""
         return self.backbone(self.prepare(pixels))
 
+    def kept_channels(self) -> list[np.ndarray | None]:
+        """Per layer, the indices of its channels the features keep (None: all are used).
+
+        With a projection every channel is used; with channel selection, a layer with no
+        kept channel gets an empty array.
+        """
+        if self.projected:
+            return [None] * len(self.projected)
+        kept = [np.empty(0, np.int64) for _ in range(self.n_layers)]
+        for number, name in self.kept:
+            kept[number] = getattr(self, name).cpu().numpy()
+        return kept
+
     def assemble(
-        self, layer_maps: list[torch.Tensor], out: torch.Tensor | None = None
+        self,
+        layer_maps: list[torch.Tensor],
+        out: torch.Tensor | None = None,
+        selected: bool = False,
     ) -> torch.Tensor:
         """Reduce each layer to its share of the ``d`` channels, then upsample to the first grid.
 
         With ``out`` the result is written into it with no temporaries; without, it is
         built by concatenation or summation (functional, as ``torch.onnx`` needs), with
-        equal values.
+        equal values. ``selected=True`` says that each layer map holds only its
+        :meth:`kept_channels` already.
         """
         grid = layer_maps[0].shape[2:]
         if self.projected:
@@ -140,14 +158,17 @@ class PatchEmbedding(TraceSafeModule):
             for position, part in enumerate(parts):
                 upsample_nearest_into(part, out, accumulate=position > 0)
             return out
-        selected = [
-            (layer_maps[number].index_select(1, getattr(self, name))) for number, name in self.kept
+        parts = [
+            layer_maps[number]
+            if selected
+            else layer_maps[number].index_select(1, getattr(self, name))
+            for number, name in self.kept
         ]
         if out is None:
-            parts = [F.interpolate(part, size=grid, mode="nearest") for part in selected]
+            parts = [F.interpolate(part, size=grid, mode="nearest") for part in parts]
             return torch.cat(parts, dim=1).float()
         position = 0
-        for part in selected:
+        for part in parts:
             upsample_nearest_into(part, out[:, position : position + part.shape[1]])
             position += part.shape[1]
         return out

@@ -192,10 +192,12 @@ def image_digests(pixels: torch.Tensor) -> list[str]:
     """
     pixels = pixels.detach().cpu()
     header = f"{pixels.dtype} {tuple(pixels.shape[1:])}".encode()
-    return [
-        hashlib.blake2b(header + image.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
-        for image in pixels
-    ]
+    digests = []
+    for image in pixels:
+        digest = hashlib.blake2b(header, digest_size=16)
+        digest.update(image.contiguous().numpy().reshape(-1).view(np.uint8))
+        digests.append(digest.hexdigest())
+    return digests
 
 
 class LayerCache:
@@ -258,11 +260,12 @@ class LayerCache:
         pixels: torch.Tensor,
         layers: Sequence[str],
         run: Callable[[torch.Tensor], list[torch.Tensor]],
+        channels: Sequence[np.ndarray | None] | None = None,
     ) -> list[torch.Tensor]:
         """The outputs of ``layers`` for a batch of pixels, from the cache where stored.
 
         Images with an output missing go through ``run`` together, and all their outputs
-        are stored.
+        are stored (all channels, whatever ``channels`` asks for).
 
         Parameters
         ----------
@@ -272,6 +275,9 @@ class LayerCache:
             Names of the layers ``run`` returns, in its order.
         run : callable
             Pixels ``(b, C, H, W)`` -> one tensor ``(b, C_l, h_l, w_l)`` per layer.
+        channels : sequence of (array of int or None), default=None
+            Per layer, the channels to return (None: all of them); ``None``: all
+            channels of every layer. Selecting here copies only those channels.
 
         Returns
         -------
@@ -286,7 +292,18 @@ class LayerCache:
                 found[i] = [maps[row].float().cpu().contiguous().numpy() for maps in computed]
                 for layer, output in zip(layers, found[i], strict=True):
                     self.store(digests[i], layer, output)
+        channels = [None] * len(layers) if channels is None else channels
         return [
-            torch.from_numpy(np.stack([outputs[k] for outputs in found]))
-            for k in range(len(layers))
+            torch.from_numpy(_stacked([outputs[k] for outputs in found], kept))
+            for k, kept in enumerate(channels)
         ]
+
+
+def _stacked(outputs: list[np.ndarray], channels: np.ndarray | None) -> np.ndarray:
+    """The outputs ``(C, h, w)`` stacked ``(B, c, h, w)``, only ``channels`` if given."""
+    if channels is None:
+        return np.stack(outputs)
+    batch = np.empty((len(outputs), len(channels), *outputs[0].shape[1:]), np.float32)
+    for output, into in zip(outputs, batch, strict=True):
+        np.take(output, channels, axis=0, out=into)
+    return batch

