@@ -27,6 +27,7 @@ imported by ``import sk_padim``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import uuid
@@ -53,6 +54,7 @@ except ImportError as error:  # pragma: no cover - exercised in a test with dask
 
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
+from sk_padim.gaussian import held_out_distances
 from sk_padim.images import check_images, iter_batches
 
 __all__ = ["fit_distributed", "score_distributed"]
@@ -165,7 +167,7 @@ def fit_distributed(
     template = clone(detector).set_params(covariance_dtype="float32")
     storage = None if detector.covariance_dtype == "float32" else clone(detector)
     score = detector.threshold is None and len(paths) >= 2
-    model, scored = _submit_fit(
+    ranges, scored = _submit_fit(
         client,
         fitted_feat,
         template,
@@ -177,19 +179,25 @@ def fit_distributed(
         retries,
         score,
     )
+    futures = [*ranges, *scored]
     try:
-        final, *maxima = client.gather([model, *scored])
+        results = client.gather(futures)
+        parts, maxima = results[: len(ranges)], results[len(ranges) :]
     except Exception as error:
         with contextlib.suppress(Exception):  # the cluster may be what failed
-            client.cancel([model, *scored])  # and, with them, all they wait for
+            client.cancel(futures)  # and, with them, all they wait for
         hint = "" if retries else " Pass retries=N to retry transient failures."
         raise RuntimeError(
             f"fit_distributed failed, so the pipeline is unchanged. "
             f"{type(error).__name__}: {error}.{hint}"
         ) from error
     finally:
-        del model, scored
+        del ranges, scored, futures
 
+    shape = fitted_feat.feature_shape_
+    final = PadimDetector.join_positions(parts, shape)
+    if storage is not None:
+        final = storage.set_statistics(final.statistics(), shape)
     if maxima:
         final.threshold_ = max(maxima)  # what PadimDetector.fit sets: the highest one
     pipeline.steps[0] = (feat_name, fitted_feat)
@@ -200,12 +208,16 @@ def fit_distributed(
 def _submit_fit(
     client, feat, template, storage, paths, parts, workers, threads, retries, score
 ) -> tuple:
-    """Submit the fit's tasks; return the futures of the model and of the threshold's parts.
+    """Submit the fit's tasks; return the futures of the model's parts and of the threshold's.
 
     Per partition, a task extracts the features on the partition's worker (they stay
-    there) and a task folds them into that worker's running partial; the partials of
-    the workers are merged pairwise. Only the returned futures are held, so Dask keeps
-    each intermediate result just until the tasks that need it are done.
+    there) and a task folds them into that worker's running partial. Each partial is
+    cut into as many ranges of positions as there are partials, and the worker owning
+    a range merges that range of every partial and factorises it: each worker ships
+    one partial, in pieces, and the factorisation is shared out. For the threshold, each
+    range's Gaussians go to the workers holding features, which score their images.
+    Only the returned futures are held, so Dask keeps each intermediate result just
+    until the tasks that need it are done.
     """
     token = uuid.uuid4().hex[:8]
 
@@ -218,43 +230,56 @@ def _submit_fit(
 
     feat_future = client.scatter(feat, broadcast=True, hash=False)
     owners = _owners(len(parts), workers)
-    features, partials = [], []
+    features: dict[str, list] = {}
+    partials: dict[str, object] = {}
     for index, (part, owner) in enumerate(zip(parts, owners, strict=True)):
-        features.append(
-            submit(
-                _transform_partition,
-                feat_future,
-                paths[part],
-                index,
-                len(parts),
-                part.start,
-                key=f"features-{index}",
-                owner=owner,
-            )
+        extracted = submit(
+            _transform_partition,
+            feat_future,
+            paths[part],
+            index,
+            len(parts),
+            part.start,
+            key=f"features-{index}",
+            owner=owner,
         )
-        first = index == 0 or owners[index - 1] != owner
-        previous = None if first else partials.pop()
-        partials.append(
-            submit(_fold, previous, template, features[-1], key=f"fold-{index}", owner=owner)
+        features.setdefault(owner, []).append(extracted)
+        previous = partials.get(owner)
+        partials[owner] = submit(
+            _fold, previous, template, extracted, key=f"fold-{index}", owner=owner
         )
-    level, depth = partials, 0
-    while len(level) > 1:
-        merged = [
-            submit(_merge, level[i], level[i + 1], key=f"merge-{depth}-{i // 2}")
-            for i in range(0, len(level) - 1, 2)
+    n_ranges = min(len(partials), math.prod(feat.feature_shape_[1:]))
+    range_owners = list(partials)[:n_ranges]
+    pieces = [
+        [
+            submit(_position_range, partial, n_ranges, k, key=f"split-{w}-{k}", owner=owner)
+            for k in range(n_ranges)
         ]
-        level = merged + level[len(level) - len(level) % 2 :]
-        depth += 1
-    model = level[0]
-    if storage is not None:
-        model = submit(_with_storage, model, storage, key="storage")
+        for w, (owner, partial) in enumerate(partials.items())
+    ]
+    ranges = [
+        submit(_merge_range, *[row[k] for row in pieces], key=f"merge-{k}", owner=owner)
+        for k, owner in enumerate(range_owners)
+    ]
     scored = []
     if score:
-        scored = [
-            submit(_held_out_maximum, model, part_features, key=f"threshold-{index}", owner=owner)
-            for index, (part_features, owner) in enumerate(zip(features, owners, strict=True))
+        gaussians = [
+            submit(_range_gaussians, merged, storage, key=f"factorise-{k}", owner=owner)
+            for k, (merged, owner) in enumerate(zip(ranges, range_owners, strict=True))
         ]
-    return model, scored
+        scored = [
+            submit(
+                _held_out_maximum,
+                template,
+                len(paths),
+                gaussians,
+                *worker_features,
+                key=f"threshold-{w}",
+                owner=owner,
+            )
+            for w, (owner, worker_features) in enumerate(features.items())
+        ]
+    return ranges, scored
 
 
 def score_distributed(
@@ -412,20 +437,48 @@ def _fold(threads, previous: PadimDetector | None, template, features) -> PadimD
         return partial if previous is None else previous.merge(partial)
 
 
-def _merge(threads, left: PadimDetector, right: PadimDetector) -> PadimDetector:
+def _position_range(threads, partial: PadimDetector, n_ranges: int, index: int) -> PadimDetector:
     with _torch_threads(threads):
-        return left.merge(right)
+        return partial.split_positions(n_ranges)[index]
 
 
-def _with_storage(threads, model: PadimDetector, detector: PadimDetector) -> PadimDetector:
-    """A copy of ``detector`` (the user's parameters) given the statistics of ``model``."""
+def _merge_range(threads, *pieces: PadimDetector) -> PadimDetector:
+    """One range of positions of every worker's partial, merged in the workers' order."""
     with _torch_threads(threads):
-        return clone(detector).set_statistics(model.statistics(), model.feature_shape_)
+        return functools.reduce(PadimDetector.merge, pieces)
 
 
-def _held_out_maximum(threads, model: PadimDetector, features) -> float:
+def _range_gaussians(threads, merged: PadimDetector, storage: PadimDetector | None):
+    """The range's Gaussians, factorised here once, as ``storage`` keeps them if given.
+
+    A float16 model scores its training images with its rounded factors, as after a fit
+    on one machine.
+    """
     with _torch_threads(threads):
-        return float(model.held_out_scores(features).max())
+        if storage is not None:
+            merged = clone(storage).set_statistics(merged.statistics(), merged.feature_shape_)
+        return merged.to_module("cpu").gaussians
+
+
+def _held_out_maximum(threads, template, n_samples: int, gaussians, *features) -> float:
+    """The highest leave-one-out image score among a worker's training features.
+
+    Each range's Gaussians give the distances at its positions; joined into grids, they
+    become the held-out distances and maps of :meth:`PadimDetector.held_out_scores`.
+    """
+    with _torch_threads(threads), torch.inference_mode():
+        highest = -math.inf
+        for batch in features:
+            flat = torch.as_tensor(batch).flatten(2)
+            distances, start = [], 0
+            for ranged in gaussians:
+                stop = start + len(ranged.mean_high)
+                distances.append(ranged(flat[:, :, None, start:stop]).flatten(1))
+                start = stop
+            grids = torch.cat(distances, dim=1).view(len(flat), *batch.shape[2:])
+            _, scores = template.maps_of_distances(held_out_distances(grids, n_samples))
+            highest = max(highest, float(scores.max()))
+        return highest
 
 
 def _score_partition(threads, feat, detector, paths, targets, index, n_parts, start):

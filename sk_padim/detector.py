@@ -19,6 +19,7 @@ from sk_padim.gaussian import (
     all_finite,
     factorise_statistics,
     held_out_distances,
+    merge_packed_covariances,
     pack_lower,
     unpack_lower,
     whitening_factor,
@@ -300,15 +301,129 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 f"Cannot merge detectors fitted on features of shape {self.feature_shape_} "
                 f"and {other.feature_shape_}; fit both with the same transformer settings."
             )
-        for name in ("reg", "covariance_dtype"):
-            if getattr(self, name) != getattr(other, name):
-                raise ValueError(
-                    f"Cannot merge detectors with different {name}: {getattr(self, name)!r} "
-                    f"and {getattr(other, name)!r}."
-                )
+        _check_same_model_settings(self, other, "merge")
+        count, mean, covariance = merge_packed_covariances(
+            self._packed_statistics(), other._packed_statistics()
+        )
         merged = type(self)(**self.get_params())
-        merged.set_statistics(self.statistics().merge(other.statistics()), self.feature_shape_)
+        merged._adopt_packed(count, mean, covariance, self.feature_shape_)
         return merged
+
+    def split_positions(self, n_parts: int) -> list[PadimDetector]:
+        """The model cut into contiguous ranges of positions, a detector for each.
+
+        The positions of the ``(h, w)`` grid, in row-major order, are cut into
+        ``n_parts`` ranges of near-equal size (as ``np.array_split``); part ``k`` is a
+        fitted detector of features ``(d, 1, p_k)`` holding those positions' Gaussians.
+        Positions are independent, so each part merges (:meth:`merge`), factorises and
+        scores its positions on its own, e.g. on another machine, and
+        :meth:`join_positions` puts the parts back together. The parts' arrays are views
+        of this model's (nothing is copied). ``threshold_`` is not carried over (it is a
+        property of whole images).
+
+        Parameters
+        ----------
+        n_parts : int
+            Between 1 and the number of positions ``h * w``.
+
+        Returns
+        -------
+        parts : list of PadimDetector
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sk_padim import PadimDetector
+        >>> X = np.random.default_rng(0).normal(size=(6, 3, 2, 5)).astype(np.float32)
+        >>> parts = PadimDetector().fit(X).split_positions(3)
+        >>> [part.feature_shape_ for part in parts]
+        [(3, 1, 4), (3, 1, 3), (3, 1, 3)]
+        >>> joined = PadimDetector.join_positions(parts, (3, 2, 5))
+        >>> bool(np.array_equal(joined.mean_, PadimDetector().fit(X).mean_))
+        True
+        """
+        count, mean, covariance = self._packed_statistics()
+        d, h, w = self.feature_shape_
+        if not isinstance(n_parts, Integral) or not 1 <= n_parts <= h * w:
+            raise ValueError(f"n_parts must be an int from 1 to h * w = {h * w}; got {n_parts!r}.")
+        parts = []
+        for positions in np.array_split(np.arange(h * w), int(n_parts)):
+            rows = slice(int(positions[0]), int(positions[-1]) + 1)
+            part = type(self)(**self.get_params())
+            part._adopt_packed(count, mean[rows], covariance[rows], (d, 1, len(positions)))
+            parts.append(part)
+        return parts
+
+    @classmethod
+    def join_positions(cls, parts, feature_shape) -> PadimDetector:
+        """One detector from the parts of :meth:`split_positions`, in their order.
+
+        Parameters
+        ----------
+        parts : sequence of PadimDetector
+            Fitted on the same images (equal ``n_samples_seen_``) and features ``d``,
+            with the same ``reg`` and ``covariance_dtype``; their positions, in order,
+            cover the grid. The result has the first part's parameters.
+        feature_shape : tuple of int
+            ``(d, h, w)`` of the whole model's features.
+
+        Returns
+        -------
+        detector : PadimDetector
+        """
+        parts = list(parts)
+        if not parts or not all(isinstance(part, PadimDetector) for part in parts):
+            raise TypeError("join_positions needs a non-empty list of fitted PadimDetector parts.")
+        statistics = [part._packed_statistics() for part in parts]
+        first = parts[0]
+        for part in parts[1:]:
+            _check_same_model_settings(first, part, "join")
+        d, h, w = (int(size) for size in feature_shape)
+        counts = {count for count, _, _ in statistics}
+        n_positions = sum(len(mean) for _, mean, _ in statistics)
+        if (
+            len(counts) != 1
+            or {part.n_features_in_ for part in parts} != {d}
+            or n_positions != h * w
+        ):
+            raise ValueError(
+                f"Cannot join parts of {sorted(counts)} images, {n_positions} positions and "
+                f"{sorted({part.n_features_in_ for part in parts})} features into "
+                f"feature_shape={tuple(feature_shape)}: join the parts of one split model."
+            )
+        joined = cls(**first.get_params())
+        joined._adopt_packed(
+            counts.pop(),
+            torch.cat([mean for _, mean, _ in statistics]),
+            torch.cat([covariance for _, _, covariance in statistics]),
+            (d, h, w),
+        )
+        return joined
+
+    def _packed_statistics(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Count, mean (float64) and packed covariance (float32) as CPU tensors (shared)."""
+        check_is_fitted(self)
+        if not hasattr(self, "packed_covariance_"):
+            raise ValueError(
+                "This detector stores float16 whitening factors (covariance_dtype="
+                "'float16'), not its statistics, so it cannot be trained further, merged "
+                "or split. Fit with covariance_dtype='float32' for that."
+            )
+        mean, covariance = (
+            _shared_tensor(array) for array in (self.mean_, self.packed_covariance_)
+        )
+        return self.n_samples_seen_, mean, covariance
+
+    def _adopt_packed(self, count: int, mean, covariance, shape) -> None:
+        """Make a packed float32 model the fitted state (factorised at the first scoring)."""
+        if not all_finite(covariance):
+            raise FloatingPointError(
+                "The features are too large for float32 statistics (their squares "
+                "overflow); scale them down, e.g. by a constant factor."
+            )
+        fitted = _fitted_attributes(GaussianStatistics(count, mean, None), shape)
+        fitted["packed_covariance_"] = covariance.numpy()
+        self._adopt(fitted, self.threshold, None, resolve_device(self.device))
 
     def statistics(self) -> GaussianStatistics:
         """The fitted statistics (count, mean, scatter) as tensors on the detector's device.
@@ -319,18 +434,10 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         stats : sk_padim.gaussian.GaussianStatistics
         """
-        check_is_fitted(self)
-        if not hasattr(self, "packed_covariance_"):
-            raise ValueError(
-                "This detector stores float16 whitening factors (covariance_dtype="
-                "'float16'), not its statistics, so it cannot be trained further or "
-                "merged. Fit with covariance_dtype='float32' for that."
-            )
+        count, mean, covariance = self._packed_statistics()
         device = resolve_device(self.device)
         return GaussianStatistics.from_packed(
-            self.n_samples_seen_,
-            torch.tensor(self.mean_, device=device),
-            torch.tensor(self.packed_covariance_, device=device),
+            count, mean.to(device, copy=True), covariance.to(device, copy=True)
         )
 
     def set_statistics(self, stats: GaussianStatistics, feature_shape) -> PadimDetector:
@@ -451,6 +558,36 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         batches = self._batches(features, device)
         scores = _held_out_scores(self.to_module(device), batches, self.n_samples_seen_)
         return scores.to(X.device) if isinstance(X, torch.Tensor) else scores.cpu().numpy()
+
+    def maps_of_distances(self, distances) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps and image scores of Mahalanobis distance grids, as scoring makes them.
+
+        The grids are upsampled to ``map_size`` (by default four times the grid) and
+        smoothed with ``sigma``; an image's score is its map's maximum. For distances
+        computed outside :meth:`score_samples`, e.g. by the parts of a model cut with
+        :meth:`split_positions`, put back together into grids. Needs no fit.
+
+        Parameters
+        ----------
+        distances : Tensor of shape (n, h, w)
+
+        Returns
+        -------
+        maps : Tensor of shape (n, H, W)
+        scores : Tensor of shape (n,)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sk_padim import PadimDetector
+        >>> maps, scores = PadimDetector(sigma=0).maps_of_distances(torch.ones(2, 3, 3))
+        >>> tuple(maps.shape), scores.tolist()
+        ((2, 12, 12), [1.0, 1.0])
+        """
+        self.check_params()
+        grid = (0, *distances.shape[1:])
+        with torch.inference_mode():
+            return self._map_generator(grid, distances.device).maps_and_scores(distances)
 
     def predict(self, X) -> np.ndarray | torch.Tensor:
         """Label images: +1 normal, -1 anomalous (image score ``>= threshold_``).
@@ -726,6 +863,21 @@ def _check_feature_shape(shape: tuple[int, ...]) -> None:
         raise ValueError(
             f"Features of shape {shape} look like images (n, H, W, channels). {_TRANSFORMER_HINT}"
         )
+
+
+def _shared_tensor(array) -> torch.Tensor:
+    """A tensor sharing a fitted array's memory (a copy if it is read-only, e.g. mapped)."""
+    array = np.asarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _check_same_model_settings(first: PadimDetector, other: PadimDetector, action: str) -> None:
+    for name in ("reg", "covariance_dtype"):
+        if getattr(first, name) != getattr(other, name):
+            raise ValueError(
+                f"Cannot {action} detectors with different {name}: {getattr(first, name)!r} "
+                f"and {getattr(other, name)!r}."
+            )
 
 
 def _fitted_attributes(stats: GaussianStatistics, shape) -> dict:

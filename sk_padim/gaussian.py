@@ -94,6 +94,28 @@ class GaussianStatistics:
         return cls(count, mean.to(torch.float64), scatter.mul_(max(count - 1, 1)))
 
 
+def merge_packed_covariances(
+    first: tuple[int, torch.Tensor, torch.Tensor], second: tuple[int, torch.Tensor, torch.Tensor]
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(count, mean, packed covariance)`` of the union of two samples, from theirs.
+
+    Each operand is a count, a mean ``(P, d)`` float64 and a packed covariance
+    ``(P, d (d + 1) / 2)`` float32 (the scatter over ``max(count - 1, 1)``, as fitted
+    models keep it). The arithmetic is that of :meth:`GaussianStatistics.merge` on the
+    unpacked scatter matrices, entry by entry, so the values are the same; working on
+    the packed triangles halves the memory and skips the unpacking and repacking.
+    """
+    (count_a, mean_a, packed_a), (count_b, mean_b, packed_b) = first, second
+    total = count_a + count_b
+    shift = mean_b - mean_a
+    delta = shift.to(torch.float32)
+    rows, cols = torch.tril_indices(delta.shape[1], delta.shape[1], device=delta.device)
+    weight = count_a * count_b / total
+    scatter = packed_a * max(count_a - 1, 1) + packed_b * max(count_b - 1, 1)
+    scatter += weight * delta[:, rows] * delta[:, cols]
+    return total, mean_a + shift * (count_b / total), scatter.div_(max(total - 1, 1))
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether no value is NaN or infinite.
 

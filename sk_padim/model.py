@@ -49,8 +49,7 @@ class PatchScorer(TraceSafeModule):
 
     def maps_of_distances(self, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps and image scores (the maximum of each map) of distance grids ``(B, h, w)``."""
-        maps = self.maps(distances)
-        return maps, maps.amax(dim=(1, 2))
+        return self.maps.maps_and_scores(distances)
 
 
 class PadimModel(TraceSafeModule):

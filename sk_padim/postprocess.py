@@ -101,6 +101,11 @@ class AnomalyMapGenerator(TraceSafeModule):
         self.register_buffer("rows", None if rows is None else rows.float())
         self.register_buffer("cols_t", None if cols is None else cols.T.float().contiguous())
 
+    def maps_and_scores(self, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps and image scores (the maximum of each map) of distance grids ``(B, h, w)``."""
+        maps = self(distances)
+        return maps, maps.amax(dim=(1, 2))
+
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         maps = distances
         if self.rows is not None:

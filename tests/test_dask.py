@@ -179,17 +179,28 @@ def test_each_worker_folds_its_partitions_and_ships_one_partial(distributed_fit)
     for record in records:
         _, _, _, kind, *index = record["key"].split("-")  # padim-fit-<token>-<kind>-<index>
         by_kind.setdefault(kind, {})["-".join(index)] = record
+
+    def transfers(record):
+        return sum(step["action"] == "transfer" for step in record["startstops"])
+
     features, folds = by_kind["features"], by_kind["fold"]
     assert sorted(folds) == ["0", "1", "2", "3"]
     # Partitions 0, 1 on one worker and 2, 3 on the other; each folded where it was made.
     workers = [folds[index]["worker"] for index in "0123"]
     assert workers[0] == workers[1] != workers[2] == workers[3]
     assert all(features[index]["worker"] == folds[index]["worker"] for index in "0123")
-    assert not any(
-        step["action"] == "transfer" for fold in folds.values() for step in fold["startstops"]
-    )
-    assert len(by_kind["merge"]) == 1  # two workers: one merge, whatever the partitions
-    assert len(by_kind["threshold"]) == 4  # the cached features, scored by the merged model
+    assert not any(transfers(fold) for fold in folds.values())
+    # Each worker's partial is cut into two ranges of positions, one per worker; each
+    # range is merged (one piece comes from the other worker) and factorised by its owner.
+    assert sorted(by_kind["split"]) == ["0-0", "0-1", "1-0", "1-1"]
+    merges, factorisations = by_kind["merge"], by_kind["factorise"]
+    assert sorted(merges) == sorted(factorisations) == ["0", "1"]
+    assert {merges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
+    assert all(factorisations[k]["worker"] == merges[k]["worker"] for k in "01")
+    assert [transfers(merges[k]) for k in "01"] == [1, 1]
+    # Each worker scores its own cached features for the threshold.
+    thresholds = by_kind["threshold"]
+    assert sorted(thresholds[k]["worker"] for k in "01") == sorted({workers[0], workers[2]})
 
 
 def test_default_partitions_are_sized_from_the_cluster(client, image_paths, local_fit):
@@ -197,8 +208,9 @@ def test_default_partitions_are_sized_from_the_cluster(client, image_paths, loca
     with distributed.get_task_stream(client) as stream:
         fit_distributed(make_pipeline(threshold=1.0), train, client)
     kinds = [record["key"].split("-")[3] for record in stream.data]
-    # Small features: one partition per worker thread, so one fold each and one merge.
-    assert (kinds.count("features"), kinds.count("fold"), kinds.count("merge")) == (2, 2, 1)
+    # Small features: one partition per worker thread, so one fold each, and one range of
+    # positions merged by each worker.
+    assert (kinds.count("features"), kinds.count("fold"), kinds.count("merge")) == (2, 2, 2)
     # Scoring: partitions of at least a batch (batch_size=32 > 8 images): one chunk.
     assert score_distributed(local_fit, test, client).chunks == ((8,),)
 
