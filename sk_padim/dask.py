@@ -30,6 +30,7 @@ import contextlib
 import functools
 import math
 import os
+import pickle
 import uuid
 from collections.abc import Sequence
 from numbers import Integral
@@ -54,7 +55,7 @@ except ImportError as error:  # pragma: no cover - exercised in a test with dask
 
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
-from sk_padim.gaussian import held_out_distances
+from sk_padim.gaussian import GaussianStatistics, held_out_distances
 from sk_padim.images import check_images, iter_batches
 
 __all__ = ["fit_distributed", "score_distributed"]
@@ -182,7 +183,7 @@ def fit_distributed(
     futures = [*ranges, *scored]
     try:
         results = client.gather(futures)
-        parts, maxima = results[: len(ranges)], results[len(ranges) :]
+        parts, distances = results[: len(ranges)], results[len(ranges) :]
     except Exception as error:
         with contextlib.suppress(Exception):  # the cluster may be what failed
             client.cancel(futures)  # and, with them, all they wait for
@@ -198,8 +199,9 @@ def fit_distributed(
     final = PadimDetector.join_positions(parts, shape)
     if storage is not None:
         final = storage.set_statistics(final.statistics(), shape)
-    if maxima:
-        final.threshold_ = max(maxima)  # what PadimDetector.fit sets: the highest one
+    if distances:  # what PadimDetector.fit sets: the highest held-out image score
+        grids = torch.from_numpy(np.concatenate(distances, axis=1)).view(len(paths), *shape[1:])
+        final.threshold_ = float(template.maps_of_distances(grids)[1].max())
     pipeline.steps[0] = (feat_name, fitted_feat)
     pipeline.steps[1] = (detector_name, final)
     return pipeline
@@ -208,30 +210,36 @@ def fit_distributed(
 def _submit_fit(
     client, feat, template, storage, paths, parts, workers, threads, retries, score
 ) -> tuple:
-    """Submit the fit's tasks; return the futures of the model's parts and of the threshold's.
+    """Submit the fit's tasks; return the futures of the model's ranges and their distances.
 
-    Per partition, a task extracts the features on the partition's worker (they stay
-    there) and a task folds them into that worker's running partial. Each partial is
-    cut into as many ranges of positions as there are partials, and the worker owning
-    a range merges that range of every partial and factorises it: each worker ships
-    one partial, in pieces, and the factorisation is shared out. For the threshold, each
-    range's Gaussians go to the workers holding features, which score their images.
-    Only the returned futures are held, so Dask keeps each intermediate result just
-    until the tasks that need it are done.
+    Per partition, a task extracts the features on the partition's worker and a task
+    folds them into that worker's running statistics. The positions are shared out in
+    one range per worker: each worker sends its statistics of a range to the range's
+    owner, which merges and factorises them. For the threshold, each partition's
+    features of a range go to the range's owner too (sent while the statistics are
+    still being made), which returns their held-out distances. Only the returned futures
+    are held, so Dask keeps each intermediate result just until the tasks that need it
+    are done.
     """
     token = uuid.uuid4().hex[:8]
 
-    def submit(function, *args, key, owner=None):
+    def submit(function, *args, key, owner=None, priority=0):
         # A loose restriction: the task runs on its owner, or elsewhere if it dies.
         where = {} if owner is None else {"workers": [owner], "allow_other_workers": True}
         return client.submit(
-            function, threads, *args, key=f"padim-fit-{token}-{key}", retries=retries, **where
+            function,
+            threads,
+            *args,
+            key=f"padim-fit-{token}-{key}",
+            retries=retries,
+            priority=priority,
+            **where,
         )
 
-    feat_future = client.scatter(feat, broadcast=True, hash=False)
+    # As pickled bytes: Dask serialises the module itself tensor by tensor, 4-20x slower.
+    feat_future = client.scatter(pickle.dumps(feat), broadcast=True, hash=False)
     owners = _owners(len(parts), workers)
-    features: dict[str, list] = {}
-    partials: dict[str, object] = {}
+    features, partials = [], {}
     for index, (part, owner) in enumerate(zip(parts, owners, strict=True)):
         extracted = submit(
             _transform_partition,
@@ -243,43 +251,50 @@ def _submit_fit(
             key=f"features-{index}",
             owner=owner,
         )
-        features.setdefault(owner, []).append(extracted)
-        previous = partials.get(owner)
+        features.append(extracted)
         partials[owner] = submit(
-            _fold, previous, template, extracted, key=f"fold-{index}", owner=owner
+            _fold, partials.get(owner), template, extracted, key=f"fold-{index}", owner=owner
         )
-    n_ranges = min(len(partials), math.prod(feat.feature_shape_[1:]))
-    range_owners = list(partials)[:n_ranges]
-    pieces = [
-        [
-            submit(_position_range, partial, n_ranges, k, key=f"split-{w}-{k}", owner=owner)
-            for k in range(n_ranges)
+    d, h, w = feat.feature_shape_
+    range_owners = list(partials)[: h * w]
+    ranges = np.array_split(np.arange(h * w), len(range_owners))
+    ranges = [slice(int(rows[0]), int(rows[-1]) + 1) for rows in ranges]
+    models, distances = [], []
+    for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True)):
+        pieces = [
+            submit(_statistics_range, partial, rows, key=f"split-{w}-{k}", owner=owner)
+            for w, (owner, partial) in enumerate(partials.items())
         ]
-        for w, (owner, partial) in enumerate(partials.items())
-    ]
-    ranges = [
-        submit(_merge_range, *[row[k] for row in pieces], key=f"merge-{k}", owner=owner)
-        for k, owner in enumerate(range_owners)
-    ]
-    scored = []
-    if score:
-        gaussians = [
-            submit(_range_gaussians, merged, storage, key=f"factorise-{k}", owner=owner)
-            for k, (merged, owner) in enumerate(zip(ranges, range_owners, strict=True))
-        ]
-        scored = [
-            submit(
-                _held_out_maximum,
-                template,
-                len(paths),
-                gaussians,
-                *worker_features,
-                key=f"threshold-{w}",
-                owner=owner,
+        shape = (d, 1, rows.stop - rows.start)
+        model = submit(
+            _fit_range, template, shape, score, *pieces, key=f"merge-{k}", owner=range_owner
+        )
+        models.append(model)
+        if score:
+            slices = [
+                # After the folds, which the merges wait for.
+                submit(
+                    _features_range,
+                    part_features,
+                    rows,
+                    key=f"slice-{i}-{k}",
+                    owner=owner,
+                    priority=-1,
+                )
+                for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
+            ]
+            distances.append(
+                submit(
+                    _held_out_range,
+                    model,
+                    storage,
+                    len(paths),
+                    *slices,
+                    key=f"distances-{k}",
+                    owner=range_owner,
+                )
             )
-            for w, (owner, worker_features) in enumerate(features.items())
-        ]
-    return ranges, scored
+    return models, distances
 
 
 def score_distributed(
@@ -420,65 +435,59 @@ def _torch_threads(threads):
         torch.set_num_threads(previous)
 
 
-def _transform_partition(threads, feat, paths, index, n_parts, start) -> np.ndarray:
+def _transform_partition(threads, feat_bytes, paths, index, n_parts, start) -> np.ndarray:
     try:
         with _torch_threads(threads):
-            return feat.transform(paths)
+            return pickle.loads(feat_bytes).transform(paths)
     except Exception as error:
         raise RuntimeError(
             _partition_failure("Fitting", index, n_parts, start, paths, error)
         ) from error
 
 
-def _fold(threads, previous: PadimDetector | None, template, features) -> PadimDetector:
-    """``previous`` (None for a worker's first partition) with ``features`` added."""
+def _fold(threads, previous, template: PadimDetector, features):
+    """``previous`` statistics (None for a worker's first partition) with ``features`` added."""
     with _torch_threads(threads):
-        partial = clone(template).fit_batches([features])
-        return partial if previous is None else previous.merge(partial)
+        return template.accumulate([features], previous)
 
 
-def _position_range(threads, partial: PadimDetector, n_ranges: int, index: int) -> PadimDetector:
+def _statistics_range(threads, stats: GaussianStatistics, rows: slice) -> tuple:
+    """The statistics of a range of positions as NumPy arrays, which Dask sends without
+    copies (torch tensors go through a path several times slower)."""
     with _torch_threads(threads):
-        return partial.split_positions(n_ranges)[index]
+        part = stats.positions(rows)
+        return part.count, part.mean.numpy(), part.scatter.numpy()
 
 
-def _merge_range(threads, *pieces: PadimDetector) -> PadimDetector:
-    """One range of positions of every worker's partial, merged in the workers' order."""
+def _fit_range(threads, template: PadimDetector, shape, factorise: bool, *pieces):
+    """The model of one range of positions: every worker's statistics of it, merged in the
+    workers' order, factorised here if the threshold's distances will need it."""
     with _torch_threads(threads):
-        return functools.reduce(PadimDetector.merge, pieces)
+        stats = [
+            GaussianStatistics(count, torch.from_numpy(mean), torch.from_numpy(scatter))
+            for count, mean, scatter in pieces
+        ]
+        merged = functools.reduce(lambda first, second: first.merge(second), stats)
+        return clone(template).set_statistics(merged, shape, factorise=factorise)
 
 
-def _range_gaussians(threads, merged: PadimDetector, storage: PadimDetector | None):
-    """The range's Gaussians, factorised here once, as ``storage`` keeps them if given.
-
-    A float16 model scores its training images with its rounded factors, as after a fit
-    on one machine.
-    """
-    with _torch_threads(threads):
-        if storage is not None:
-            merged = clone(storage).set_statistics(merged.statistics(), merged.feature_shape_)
-        return merged.to_module("cpu").gaussians
+def _features_range(threads, features: np.ndarray, rows: slice) -> np.ndarray:
+    """A partition's features at a range of positions, ``(n, d, positions)``."""
+    return np.ascontiguousarray(features.reshape(*features.shape[:2], -1)[:, :, rows])
 
 
-def _held_out_maximum(threads, template, n_samples: int, gaussians, *features) -> float:
-    """The highest leave-one-out image score among a worker's training features.
+def _held_out_range(threads, model: PadimDetector, storage, n_samples: int, *slices):
+    """Held-out distances ``(n, positions)`` of the training features at one range.
 
-    Each range's Gaussians give the distances at its positions; joined into grids, they
-    become the held-out distances and maps of :meth:`PadimDetector.held_out_scores`.
+    A float16 model (``storage``) scores with its rounded factors, as after a fit on one
+    machine.
     """
     with _torch_threads(threads), torch.inference_mode():
-        highest = -math.inf
-        for batch in features:
-            flat = torch.as_tensor(batch).flatten(2)
-            distances, start = [], 0
-            for ranged in gaussians:
-                stop = start + len(ranged.mean_high)
-                distances.append(ranged(flat[:, :, None, start:stop]).flatten(1))
-                start = stop
-            grids = torch.cat(distances, dim=1).view(len(flat), *batch.shape[2:])
-            _, scores = template.maps_of_distances(held_out_distances(grids, n_samples))
-            highest = max(highest, float(scores.max()))
-        return highest
+        if storage is not None:
+            model = clone(storage).set_statistics(model.statistics(), model.feature_shape_)
+        gaussians = model.to_module("cpu").gaussians
+        distances = [gaussians(torch.from_numpy(part)[:, :, None, :]).flatten(1) for part in slices]
+        return held_out_distances(torch.cat(distances), n_samples).numpy()
 
 
 def _score_partition(threads, feat, detector, paths, targets, index, n_parts, start):

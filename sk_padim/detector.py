@@ -258,6 +258,39 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self._fit_lazily(batches, None)
         return self
 
+    def accumulate(
+        self, batches: Iterable, stats: GaussianStatistics | None = None
+    ) -> GaussianStatistics:
+        """Statistics of feature batches, checked as :meth:`fit` checks them; no model.
+
+        For code that fits in pieces and combines the pieces itself (Dask): the result
+        merges (``GaussianStatistics.merge``), and :meth:`set_statistics` makes it a
+        model. The detector is not changed.
+
+        Parameters
+        ----------
+        batches : iterable of array-like or Tensor of shape (n_i, d, h, w)
+        stats : sk_padim.gaussian.GaussianStatistics, default=None
+            Statistics to add the batches to (updated in place and returned); ``None``
+            starts from none.
+
+        Returns
+        -------
+        stats : sk_padim.gaussian.GaussianStatistics
+            On the detector's device.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sk_padim import PadimDetector
+        >>> X = np.random.default_rng(0).normal(size=(6, 3, 2, 2)).astype(np.float32)
+        >>> stats = PadimDetector().accumulate([X[:4], X[4:]])
+        >>> stats.count, tuple(stats.scatter.shape)
+        (6, (4, 3, 3))
+        """
+        self.check_params()
+        return self._accumulate(batches, stats, resolve_device(self.device))[0]
+
     def check_params(self) -> PadimDetector:
         """Validate the parameters now (:meth:`fit` does it itself).
 
@@ -440,11 +473,14 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             count, mean.to(device, copy=True), covariance.to(device, copy=True)
         )
 
-    def set_statistics(self, stats: GaussianStatistics, feature_shape) -> PadimDetector:
+    def set_statistics(
+        self, stats: GaussianStatistics, feature_shape, factorise: bool = False
+    ) -> PadimDetector:
         """Make these statistics the fitted model (they are consumed).
 
-        The factorisation waits for the first scoring, and ``threshold_`` is set only
-        from an explicit ``threshold``, as after :meth:`partial_fit`.
+        The factorisation waits for the first scoring unless ``factorise``, and
+        ``threshold_`` is set only from an explicit ``threshold``, as after
+        :meth:`partial_fit`.
 
         Parameters
         ----------
@@ -452,6 +488,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             E.g. from :meth:`statistics` of fitted detectors, merged.
         feature_shape : tuple of int
             ``(d, h, w)`` of the features the statistics are of.
+        factorise : bool, default=False
+            Factorise the covariances now, as :meth:`fit` does (on the statistics'
+            device, straight from the scatter matrices).
 
         Returns
         -------
@@ -470,7 +509,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 "overflow); scale them down, e.g. by a constant factor."
             )
         device = stats.mean.device
-        if self.covariance_dtype == "float16":
+        if factorise or self.covariance_dtype == "float16":
             fitted, gaussians = self._factorised(stats, (d, h, w))
         else:
             fitted, gaussians = _fitted_attributes(stats, (d, h, w)), None
@@ -662,19 +701,25 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     def _fit_lazily(self, batches: Iterable, previous: GaussianStatistics | None) -> None:
         """Fold feature batches into ``previous`` (or fresh) statistics and store them."""
         device = resolve_device(self.device)
-        stats, shape = self._accumulate(batches, previous, device)
+        shape = None if previous is None else self.feature_shape_
+        stats, shape = self._accumulate(batches, previous, device, shape)
         self.set_statistics(stats, shape)
 
-    def _accumulate(self, batches: Iterable, stats: GaussianStatistics | None, device):
+    def _accumulate(self, batches: Iterable, stats: GaussianStatistics | None, device, shape=None):
         """Statistics and feature shape after folding in every batch of features.
 
-        A function of its own so that the last batch is released on return, before the
-        statistics are factorised or packed (their peak memory).
+        ``shape``, when given, is the feature shape every batch must have. A function of
+        its own so that the last batch is released on return, before the statistics are
+        factorised or packed (their peak memory).
         """
-        shape = None if stats is None else self.feature_shape_
         for X in batches:
             features = self._check_features(X, shape)
             shape = tuple(features.shape[1:])
+            if stats is not None and tuple(stats.mean.shape) != (shape[1] * shape[2], shape[0]):
+                raise ValueError(
+                    f"Features of shape {shape} do not fit statistics of "
+                    f"{tuple(stats.mean.shape)} (positions, features)."
+                )
             d, h, w = shape
             if stats is None:
                 stats = GaussianStatistics.empty(h * w, d, device)

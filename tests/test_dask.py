@@ -190,17 +190,21 @@ def test_each_worker_folds_its_partitions_and_ships_one_partial(distributed_fit)
     assert workers[0] == workers[1] != workers[2] == workers[3]
     assert all(features[index]["worker"] == folds[index]["worker"] for index in "0123")
     assert not any(transfers(fold) for fold in folds.values())
-    # Each worker's partial is cut into two ranges of positions, one per worker; each
+    # Each worker's statistics are cut into two ranges of positions, one per worker; each
     # range is merged (one piece comes from the other worker) and factorised by its owner.
     assert sorted(by_kind["split"]) == ["0-0", "0-1", "1-0", "1-1"]
-    merges, factorisations = by_kind["merge"], by_kind["factorise"]
-    assert sorted(merges) == sorted(factorisations) == ["0", "1"]
+    merges = by_kind["merge"]
+    assert sorted(merges) == ["0", "1"]
     assert {merges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
-    assert all(factorisations[k]["worker"] == merges[k]["worker"] for k in "01")
     assert [transfers(merges[k]) for k in "01"] == [1, 1]
-    # Each worker scores its own cached features for the threshold.
-    thresholds = by_kind["threshold"]
-    assert sorted(thresholds[k]["worker"] for k in "01") == sorted({workers[0], workers[2]})
+    # For the threshold, the owner of a range gets each partition's features of it and
+    # returns their held-out distances: the other worker's two partitions come to it.
+    slices, distances = by_kind["slice"], by_kind["distances"]
+    assert all(
+        slices[f"{i}-{k}"]["worker"] == folds[str(i)]["worker"] for i in range(4) for k in "01"
+    )
+    assert all(distances[k]["worker"] == merges[k]["worker"] for k in "01")
+    assert all(transfers(distances[k]) >= 1 for k in "01")
 
 
 def test_default_partitions_are_sized_from_the_cluster(client, image_paths, local_fit):
