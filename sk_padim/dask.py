@@ -168,7 +168,7 @@ def fit_distributed(
     template = clone(detector).set_params(covariance_dtype="float32")
     storage = None if detector.covariance_dtype == "float32" else clone(detector)
     score = detector.threshold is None and len(paths) >= 2
-    ranges, scored = _submit_fit(
+    ranges = _submit_fit(
         client,
         fitted_feat,
         template,
@@ -180,26 +180,24 @@ def fit_distributed(
         retries,
         score,
     )
-    futures = [*ranges, *scored]
     try:
-        results = client.gather(futures)
-        parts, distances = results[: len(ranges)], results[len(ranges) :]
+        parts, distances = zip(*client.gather(ranges), strict=True)
     except Exception as error:
         with contextlib.suppress(Exception):  # the cluster may be what failed
-            client.cancel(futures)  # and, with them, all they wait for
+            client.cancel(ranges)  # and, with them, all they wait for
         hint = "" if retries else " Pass retries=N to retry transient failures."
         raise RuntimeError(
             f"fit_distributed failed, so the pipeline is unchanged. "
             f"{type(error).__name__}: {error}.{hint}"
         ) from error
     finally:
-        del ranges, scored, futures
+        del ranges
 
     shape = fitted_feat.feature_shape_
     final = PadimDetector.join_positions(parts, shape)
     if storage is not None:
         final = storage.set_statistics(final.statistics(), shape)
-    if distances:  # what PadimDetector.fit sets: the highest held-out image score
+    if score:  # what PadimDetector.fit sets: the highest held-out image score
         grids = torch.from_numpy(np.concatenate(distances, axis=1)).view(len(paths), *shape[1:])
         final.threshold_ = float(template.maps_of_distances(grids)[1].max())
     pipeline.steps[0] = (feat_name, fitted_feat)
@@ -223,7 +221,7 @@ def _submit_fit(
     """
     token = uuid.uuid4().hex[:8]
 
-    def submit(function, *args, key, owner=None, priority=0):
+    def submit(function, *args, key, owner=None):
         # A loose restriction: the task runs on its owner, or elsewhere if it dies.
         where = {} if owner is None else {"workers": [owner], "allow_other_workers": True}
         return client.submit(
@@ -232,7 +230,6 @@ def _submit_fit(
             *args,
             key=f"padim-fit-{token}-{key}",
             retries=retries,
-            priority=priority,
             **where,
         )
 
@@ -259,42 +256,34 @@ def _submit_fit(
     range_owners = list(partials)[: h * w]
     ranges = np.array_split(np.arange(h * w), len(range_owners))
     ranges = [slice(int(rows[0]), int(rows[-1]) + 1) for rows in ranges]
-    models, distances = [], []
+    models = []
     for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True)):
         pieces = [
             submit(_statistics_range, partial, rows, key=f"split-{w}-{k}", owner=owner)
             for w, (owner, partial) in enumerate(partials.items())
         ]
-        shape = (d, 1, rows.stop - rows.start)
-        model = submit(
-            _fit_range, template, shape, score, *pieces, key=f"merge-{k}", owner=range_owner
-        )
-        models.append(model)
+        slices = []
         if score:
             slices = [
-                # After the folds, which the merges wait for.
-                submit(
-                    _features_range,
-                    part_features,
-                    rows,
-                    key=f"slice-{i}-{k}",
-                    owner=owner,
-                    priority=-1,
-                )
+                submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
                 for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
             ]
-            distances.append(
-                submit(
-                    _held_out_range,
-                    model,
-                    storage,
-                    len(paths),
-                    *slices,
-                    key=f"distances-{k}",
-                    owner=range_owner,
-                )
+        shape = (d, 1, rows.stop - rows.start)
+        held_out = (storage, len(paths)) if score else None
+        models.append(
+            submit(
+                _fit_range,
+                template,
+                shape,
+                held_out,
+                len(pieces),
+                *pieces,
+                *slices,
+                key=f"range-{k}",
+                owner=range_owner,
             )
-    return models, distances
+        )
+    return models
 
 
 def score_distributed(
@@ -380,8 +369,11 @@ def score_distributed(
         n_slots = sum(workers.values())
         partition_size = max(feat.batch_size, math.ceil(len(paths) / (4 * n_slots)))
     token = uuid.uuid4().hex[:8]
-    # Scattered apart, so that Dask knows their sizes (see _sizeof_detector).
-    feat_future, detector_future = client.scatter([feat, detector], broadcast=True, hash=False)
+    # Scattered apart, so that Dask knows the detector's size (see _sizeof_detector); the
+    # transformer as pickled bytes (as in fit_distributed).
+    feat_future, detector_future = client.scatter(
+        [pickle.dumps(feat), detector], broadcast=True, hash=False
+    )
     parts = _partitions(len(paths), partition_size)
     chunks = []
     for index, part in enumerate(parts):
@@ -446,29 +438,22 @@ def _transform_partition(threads, feat_bytes, paths, index, n_parts, start) -> n
 
 
 def _fold(threads, previous, template: PadimDetector, features):
-    """``previous`` statistics (None for a worker's first partition) with ``features`` added."""
+    """``previous`` statistics (None for a worker's first partition) with ``features`` added.
+
+    ``previous`` is left unchanged: a task must not change its inputs, which Dask may
+    hand to a retry.
+    """
     with _torch_threads(threads):
-        return template.accumulate([features], previous)
+        stats = template.accumulate([features])
+        return stats if previous is None else previous.merge(stats)
 
 
 def _statistics_range(threads, stats: GaussianStatistics, rows: slice) -> tuple:
-    """The statistics of a range of positions as NumPy arrays, which Dask sends without
-    copies (torch tensors go through a path several times slower)."""
-    with _torch_threads(threads):
-        part = stats.positions(rows)
-        return part.count, part.mean.numpy(), part.scatter.numpy()
-
-
-def _fit_range(threads, template: PadimDetector, shape, factorise: bool, *pieces):
-    """The model of one range of positions: every worker's statistics of it, merged in the
-    workers' order, factorised here if the threshold's distances will need it."""
-    with _torch_threads(threads):
-        stats = [
-            GaussianStatistics(count, torch.from_numpy(mean), torch.from_numpy(scatter))
-            for count, mean, scatter in pieces
-        ]
-        merged = functools.reduce(lambda first, second: first.merge(second), stats)
-        return clone(template).set_statistics(merged, shape, factorise=factorise)
+    """The statistics of a range of positions as NumPy arrays (views: Dask copies only
+    the range when it sends them, and sends NumPy arrays several times faster than
+    torch tensors)."""
+    part = stats.positions(rows)
+    return part.count, part.mean.numpy(), part.scatter.numpy()
 
 
 def _features_range(threads, features: np.ndarray, rows: slice) -> np.ndarray:
@@ -476,23 +461,38 @@ def _features_range(threads, features: np.ndarray, rows: slice) -> np.ndarray:
     return np.ascontiguousarray(features.reshape(*features.shape[:2], -1)[:, :, rows])
 
 
-def _held_out_range(threads, model: PadimDetector, storage, n_samples: int, *slices):
-    """Held-out distances ``(n, positions)`` of the training features at one range.
+def _fit_range(threads, template: PadimDetector, shape, held_out, n_pieces: int, *inputs):
+    """The model of one range of positions and, for the threshold, held-out distances.
 
-    A float16 model (``storage``) scores with its rounded factors, as after a fit on one
+    ``inputs`` are every worker's statistics of the range (merged in the workers' order)
+    then, if ``held_out`` is ``(storage, n_samples)``, every partition's features of it,
+    whose held-out distances ``(n, positions)`` come back with the model (else None). A
+    float16 model (``storage``) scores with its rounded factors, as after a fit on one
     machine.
     """
+    pieces, slices = inputs[:n_pieces], inputs[n_pieces:]
     with _torch_threads(threads), torch.inference_mode():
-        if storage is not None:
-            model = clone(storage).set_statistics(model.statistics(), model.feature_shape_)
-        gaussians = model.to_module("cpu").gaussians
+        stats = [
+            GaussianStatistics(count, torch.from_numpy(mean), torch.from_numpy(scatter))
+            for count, mean, scatter in pieces
+        ]
+        merged = functools.reduce(lambda first, second: first.merge(second), stats)
+        model = clone(template).set_statistics(merged, shape, factorise=held_out is not None)
+        if held_out is None:
+            return model, None
+        storage, n_samples = held_out
+        scorer = (
+            model if storage is None else clone(storage).set_statistics(model.statistics(), shape)
+        )
+        gaussians = scorer.to_module("cpu").gaussians
         distances = [gaussians(torch.from_numpy(part)[:, :, None, :]).flatten(1) for part in slices]
-        return held_out_distances(torch.cat(distances), n_samples).numpy()
+        return model, held_out_distances(torch.cat(distances), n_samples).numpy()
 
 
-def _score_partition(threads, feat, detector, paths, targets, index, n_parts, start):
+def _score_partition(threads, feat_bytes, detector, paths, targets, index, n_parts, start):
     try:
         with _torch_threads(threads):
+            feat = pickle.loads(feat_bytes)
             images = check_images(paths)
             scores = np.empty(len(images), np.float32)
             done = 0

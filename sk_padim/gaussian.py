@@ -66,8 +66,8 @@ class GaussianStatistics:
         self.count = total
 
     def positions(self, rows: slice) -> GaussianStatistics:
-        """A copy of the statistics of a range of positions (e.g. to send elsewhere)."""
-        return GaussianStatistics(self.count, self.mean[rows].clone(), self.scatter[rows].clone())
+        """The statistics of a range of positions (views of these)."""
+        return GaussianStatistics(self.count, self.mean[rows], self.scatter[rows])
 
     def merge(self, other: GaussianStatistics) -> GaussianStatistics:
         """Statistics of the union of both operands' samples (operands unchanged)."""

@@ -190,21 +190,18 @@ def test_each_worker_folds_its_partitions_and_ships_one_partial(distributed_fit)
     assert workers[0] == workers[1] != workers[2] == workers[3]
     assert all(features[index]["worker"] == folds[index]["worker"] for index in "0123")
     assert not any(transfers(fold) for fold in folds.values())
-    # Each worker's statistics are cut into two ranges of positions, one per worker; each
-    # range is merged (one piece comes from the other worker) and factorised by its owner.
+    # Each worker's statistics are cut into two ranges of positions, one per worker. A
+    # range's owner merges it (one piece comes from the other worker), factorises it and,
+    # for the threshold, scores every partition's features of it (the other worker's
+    # two partitions come to it).
     assert sorted(by_kind["split"]) == ["0-0", "0-1", "1-0", "1-1"]
-    merges = by_kind["merge"]
-    assert sorted(merges) == ["0", "1"]
-    assert {merges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
-    assert [transfers(merges[k]) for k in "01"] == [1, 1]
-    # For the threshold, the owner of a range gets each partition's features of it and
-    # returns their held-out distances: the other worker's two partitions come to it.
-    slices, distances = by_kind["slice"], by_kind["distances"]
+    slices, ranges = by_kind["slice"], by_kind["range"]
     assert all(
         slices[f"{i}-{k}"]["worker"] == folds[str(i)]["worker"] for i in range(4) for k in "01"
     )
-    assert all(distances[k]["worker"] == merges[k]["worker"] for k in "01")
-    assert all(transfers(distances[k]) >= 1 for k in "01")
+    assert sorted(ranges) == ["0", "1"]
+    assert {ranges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
+    assert all(transfers(ranges[k]) >= 1 for k in "01")
 
 
 def test_default_partitions_are_sized_from_the_cluster(client, image_paths, local_fit):
@@ -214,7 +211,7 @@ def test_default_partitions_are_sized_from_the_cluster(client, image_paths, loca
     kinds = [record["key"].split("-")[3] for record in stream.data]
     # Small features: one partition per worker thread, so one fold each, and one range of
     # positions merged by each worker.
-    assert (kinds.count("features"), kinds.count("fold"), kinds.count("merge")) == (2, 2, 2)
+    assert (kinds.count("features"), kinds.count("fold"), kinds.count("range")) == (2, 2, 2)
     # Scoring: partitions of at least a batch (batch_size=32 > 8 images): one chunk.
     assert score_distributed(local_fit, test, client).chunks == ((8,),)
 
