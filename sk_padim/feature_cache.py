@@ -3,9 +3,11 @@
 A grid search over ``n_features``, layer sets, ``random_state`` or the detector's
 parameters runs the same backbone over the same images for every candidate and fold.
 :class:`LayerCache` stores each image's output of each layer (all its channels, at the
-layer's own grid) in a ``joblib.Memory``, so that every transformer sharing the memory
-runs the backbone once per image; the kept channels are selected and upsampled from the
-stored outputs, as they would be from fresh ones.
+layer's own grid) as a ``.npy`` file in the folder of a ``joblib.Memory`` (under
+``sk_padim/layers``), so that every transformer sharing the memory runs the backbone once
+per image; the kept channels are selected and upsampled from the stored outputs, as they
+would be from fresh ones. Files are written under a temporary name and renamed, so
+processes sharing the folder never read half an entry.
 
 An entry's key covers everything its values depend on: a digest of the backbone's
 architecture and weights (:func:`model_digest`), the context given by the transformer
@@ -21,9 +23,13 @@ read the same images over and over: a read from there costs no file access.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,20 +111,6 @@ RECENT_OUTPUTS = RecentOutputs(max_bytes=2**30)
 """Layer outputs recently read or stored by any :class:`LayerCache` of this process."""
 
 
-def _layer_output(context, image: str, layer: str, output=None):
-    """The stored function of the cache: returns the output it is given to store.
-
-    ``joblib.Memory`` keys each call by ``context``, ``image`` and ``layer`` (``output``
-    is ignored by the key), so ``call(..., output=x)`` stores ``x`` under that key, and a
-    later call with the same key reads it back.
-    """
-    return output
-
-
-def _stored(memory):
-    return check_memory(memory).cache(_layer_output, ignore=["output"])
-
-
 def clear_feature_cache(memory) -> None:
     """Delete every layer output that transformers stored in ``memory``.
 
@@ -137,12 +129,23 @@ def clear_feature_cache(memory) -> None:
     >>> from sk_padim.feature_cache import clear_feature_cache
     >>> clear_feature_cache(tempfile.mkdtemp())
     """
-    _stored(_as_memory(memory)).clear(warn=False)
+    folder = _layers_folder(memory)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
     RECENT_OUTPUTS.clear()
 
 
-def _as_memory(memory):
-    return str(memory) if hasattr(memory, "__fspath__") else memory
+def _layers_folder(memory) -> Path | None:
+    """Where the layer outputs of ``memory`` go; None for a ``joblib.Memory(None)``."""
+    if hasattr(memory, "__fspath__"):
+        memory = os.fspath(memory)
+    memory = check_memory(memory)
+    if not hasattr(memory, "location"):
+        raise TypeError(
+            f"memory must be a folder path or a joblib.Memory; got {type(memory).__name__}, "
+            "which has no location to store layer outputs in."
+        )
+    return None if memory.location is None else Path(memory.location) / "sk_padim" / "layers"
 
 
 def model_digest(model: nn.Module) -> str:
@@ -226,34 +229,46 @@ class LayerCache:
 
     def __init__(self, memory, context: tuple):
         self.context = (*context, __version__, torch.__version__, torchvision.__version__)
-        self.stored = _stored(_as_memory(memory))
-        # A joblib.Memory(None) has no store: nothing is kept, in memory either.
-        backend = getattr(self.stored, "store_backend", None)
-        self.location = None if backend is None else backend.location
+        folder = _layers_folder(memory)
+        key = hashlib.blake2b(repr(self.context).encode(), digest_size=16).hexdigest()
+        self.folder = None if folder is None else folder / key
 
     def load(self, image: str, layer: str) -> np.ndarray | None:
         """The stored output of ``layer`` for the image of digest ``image``, or None.
 
         The array is read-only (it may be shared with other readers).
         """
-        if self.location is None:
+        if self.folder is None:
             return None
-        key = (self.location, self.context, image, layer)
-        output = RECENT_OUTPUTS.get(key)
-        if output is None and self.stored.check_call_in_cache(self.context, image, layer):
-            # None too if the entry was cleared since the check (joblib then stores None).
-            output = self.stored(self.context, image, layer)
-            if output is not None:
-                RECENT_OUTPUTS.put(key, output)
+        path = self._path(image, layer)
+        output = RECENT_OUTPUTS.get(path)
+        if output is None:
+            try:
+                output = np.load(path)
+            except FileNotFoundError:
+                return None
+            RECENT_OUTPUTS.put(path, output)
         return output
 
     def store(self, image: str, layer: str, output: np.ndarray) -> None:
         """Store the output ``(C, h, w)`` of ``layer`` for the image of digest ``image``."""
-        if self.location is None:
+        if self.folder is None:
             return
-        self.stored.call(self.context, image, layer, output=output)
+        path = self._path(image, layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                np.save(file, output)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
         # A copy: ``output`` may be a view that would keep a whole batch alive.
-        RECENT_OUTPUTS.put((self.location, self.context, image, layer), output.copy())
+        RECENT_OUTPUTS.put(path, output.copy())
+
+    def _path(self, image: str, layer: str) -> Path:
+        # Layer names are module paths ("layer1", "features.2"): safe as folder names.
+        return self.folder / layer / f"{image}.npy"
 
     def layer_maps(
         self,

@@ -235,7 +235,7 @@ def test_two_worker_processes_share_the_cache(data, plain_search, tmp_path):
         cached.cv_results_["mean_test_score"], plain.cv_results_["mean_test_score"]
     )
     # One entry per image and layer, written by either worker, read by both.
-    assert len(list(tmp_path.rglob("output.pkl"))) == 2 * len(X)
+    assert len(list(tmp_path.rglob("*.npy"))) == 2 * len(X)
 
 
 def test_dask_backend_grid_search_uses_the_cache(data, plain_search, tmp_path):
@@ -253,7 +253,7 @@ def test_dask_backend_grid_search_uses_the_cache(data, plain_search, tmp_path):
     np.testing.assert_array_equal(
         cached.cv_results_["mean_test_score"], plain_search[0].cv_results_["mean_test_score"]
     )
-    assert len(list(tmp_path.rglob("output.pkl"))) == 2 * len(X)
+    assert len(list(tmp_path.rglob("*.npy"))) == 2 * len(X)
 
 
 @pytest.mark.parametrize("layers", [("layer1", "layer2"), ("layer2",)])
@@ -366,3 +366,13 @@ def test_outputs_are_read_from_memory_until_the_cache_is_cleared(tmp_path):
     np.testing.assert_array_equal(cache.load("image", "layer1"), output)
     clear_feature_cache(tmp_path)
     assert cache.load("image", "layer1") is None
+
+
+def test_memory_without_a_folder_is_a_clear_error(data):
+    class CacheOnly:  # has joblib.Memory's cache method, but nowhere to store files
+        def cache(self, function, **options):
+            return function
+
+    feat = counting_pipeline(CacheOnly()).named_steps["feat"].fit()
+    with pytest.raises(TypeError, match="folder path or a joblib.Memory"):
+        feat.transform(data[0][:1])
