@@ -35,10 +35,12 @@ class GaussianStatistics:
 
     @classmethod
     def empty(cls, n_positions: int, n_features: int, device) -> GaussianStatistics:
+        """No samples yet. The scatter matrices are left unset (not zeroed, which cost
+        as much as a fit's first batch): the first :meth:`update` writes them."""
         return cls(
             0,
             torch.zeros(n_positions, n_features, dtype=torch.float64, device=device),
-            torch.zeros(n_positions, n_features, n_features, dtype=torch.float32, device=device),
+            torch.empty(n_positions, n_features, n_features, dtype=torch.float32, device=device),
         )
 
     def update(self, features: torch.Tensor, chunk_positions: int = 128) -> None:
@@ -61,7 +63,10 @@ class GaussianStatistics:
             # The last row is the mean-shift correction, so one Gram matrix per position
             # adds the batch scatter and the correction at once.
             rows[:, n_batch] = shift_weight * delta
-            self.scatter[positions].baddbmm_(rows.transpose(1, 2), rows)
+            if self.count:
+                self.scatter[positions].baddbmm_(rows.transpose(1, 2), rows)
+            else:
+                torch.bmm(rows.transpose(1, 2), rows, out=self.scatter[positions])
             self.mean[positions] += delta * (n_batch / total)
         self.count = total
 
