@@ -21,7 +21,9 @@ sent (to each other and to the client) during one fit and one scoring, from each
 worker's ``transfer_outgoing_bytes_total``; the size of the broadcast transformer; the
 workers' peak resident memory; and the largest differences between the distributed and
 the local model. ``--no-malloc-trim`` starts the workers without the
-``MALLOC_TRIM_THRESHOLD_`` that Dask's nannies set. All use the same backbone weights
+``MALLOC_TRIM_THRESHOLD_`` that Dask's nannies set; ``--worker-env NAME=VALUE`` adds a
+variable to the workers' environment (e.g. ``THP_MEM_ALLOC_ENABLE=1``, see
+docs/scale_out.md). All use the same backbone weights
 (random values: speed does not depend on them). Prints Markdown tables.
 """
 
@@ -126,9 +128,19 @@ def main() -> None:
         action="store_true",
         help="start workers without Dask's MALLOC_TRIM_THRESHOLD_=65536 (see docs/scale_out.md)",
     )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the workers, e.g. THP_MEM_ALLOC_ENABLE=1",
+    )
     args = parser.parse_args()
     if args.no_malloc_trim:
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    for setting in args.worker_env:
+        name, _, value = setting.partition("=")
+        dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": value})
     worker_counts = [int(count) for count in args.workers.split(",")]
 
     folder = tempfile.mkdtemp(prefix="sk-padim-dask-bench-")
@@ -193,8 +205,7 @@ def main() -> None:
         f"pickled transformer {feat_mib:.1f} MiB); {CPU_COUNT} CPUs, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads in this process), Python "
         f"{platform.python_version()}; median of {args.repeats} interleaved rounds per row; "
-        f"workers' MALLOC_TRIM_THRESHOLD_: "
-        f"{dask.config.get('distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_')}\n"
+        f"workers' environment: {dask.config.get('distributed.nanny.pre-spawn-environ')}\n"
     )
     print(
         "| workers x 1 Dask thread | local fit img/s | distributed fit img/s | ratio "
