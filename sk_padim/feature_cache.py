@@ -115,7 +115,8 @@ def clear_feature_cache(memory) -> None:
     """Delete every layer output that transformers stored in ``memory``.
 
     Other functions cached in the same ``joblib.Memory`` (e.g. a Pipeline's fitted
-    transformers) are left alone; ``joblib.Memory(folder).clear()`` deletes those too.
+    transformers) are left alone, as ``joblib.Memory(folder).clear()`` leaves the layer
+    outputs (they are stored next to joblib's folder, in ``sk_padim/layers``).
     The copies this process keeps in memory (:data:`RECENT_OUTPUTS`) go as well.
 
     Parameters

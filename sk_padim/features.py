@@ -107,8 +107,12 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         one image alone at small sizes; at 224 px ResNet-18 gives the same bits in
         every batch size). Disk use: 4 bytes per value, 1.4 MB per
         image for ResNet-18's default layers at 224 px, 5.6 MB for Wide-ResNet-50-2's;
-        :func:`sk_padim.clear_feature_cache` deletes them. Fitting with
-        memory also fingerprints the weights (a few tens of ms for ResNet-18).
+        :func:`sk_padim.clear_feature_cache` deletes them. The outputs used last are
+        also kept in this process's memory (up to 1 GiB), and so are the last two
+        backbones built by fits with memory: a later fit with the same backbone,
+        weights, layers and image size copies one instead of building it (0.007 s
+        instead of 0.13 s for ResNet-18). The first fit with memory fingerprints the
+        weights (a few tens of ms for ResNet-18).
     autocast : {"bfloat16", "float16"} or None, default=None
         Run the backbone under ``torch.autocast`` with this dtype (features are still
         returned as float32). Faster on GPUs and on CPUs with native bfloat16 support,
