@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 import sklearn
+import torch
 from scipy import ndimage
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from sk_padim import PadimDetector
+from sk_padim import detector as detector_module
 
 
 def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
@@ -266,6 +268,84 @@ def test_merge_refuses_mismatched_detectors(features):
         detector.merge(PadimDetector().fit(train[:, :4]))
     with pytest.raises(ValueError, match="reg"):
         detector.merge(PadimDetector(reg=0.1).fit(train))
+
+
+def test_packed_merge_equals_the_merge_of_unpacked_statistics(features):
+    train, _ = features
+    left = PadimDetector().fit_batches([train[:1]])  # one image: a zero covariance
+    right = PadimDetector().fit_batches([train[1:] + 5])
+    merged = left.merge(right)
+    expected = PadimDetector().set_statistics(
+        left.statistics().merge(right.statistics()), left.feature_shape_
+    )
+    np.testing.assert_array_equal(merged.packed_covariance_, expected.packed_covariance_)
+    np.testing.assert_array_equal(merged.mean_, expected.mean_)
+
+
+def test_split_positions_and_join_give_the_model_back(features):
+    train, test = features
+    detector = PadimDetector(sigma=0).fit(train)
+    d, h, w = detector.feature_shape_
+    parts = detector.split_positions(3)
+    assert [part.feature_shape_[2] for part in parts] == [
+        len(r) for r in np.array_split(range(h * w), 3)
+    ]
+    # Each part scores its positions as the whole model does.
+    flat = test.reshape(len(test), d, 1, h * w)
+    start, distances = 0, []
+    for part in parts:
+        stop = start + part.feature_shape_[2]
+        distances.append(part.to_module("cpu").gaussians(torch.from_numpy(flat[..., start:stop])))
+        start = stop
+    grids = torch.cat(distances, dim=2).view(len(test), h, w)
+    _, scores = detector.maps_of_distances(grids)
+    np.testing.assert_allclose(scores.numpy(), detector.decision_function(test), rtol=1e-6)
+    joined = PadimDetector.join_positions(parts, detector.feature_shape_)
+    np.testing.assert_array_equal(joined.packed_covariance_, detector.packed_covariance_)
+    np.testing.assert_array_equal(joined.mean_, detector.mean_)
+    np.testing.assert_array_equal(joined.score_samples(test), detector.score_samples(test))
+
+
+def test_split_and_join_refuse_what_does_not_fit(features):
+    train, _ = features
+    detector = PadimDetector().fit(train)
+    d, h, w = detector.feature_shape_
+    with pytest.raises(ValueError, match="n_parts must be an int from 1"):
+        detector.split_positions(h * w + 1)
+    parts = detector.split_positions(2)
+    with pytest.raises(ValueError, match="Cannot join"):
+        PadimDetector.join_positions(parts[:1], detector.feature_shape_)
+    other = PadimDetector().fit(train[:5]).split_positions(2)
+    with pytest.raises(ValueError, match="Cannot join"):
+        PadimDetector.join_positions([parts[0], other[1]], detector.feature_shape_)
+    with pytest.raises(ValueError, match="reg"):
+        PadimDetector.join_positions(
+            [parts[0], PadimDetector(reg=1.0).fit(train).split_positions(2)[1]],
+            detector.feature_shape_,
+        )
+    with pytest.raises(ValueError, match="float16"):
+        PadimDetector(covariance_dtype="float16").fit(train).split_positions(2)
+
+
+def test_accumulated_statistics_set_and_factorised_equal_fit(features, monkeypatch):
+    train, test = features
+    template = PadimDetector()
+    stats = template.accumulate([train[:10]])
+    stats = template.accumulate([train[10:]], stats)
+    assert stats.count == 40 and not hasattr(template, "mean_")
+    detector = PadimDetector().set_statistics(stats, train.shape[1:], factorise=True)
+
+    def no_second_factorisation(*args):
+        raise AssertionError("factorised again at scoring")
+
+    monkeypatch.setattr(detector_module, "whitening_factor", no_second_factorisation)
+    full = PadimDetector().fit(train)
+    np.testing.assert_allclose(
+        detector.packed_covariance_, full.packed_covariance_, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(detector.score_samples(test), full.score_samples(test), rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit statistics"):
+        template.accumulate([train[:, :4]], template.accumulate([train]))
 
 
 def test_covariance_is_stored_packed_and_unpacks_to_numpy_cov(features):
