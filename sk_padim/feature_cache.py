@@ -246,8 +246,8 @@ class LayerCache:
         if output is None:
             try:
                 output = np.load(path)
-            except FileNotFoundError:
-                return None
+            except (FileNotFoundError, ValueError, EOFError):
+                return None  # not stored, or damaged: computed and stored again
             RECENT_OUTPUTS.put(path, output)
         return output
 

@@ -23,7 +23,12 @@ from sk_padim import (
 from sk_padim import features as features_module
 from sk_padim.backbones import load_backbone
 from sk_padim.devices import PerDeviceCache
-from sk_padim.feature_cache import LayerCache, RecentOutputs, clear_feature_cache
+from sk_padim.feature_cache import (
+    RECENT_OUTPUTS,
+    LayerCache,
+    RecentOutputs,
+    clear_feature_cache,
+)
 
 SIZE = 32
 FIRST_MARKER = 200  # pixel value marking image i: FIRST_MARKER + i; blank probes read 124
@@ -376,3 +381,17 @@ def test_memory_without_a_folder_is_a_clear_error(data):
     feat = counting_pipeline(CacheOnly()).named_steps["feat"].fit()
     with pytest.raises(TypeError, match="folder path or a joblib.Memory"):
         feat.transform(data[0][:1])
+
+
+def test_a_damaged_entry_is_computed_again(data, tmp_path):
+    X = data[0][:3]
+    feat = counting_pipeline(tmp_path).named_steps["feat"]
+    expected = clone(feat).fit_transform(X)
+    entry = sorted(tmp_path.rglob("*.npy"))[0]
+    entry.write_bytes(b"not an array")
+    RECENT_OUTPUTS.clear()  # as in a new process
+    SEEN.clear()
+    # Alone in its batch, the image may round differently (see the memory docstring).
+    np.testing.assert_allclose(clone(feat).fit_transform(X), expected, rtol=1e-5, atol=1e-6)
+    assert sum(seen_images().values()) == 1  # the damaged image only
+    np.load(entry)  # stored again
