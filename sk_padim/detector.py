@@ -454,7 +454,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 "The features are too large for float32 statistics (their squares "
                 "overflow); scale them down, e.g. by a constant factor."
             )
-        fitted = _fitted_attributes(GaussianStatistics(count, mean, None), shape)
+        fitted = _fitted_attributes(count, mean, shape)
         fitted["packed_covariance_"] = covariance.numpy()
         self._adopt(fitted, self.threshold, None, resolve_device(self.device))
 
@@ -512,7 +512,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if factorise or self.covariance_dtype == "float16":
             fitted, gaussians = self._factorised(stats, (d, h, w))
         else:
-            fitted, gaussians = _fitted_attributes(stats, (d, h, w)), None
+            fitted, gaussians = _fitted_attributes(stats.count, stats.mean, (d, h, w)), None
             fitted["packed_covariance_"] = stats.consume_packed().cpu().numpy()
         self._adopt(fitted, self.threshold, gaussians, device)
         return self
@@ -737,7 +737,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     def _factorised(self, stats: GaussianStatistics, shape) -> tuple[dict, PatchGaussians]:
         """Fitted attributes and Gaussians of statistics (consumed), factorised now."""
-        fitted = _fitted_attributes(stats, shape)
+        fitted = _fitted_attributes(stats.count, stats.mean, shape)
         mean = stats.mean
         packed, factor = factorise_statistics(stats, self.reg)
         if self.covariance_dtype == "float32":
@@ -925,12 +925,12 @@ def _check_same_model_settings(first: PadimDetector, other: PadimDetector, actio
             )
 
 
-def _fitted_attributes(stats: GaussianStatistics, shape) -> dict:
+def _fitted_attributes(count: int, mean: torch.Tensor, shape) -> dict:
     return {
-        "n_samples_seen_": stats.count,
+        "n_samples_seen_": count,
         "n_features_in_": int(shape[0]),
         "feature_shape_": tuple(int(size) for size in shape),
-        "mean_": stats.mean.cpu().numpy(),
+        "mean_": mean.cpu().numpy(),
     }
 
 
