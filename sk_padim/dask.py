@@ -54,9 +54,10 @@ except ImportError as error:  # pragma: no cover - exercised in a test with dask
         "pip install 'sk-padim[dask]' (or pip install 'dask[distributed]')."
     ) from error
 
+from sk_padim.allocator import freed_memory_kept
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
-from sk_padim.gaussian import GaussianStatistics, held_out_distances
+from sk_padim.gaussian import GaussianStatistics
 from sk_padim.images import check_images, iter_batches
 
 __all__ = ["fit_distributed", "score_distributed"]
@@ -212,16 +213,18 @@ def fit_distributed(
 def _submit_fit(
     client, feat, template, storage, paths, parts, workers, threads, retries, score
 ) -> tuple:
-    """Submit the fit's tasks; return the futures of the model's ranges and their distances.
+    """Submit the fit's tasks; return the futures of the ranges' models and distances.
 
-    Per partition, a task extracts the features on the partition's worker and a task
-    folds them into that worker's running statistics. The positions are shared out in
-    one range per worker: each worker sends its statistics of a range to the range's
-    owner, which merges and factorises them. For the threshold, each partition's
-    features of a range go to the range's owner too (sent while the statistics are
-    still being made), which returns their held-out distances. Only the returned futures
-    are held, so Dask keeps each intermediate result just until the tasks that need it
-    are done.
+    Per partition, a task extracts the features on the partition's worker. The
+    positions are shared out in one range per worker. For the threshold (``score``),
+    each partition's features of a range go to the range's owner, which accumulates
+    their statistics, factorises them and returns their held-out distances: the features
+    are needed there anyway, and with fewer images per worker than ``d`` they are fewer
+    bytes than the statistics. Otherwise a task per partition folds its features into
+    its worker's running statistics, and each worker sends its statistics of a range to
+    the range's owner, which merges them (bytes independent of the number of images).
+    Only the returned futures are held, so Dask keeps each intermediate result just
+    until the tasks that need it are done.
     """
     token = uuid.uuid4().hex[:8]
 
@@ -240,9 +243,8 @@ def _submit_fit(
     # As pickled bytes: Dask serialises the module itself tensor by tensor, 4-20x slower.
     feat_future = client.scatter(pickle.dumps(feat), broadcast=True, hash=False)
     owners = _owners(len(parts), workers)
-    features, partials = [], {}
-    for index, (part, owner) in enumerate(zip(parts, owners, strict=True)):
-        extracted = submit(
+    features = [
+        submit(
             _transform_partition,
             feat_future,
             paths[part],
@@ -252,42 +254,47 @@ def _submit_fit(
             key=f"features-{index}",
             owner=owner,
         )
-        features.append(extracted)
-        partials[owner] = submit(
-            _fold, partials.get(owner), template, extracted, key=f"fold-{index}", owner=owner
-        )
+        for index, (part, owner) in enumerate(zip(parts, owners, strict=True))
+    ]
     d, h, w = feat.feature_shape_
-    range_owners = list(partials)[: h * w]
+    range_owners = list(dict.fromkeys(owners))[: h * w]
     ranges = np.array_split(np.arange(h * w), len(range_owners))
     ranges = [slice(int(rows[0]), int(rows[-1]) + 1) for rows in ranges]
-    models = []
-    for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True)):
-        pieces = [
-            submit(_statistics_range, partial, rows, key=f"split-{w}-{k}", owner=owner)
-            for w, (owner, partial) in enumerate(partials.items())
-        ]
-        slices = []
-        if score:
-            slices = [
-                submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
-                for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
-            ]
-        shape = (d, 1, rows.stop - rows.start)
-        held_out = (storage, len(paths)) if score else None
-        models.append(
+    if score:
+        return [
             submit(
-                _fit_range,
+                _fit_range_on_features,
                 template,
-                shape,
-                held_out,
-                len(pieces),
-                *pieces,
-                *slices,
+                storage,
+                (d, 1, rows.stop - rows.start),
+                *[
+                    submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
+                    for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
+                ],
                 key=f"range-{k}",
                 owner=range_owner,
             )
+            for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True))
+        ]
+    partials = {}
+    for index, (extracted, owner) in enumerate(zip(features, owners, strict=True)):
+        partials[owner] = submit(
+            _fold, partials.get(owner), template, extracted, key=f"fold-{index}", owner=owner
         )
-    return models
+    return [
+        submit(
+            _fit_range_on_statistics,
+            template,
+            (d, 1, rows.stop - rows.start),
+            *[
+                submit(_statistics_range, partial, rows, key=f"split-{j}-{k}", owner=owner)
+                for j, (owner, partial) in enumerate(partials.items())
+            ],
+            key=f"range-{k}",
+            owner=range_owner,
+        )
+        for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True))
+    ]
 
 
 def score_distributed(
@@ -413,11 +420,14 @@ def _sizeof_transformer(feat: PatchFeatureTransformer) -> int:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads):
-    """Run with ``threads`` torch threads (an int, or Dask threads per host), then restore.
+def _task_settings(threads):
+    """Run a task with ``threads`` torch threads (an int, or Dask threads per host) and
+    freed memory kept for reuse, then restore the worker's settings.
 
     Torch's OpenMP thread count is per calling thread, so it is set in the task's own
-    thread; Dask's nannies set ``OMP_NUM_THREADS=1``, which would leave it at one.
+    thread; Dask's nannies set ``OMP_NUM_THREADS=1``, which would leave it at one. They
+    also set ``MALLOC_TRIM_THRESHOLD_``, which makes every large allocation a fresh
+    mapping (see :mod:`sk_padim.allocator`).
     """
     if not isinstance(threads, int):
         worker = get_worker()
@@ -426,14 +436,15 @@ def _torch_threads(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield
+        with freed_memory_kept():
+            yield
     finally:
         torch.set_num_threads(previous)
 
 
 def _transform_partition(threads, feat_bytes, paths, index, n_parts, start) -> np.ndarray:
     try:
-        with _torch_threads(threads):
+        with _task_settings(threads):
             return pickle.loads(feat_bytes).transform(paths)
     except Exception as error:
         raise RuntimeError(
@@ -447,7 +458,7 @@ def _fold(threads, previous, template: PadimDetector, features):
     ``previous`` is left unchanged: a task must not change its inputs, which Dask may
     hand to a retry.
     """
-    with _torch_threads(threads):
+    with _task_settings(threads):
         stats = template.accumulate([features])
         return stats if previous is None else previous.merge(stats)
 
@@ -465,37 +476,39 @@ def _features_range(threads, features: np.ndarray, rows: slice) -> np.ndarray:
     return np.ascontiguousarray(features.reshape(*features.shape[:2], -1)[:, :, rows])
 
 
-def _fit_range(threads, template: PadimDetector, shape, held_out, n_pieces: int, *inputs):
-    """The model of one range of positions and, for the threshold, held-out distances.
-
-    ``inputs`` are every worker's statistics of the range (merged in the workers' order)
-    then, if ``held_out`` is ``(storage, n_samples)``, every partition's features of it,
-    whose held-out distances ``(n, positions)`` come back with the model (else None). A
-    float16 model (``storage``) scores with its rounded factors, as after a fit on one
-    machine.
-    """
-    pieces, slices = inputs[:n_pieces], inputs[n_pieces:]
-    with _torch_threads(threads), torch.inference_mode():
+def _fit_range_on_statistics(threads, template: PadimDetector, shape, *pieces) -> tuple:
+    """The model of one range of positions from every worker's statistics of it (merged
+    in the workers' order), and no distances."""
+    with _task_settings(threads), torch.inference_mode():
         stats = [
             GaussianStatistics(count, torch.from_numpy(mean), torch.from_numpy(scatter))
             for count, mean, scatter in pieces
         ]
         merged = functools.reduce(lambda first, second: first.merge(second), stats)
-        model = clone(template).set_statistics(merged, shape, factorise=held_out is not None)
-        if held_out is None:
-            return model, None
-        storage, n_samples = held_out
+        return clone(template).set_statistics(merged, shape), None
+
+
+def _fit_range_on_features(threads, template: PadimDetector, storage, shape, *slices) -> tuple:
+    """The model of one range of positions from every partition's features of it, and
+    the held-out distances of those features ``(n, positions)``, for the threshold.
+
+    A float16 model (``storage``) scores with its rounded factors, as after a fit on one
+    machine.
+    """
+    with _task_settings(threads), torch.inference_mode():
+        features = [torch.from_numpy(part).unsqueeze(2) for part in slices]  # (n_i, d, 1, p)
+        stats = template.accumulate(features)
+        model = clone(template).set_statistics(stats, shape, factorise=True)
         scorer = (
             model if storage is None else clone(storage).set_statistics(model.statistics(), shape)
         )
-        gaussians = scorer.to_module("cpu").gaussians
-        distances = [gaussians(torch.from_numpy(part)[:, :, None, :]).flatten(1) for part in slices]
-        return model, held_out_distances(torch.cat(distances), n_samples).numpy()
+        distances = [scorer.held_out_distances(part).flatten(1) for part in features]
+        return model, torch.cat(distances).numpy()
 
 
 def _score_partition(threads, feat_bytes, detector, paths, targets, index, n_parts, start):
     try:
-        with _torch_threads(threads):
+        with _task_settings(threads):
             feat = pickle.loads(feat_bytes)
             images = check_images(paths)
             scores = np.empty(len(images), np.float32)

@@ -598,6 +598,45 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         scores = _held_out_scores(self.to_module(device), batches, self.n_samples_seen_)
         return scores.to(X.device) if isinstance(X, torch.Tensor) else scores.cpu().numpy()
 
+    def held_out_distances(self, X) -> np.ndarray | torch.Tensor:
+        """Leave-one-out distance grids of training images: each under the model without it.
+
+        The Mahalanobis distance of each training feature vector to its position's
+        Gaussian fitted on all the other training images: the grids behind
+        :meth:`held_out_scores`, before they are made maps. For the parts of a model cut
+        with :meth:`split_positions` (e.g. on other machines): join the parts' grids
+        along the positions and :meth:`maps_of_distances` gives the held-out scores.
+
+        Parameters
+        ----------
+        X : array-like, Tensor or DeviceFeatures of shape (n, d, h, w)
+            Features of training images.
+
+        Returns
+        -------
+        distances : ndarray or Tensor of shape (n, h, w), float32
+            A tensor on ``X``'s device when ``X`` is one.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sk_padim import PadimDetector
+        >>> X = np.random.default_rng(0).normal(size=(20, 5, 4, 4)).astype(np.float32)
+        >>> import torch
+        >>> detector = PadimDetector().fit(X)
+        >>> grids = torch.from_numpy(detector.held_out_distances(X))
+        >>> scores = detector.maps_of_distances(grids)[1].numpy()
+        >>> bool(np.allclose(scores, detector.held_out_scores(X)))
+        True
+        """
+        features = self._check_features(X, self._fitted_shape())
+        device = resolve_device(self.device)
+        batches = self._batches(features, device)
+        with torch.inference_mode():
+            grids = _held_out_grids(self._cached_gaussians(device), batches, self.n_samples_seen_)
+            distances = torch.cat(list(grids))
+        return distances.to(X.device) if isinstance(X, torch.Tensor) else distances.cpu().numpy()
+
     def maps_of_distances(self, distances) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps and image scores of Mahalanobis distance grids, as scoring makes them.
 
@@ -670,9 +709,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         shape = self._fitted_shape()
         self.check_params()  # set_params may have run since fit
         device = resolve_device(self.device if device is None else device)
+        return PatchScorer(self._cached_gaussians(device), self._map_generator(shape, device))
+
+    def _cached_gaussians(self, device: torch.device) -> PatchGaussians:
         cache = vars(self).setdefault("_gaussians_by_device", PerDeviceCache())
-        gaussians = cache.get((device, self.reg), lambda: self._gaussians(device))
-        return PatchScorer(gaussians, self._map_generator(shape, device))
+        return cache.get((device, self.reg), lambda: self._gaussians(device))
 
     def _score(self, X, keep_maps: bool):
         features = self._check_features(X, self._fitted_shape())
@@ -942,9 +983,12 @@ def _held_out_scores(scorer: PatchScorer, batches, n_samples: int) -> torch.Tens
     so their maximum would flag every new image; leave-one-out scores are what a new
     normal image gets.
     """
-    scores = []
+    with torch.inference_mode():
+        grids = _held_out_grids(scorer.gaussians, batches, n_samples)
+        return torch.cat([scorer.maps_of_distances(distances)[1] for distances in grids])
+
+
+def _held_out_grids(gaussians: PatchGaussians, batches, n_samples: int):
+    """Held-out distance grids ``(n_i, h, w)`` of each batch of training features."""
     for batch in batches:
-        with torch.inference_mode():
-            distances = held_out_distances(scorer.gaussians(batch), n_samples)
-            scores.append(scorer.maps_of_distances(distances)[1])
-    return torch.cat(scores)
+        yield held_out_distances(gaussians(batch), n_samples)

@@ -173,35 +173,56 @@ def test_distributed_fit_equals_local_fit_threshold_included(distributed_fit, im
     np.testing.assert_array_equal(pipe.predict(test), expected.predict(test_features))
 
 
-def test_each_worker_folds_its_partitions_and_ships_one_partial(distributed_fit):
-    _, records = distributed_fit
+def _tasks_by_kind(records) -> dict:
+    """Task stream records by kind and index (keys: padim-fit-<token>-<kind>-<index>)."""
     by_kind = {}
     for record in records:
-        _, _, _, kind, *index = record["key"].split("-")  # padim-fit-<token>-<kind>-<index>
+        _, _, _, kind, *index = record["key"].split("-")
         by_kind.setdefault(kind, {})["-".join(index)] = record
+    return by_kind
 
-    def transfers(record):
-        return sum(step["action"] == "transfer" for step in record["startstops"])
 
-    features, folds = by_kind["features"], by_kind["fold"]
+def _transfers(record) -> int:
+    return sum(step["action"] == "transfer" for step in record["startstops"])
+
+
+def test_range_owners_fit_their_positions_from_every_partitions_features(distributed_fit):
+    by_kind = _tasks_by_kind(distributed_fit[1])
+    features, slices, ranges = by_kind["features"], by_kind["slice"], by_kind["range"]
+    assert "fold" not in by_kind and "split" not in by_kind  # no statistics are shipped
+    # Partitions 0, 1 on one worker and 2, 3 on the other, each cut into the two ranges
+    # of positions where it was made.
+    workers = [features[index]["worker"] for index in "0123"]
+    assert workers[0] == workers[1] != workers[2] == workers[3]
+    assert sorted(slices) == [f"{i}-{k}" for i in range(4) for k in "01"]
+    assert all(slices[f"{i}-{k}"]["worker"] == workers[i] for i in range(4) for k in "01")
+    # One range per worker; its owner receives the other worker's two slices of it.
+    assert sorted(ranges) == ["0", "1"]
+    assert {ranges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
+    assert all(_transfers(ranges[k]) >= 1 for k in "01")
+
+
+def test_with_a_threshold_each_worker_folds_its_partitions_and_ships_one_partial(
+    client, image_paths
+):
+    train, _ = image_paths
+    with distributed.get_task_stream(client) as stream:
+        pipe = fit_distributed(make_pipeline(threshold=1.0), train, client, partition_size=6)
+    assert_same_model(pipe[-1], local_detector(pipe, train, threshold=1.0))
+    by_kind = _tasks_by_kind(stream.data)
+    features, folds, splits = by_kind["features"], by_kind["fold"], by_kind["split"]
+    assert "slice" not in by_kind  # no features leave their worker
     assert sorted(folds) == ["0", "1", "2", "3"]
-    # Partitions 0, 1 on one worker and 2, 3 on the other; each folded where it was made.
     workers = [folds[index]["worker"] for index in "0123"]
     assert workers[0] == workers[1] != workers[2] == workers[3]
     assert all(features[index]["worker"] == folds[index]["worker"] for index in "0123")
-    assert not any(transfers(fold) for fold in folds.values())
-    # Each worker's statistics are cut into two ranges of positions, one per worker. A
-    # range's owner merges it (one piece comes from the other worker), factorises it and,
-    # for the threshold, scores every partition's features of it (the other worker's
-    # two partitions come to it).
-    assert sorted(by_kind["split"]) == ["0-0", "0-1", "1-0", "1-1"]
-    slices, ranges = by_kind["slice"], by_kind["range"]
-    assert all(
-        slices[f"{i}-{k}"]["worker"] == folds[str(i)]["worker"] for i in range(4) for k in "01"
-    )
-    assert sorted(ranges) == ["0", "1"]
+    assert not any(_transfers(fold) for fold in folds.values())
+    # Each worker's statistics are cut once per range: one partial per worker, in pieces,
+    # each merged by the range's owner (one transfer: the other worker's piece).
+    assert sorted(splits) == ["0-0", "0-1", "1-0", "1-1"]
+    ranges = by_kind["range"]
     assert {ranges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
-    assert all(transfers(ranges[k]) >= 1 for k in "01")
+    assert all(_transfers(ranges[k]) == 1 for k in "01")
 
 
 def test_default_partitions_are_sized_from_the_cluster(client, image_paths, local_fit):
@@ -227,25 +248,6 @@ def test_torch_threads_are_the_workers_share_or_the_given_number(client, image_p
         pipe = Pipeline([("feat", clone(feat)), ("padim", PadimDetector())])
         fit_distributed(pipe, train[:4], client, torch_threads=torch_threads)
         np.testing.assert_array_equal(pipe[-1].mean_[:, -1], expected)
-
-
-def test_held_out_scores_are_scores_under_the_model_without_each_image():
-    X = np.random.default_rng(0).normal(size=(12, 3, 2, 2)).astype(np.float32)
-    detector = PadimDetector(sigma=0, map_size=(2, 2)).fit(X)  # maps are the distances
-    vectors = X.reshape(12, 3, 4).transpose(0, 2, 1).astype(np.float64)  # (n, positions, d)
-    expected = []
-    for i in range(12):
-        others = np.delete(vectors, i, axis=0)
-        residual = others - others.mean(axis=0)
-        scatter = np.einsum("npi,npj->pij", residual, residual)
-        # The rank-one downdate keeps the full fit's N - 1 normalisation.
-        covariance = scatter / 11 + 0.01 * np.eye(3)
-        offset = vectors[i] - others.mean(axis=0)
-        squared = np.einsum("pi,pij,pj->p", offset, np.linalg.inv(covariance), offset)
-        expected.append(np.sqrt(squared).max())
-    scores = detector.held_out_scores(X)
-    np.testing.assert_allclose(scores, expected, rtol=1e-4)
-    assert detector.threshold_ == pytest.approx(max(expected), rel=1e-4)
 
 
 def test_explicit_threshold_and_float16_storage_are_kept(client, image_paths):

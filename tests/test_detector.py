@@ -419,3 +419,26 @@ def test_float16_covariance_model_of_earlier_versions_scores_and_trains_on(featu
     legacy.partial_fit(test)
     assert not hasattr(legacy, "packed_covariance_") and legacy.packed_factor_.dtype == np.float16
     assert legacy.n_samples_seen_ == len(train) + len(test)
+
+
+def test_held_out_distances_and_scores_are_under_the_model_without_each_image():
+    X = np.random.default_rng(0).normal(size=(12, 3, 2, 2)).astype(np.float32)
+    detector = PadimDetector(sigma=0, map_size=(2, 2)).fit(X)  # maps are the distances
+    vectors = X.reshape(12, 3, 4).transpose(0, 2, 1).astype(np.float64)  # (n, positions, d)
+    expected = []
+    for i in range(12):
+        others = np.delete(vectors, i, axis=0)
+        residual = others - others.mean(axis=0)
+        scatter = np.einsum("npi,npj->pij", residual, residual)
+        # The rank-one downdate keeps the full fit's N - 1 normalisation.
+        covariance = scatter / 11 + 0.01 * np.eye(3)
+        offset = vectors[i] - others.mean(axis=0)
+        squared = np.einsum("pi,pij,pj->p", offset, np.linalg.inv(covariance), offset)
+        expected.append(np.sqrt(squared))
+    expected = np.array(expected).reshape(12, 2, 2)
+    np.testing.assert_allclose(detector.held_out_distances(X), expected, rtol=1e-4)
+    distances = detector.held_out_distances(torch.from_numpy(X))
+    assert isinstance(distances, torch.Tensor) and distances.shape == (12, 2, 2)
+    scores = detector.held_out_scores(X)
+    np.testing.assert_allclose(scores, expected.max(axis=(1, 2)), rtol=1e-4)
+    assert detector.threshold_ == pytest.approx(expected.max(), rel=1e-4)
