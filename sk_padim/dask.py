@@ -46,7 +46,7 @@ try:
     import dask.array as da
     from dask.sizeof import sizeof
     from dask.system import CPU_COUNT
-    from distributed import Client, get_worker
+    from distributed import Client, as_completed, get_worker
     from distributed.comm import get_address_host
 except ImportError as error:  # pragma: no cover - exercised in a test with dask hidden
     raise ImportError(
@@ -186,7 +186,7 @@ def fit_distributed(
         score,
     )
     try:
-        parts, distances = zip(*client.gather(ranges), strict=True)
+        parts, distances = zip(*_gather_as_completed(ranges), strict=True)
     except Exception as error:
         with contextlib.suppress(Exception):  # the cluster may be what failed
             client.cancel(ranges)  # and, with them, all they wait for
@@ -208,6 +208,16 @@ def fit_distributed(
     pipeline.steps[0] = (feat_name, fitted_feat)
     pipeline.steps[1] = (detector_name, final)
     return pipeline
+
+
+def _gather_as_completed(futures) -> list:
+    """The futures' results, in order, each fetched as soon as it is done
+    (``client.gather`` waits for all of them before fetching any)."""
+    order = {future.key: index for index, future in enumerate(futures)}
+    results = [None] * len(futures)
+    for future, result in as_completed(futures, with_results=True):
+        results[order[future.key]] = result
+    return results
 
 
 def _submit_fit(
