@@ -26,7 +26,9 @@ class VersionedPickleMixin:
     """Record sk-padim's and torch's versions when pickling; warn on a mismatch on load."""
 
     def __getstate__(self):
-        state = super().__getstate__()
+        # A copy: BaseEstimator's state may be the object's own __dict__, which subclasses
+        # edit (dropping caches) and this adds to; pickling must leave the object as it is.
+        state = dict(super().__getstate__())
         state["_saved_versions"] = current_versions()
         return state
 

@@ -5,6 +5,7 @@ when interrupted."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import joblib
 import numpy as np
@@ -42,6 +43,20 @@ def make_pipeline(weights, **detector_params):
 @pytest.fixture(scope="module")
 def fitted(data, resnet18_weights):
     return make_pipeline(resnet18_weights, map_size=(24, 20)).fit(data[0])
+
+
+def test_pickling_leaves_the_fitted_models_as_they_were(fitted, data):
+    # joblib.dump, Dask and multiprocessing pickle live models: the copies drop the
+    # built modules and Gaussians, the originals keep them (scoring needs no rebuild).
+    fitted.decision_function(data[1])
+    before = [dict(vars(step)) for _, step in fitted.steps]
+    copy = pickle.loads(pickle.dumps(fitted))
+    for (_, step), state in zip(fitted.steps, before, strict=True):
+        assert vars(step).keys() == state.keys()
+        assert all(vars(step)[name] is value for name, value in state.items())
+    assert "_gaussians_by_device" in vars(fitted[-1])
+    expected = fitted.decision_function(data[1])
+    np.testing.assert_array_equal(copy.decision_function(data[1]), expected)
 
 
 # ---------------------------------------------------------------------- npz export
