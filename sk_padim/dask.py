@@ -173,7 +173,7 @@ def fit_distributed(
     template = clone(detector).set_params(covariance_dtype="float32")
     storage = None if detector.covariance_dtype == "float32" else clone(detector)
     score = detector.threshold is None and len(paths) >= 2
-    ranges = _submit_fit(
+    models, distances = _submit_fit(
         client,
         fitted_feat,
         template,
@@ -185,25 +185,28 @@ def fit_distributed(
         retries,
         score,
     )
+    n_ranges, futures = len(models), models + distances
+    del models, distances
     try:
-        parts, distances = zip(*_gather_as_completed(ranges), strict=True)
+        results = _gather_as_completed(futures)
     except Exception as error:
         with contextlib.suppress(Exception):  # the cluster may be what failed
-            client.cancel(ranges)  # and, with them, all they wait for
+            client.cancel(futures)  # and, with them, all they wait for
         hint = "" if retries else " Pass retries=N to retry transient failures."
         raise RuntimeError(
             f"fit_distributed failed, so the pipeline is unchanged. "
             f"{type(error).__name__}: {error}.{hint}"
         ) from error
     finally:
-        del ranges
+        del futures
 
     shape = fitted_feat.feature_shape_
-    final = PadimDetector.join_positions(parts, shape)
+    final = PadimDetector.join_positions(results[:n_ranges], shape)
     if storage is not None:
         final = storage.set_statistics(final.statistics(), shape)
     if score:  # what PadimDetector.fit sets: the highest held-out image score
-        grids = torch.from_numpy(np.concatenate(distances, axis=1)).view(len(paths), *shape[1:])
+        grids = np.concatenate(results[n_ranges:], axis=1)
+        grids = torch.from_numpy(grids).view(len(paths), *shape[1:])
         final.threshold_ = float(template.maps_of_distances(grids)[1].max())
     pipeline.steps[0] = (feat_name, fitted_feat)
     pipeline.steps[1] = (detector_name, final)
@@ -271,27 +274,41 @@ def _submit_fit(
     ranges = np.array_split(np.arange(h * w), len(range_owners))
     ranges = [slice(int(rows[0]), int(rows[-1]) + 1) for rows in ranges]
     if score:
-        return [
-            submit(
+        models, distances = [], []
+        for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True)):
+            slices = [
+                submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
+                for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
+            ]
+            shape = (d, 1, rows.stop - rows.start)
+            model = submit(
                 _fit_range_on_features,
                 template,
-                storage,
-                (d, 1, rows.stop - rows.start),
-                *[
-                    submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
-                    for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
-                ],
+                shape,
+                *slices,
                 key=f"range-{k}",
                 owner=range_owner,
             )
-            for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True))
-        ]
+            # A task of its own, so that the model travels to the client meanwhile.
+            distances.append(
+                submit(
+                    _held_out_range,
+                    model,
+                    storage,
+                    shape,
+                    *slices,
+                    key=f"distances-{k}",
+                    owner=range_owner,
+                )
+            )
+            models.append(model)
+        return models, distances
     partials = {}
     for index, (extracted, owner) in enumerate(zip(features, owners, strict=True)):
         partials[owner] = submit(
             _fold, partials.get(owner), template, extracted, key=f"fold-{index}", owner=owner
         )
-    return [
+    models = [
         submit(
             _fit_range_on_statistics,
             template,
@@ -305,6 +322,7 @@ def _submit_fit(
         )
         for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True))
     ]
+    return models, []
 
 
 def score_distributed(
@@ -495,25 +513,33 @@ def _fit_range_on_statistics(threads, template: PadimDetector, shape, *pieces) -
             for count, mean, scatter in pieces
         ]
         merged = functools.reduce(lambda first, second: first.merge(second), stats)
-        return clone(template).set_statistics(merged, shape), None
+        return clone(template).set_statistics(merged, shape)
 
 
-def _fit_range_on_features(threads, template: PadimDetector, storage, shape, *slices) -> tuple:
-    """The model of one range of positions from every partition's features of it, and
-    the held-out distances of those features ``(n, positions)``, for the threshold.
+def _fit_range_on_features(threads, template: PadimDetector, shape, *slices) -> PadimDetector:
+    """The model of one range of positions from every partition's features of it,
+    factorised (:func:`_held_out_range` scores with it on the same worker)."""
+    with _task_settings(threads), torch.inference_mode():
+        features = [torch.from_numpy(part).unsqueeze(2) for part in slices]  # (n_i, d, 1, p)
+        stats = template.accumulate(features)
+        return clone(template).set_statistics(stats, shape, factorise=True)
+
+
+def _held_out_range(threads, model: PadimDetector, storage, shape, *slices) -> np.ndarray:
+    """Held-out distances ``(n, positions)`` of every partition's features of a range.
 
     A float16 model (``storage``) scores with its rounded factors, as after a fit on one
     machine.
     """
     with _task_settings(threads), torch.inference_mode():
-        features = [torch.from_numpy(part).unsqueeze(2) for part in slices]  # (n_i, d, 1, p)
-        stats = template.accumulate(features)
-        model = clone(template).set_statistics(stats, shape, factorise=True)
         scorer = (
             model if storage is None else clone(storage).set_statistics(model.statistics(), shape)
         )
-        distances = [scorer.held_out_distances(part).flatten(1) for part in features]
-        return model, torch.cat(distances).numpy()
+        distances = [
+            scorer.held_out_distances(torch.from_numpy(part).unsqueeze(2)).flatten(1)
+            for part in slices
+        ]
+        return torch.cat(distances).numpy()
 
 
 def _score_partition(threads, feat_bytes, detector, paths, targets, index, n_parts, start):

@@ -196,10 +196,14 @@ def test_range_owners_fit_their_positions_from_every_partitions_features(distrib
     assert workers[0] == workers[1] != workers[2] == workers[3]
     assert sorted(slices) == [f"{i}-{k}" for i in range(4) for k in "01"]
     assert all(slices[f"{i}-{k}"]["worker"] == workers[i] for i in range(4) for k in "01")
-    # One range per worker; its owner receives the other worker's two slices of it.
+    # One range per worker; its owner receives the other worker's two slices of it, and
+    # then scores them (the threshold) with nothing more to receive.
     assert sorted(ranges) == ["0", "1"]
     assert {ranges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
     assert all(_transfers(ranges[k]) >= 1 for k in "01")
+    distances = by_kind["distances"]
+    assert all(distances[k]["worker"] == ranges[k]["worker"] for k in "01")
+    assert not any(_transfers(task) for task in distances.values())
 
 
 def test_with_a_threshold_each_worker_folds_its_partitions_and_ships_one_partial(
