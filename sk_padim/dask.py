@@ -337,8 +337,9 @@ def score_distributed(
 ) -> da.Array:
     """Image anomaly scores of many image files, computed on a Dask cluster.
 
-    The fitted transformer and detector are broadcast to the workers once (each worker
-    factorises the covariances once, at its first task); each task scores one partition
+    The fitted transformer and detector are broadcast to the workers once, the detector
+    with its whitening factors (:meth:`PadimDetector.scoring_copy`: factorised once, on
+    the client, and cached there for the next calls); each task scores one partition
     of ``paths``, a batch at a time (the next batch is decoded while the backbone runs
     on this one), so a task's memory does not grow with its partition. The tasks are
     submitted at once and run in the background, wherever a thread is free; the
@@ -408,10 +409,11 @@ def score_distributed(
         n_slots = sum(workers.values())
         partition_size = max(feat.batch_size, math.ceil(len(paths) / (4 * n_slots)))
     token = uuid.uuid4().hex[:8]
-    # Scattered apart, so that Dask knows the detector's size (see _sizeof_detector); the
-    # transformer as pickled bytes (as in fit_distributed).
+    # The detector with its factors (factorised here once, not on every worker), apart
+    # so that Dask knows its size (see _sizeof_detector); the transformer as pickled
+    # bytes (as in fit_distributed).
     feat_future, detector_future = client.scatter(
-        [pickle.dumps(feat), detector], broadcast=True, hash=False
+        [pickle.dumps(feat), detector.scoring_copy()], broadcast=True, hash=False
     )
     parts = _partitions(len(paths), partition_size)
     chunks = []

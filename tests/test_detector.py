@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 import sklearn
@@ -379,7 +381,7 @@ def test_float16_detector_is_for_inference_only(features):
         lambda: half.partial_fit(train),
         lambda: half.merge(PadimDetector(covariance_dtype="float16").fit(train)),
     ):
-        with pytest.raises(ValueError, match="float16 whitening factors.*float32"):
+        with pytest.raises(ValueError, match="whitening factors.*covariance_dtype=.float32."):
             call()
     np.testing.assert_array_equal(half.score_samples(test), expected)  # unchanged
     with pytest.raises(ValueError, match="factorised with reg=0.01.*reg=0.5"):
@@ -442,3 +444,32 @@ def test_held_out_distances_and_scores_are_under_the_model_without_each_image():
     scores = detector.held_out_scores(X)
     np.testing.assert_allclose(scores, expected.max(axis=(1, 2)), rtol=1e-4)
     assert detector.threshold_ == pytest.approx(expected.max(), rel=1e-4)
+
+
+@pytest.mark.parametrize("covariance_dtype", ["float32", "float16"])
+def test_scoring_copy_scores_the_same_without_factorising(covariance_dtype, monkeypatch):
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(20, 6, 4, 5)).astype(np.float32)
+    test = rng.normal(size=(3, 6, 4, 5)).astype(np.float32)
+    detector = PadimDetector(covariance_dtype=covariance_dtype).fit(train)
+    copy = detector.scoring_copy()
+    assert copy.get_params() == detector.get_params()
+    assert copy.threshold_ == detector.threshold_
+    assert not hasattr(copy, "packed_covariance_")
+    # The same bytes as what the detector stores.
+    stored = vars(detector).get("packed_factor_", vars(detector).get("packed_covariance_"))
+    assert copy.packed_factor_.dtype == stored.dtype and copy.packed_factor_.shape == stored.shape
+    # Unpickled elsewhere, it scores as the original does, and never factorises.
+    copy = pickle.loads(pickle.dumps(copy))
+    monkeypatch.setattr(detector_module, "whitening_factor", None)
+    np.testing.assert_array_equal(copy.score_samples(test), detector.score_samples(test))
+    np.testing.assert_array_equal(copy.predict(test), detector.predict(test))
+    with pytest.raises(ValueError, match=r"stores whitening factors.*scoring_copy"):
+        copy.partial_fit(train)
+    with pytest.raises(ValueError, match=r"stores whitening factors.*scoring_copy"):
+        detector.merge(copy)
+
+
+def test_scoring_copy_of_an_unfitted_detector_is_not_fitted_error():
+    with pytest.raises(NotFittedError):
+        PadimDetector().scoring_copy()
