@@ -4,17 +4,18 @@ PaDiM's fit is a sum: the per-position counts, means and scatter matrices of any
 the training images merge exactly into those of the whole set
 (:meth:`PadimDetector.merge`), and positions are independent of each other.
 :func:`fit_distributed` gives each worker a contiguous share of the image paths, cut
-into partitions; each worker extracts its partitions' features and folds them into its
-own statistics. The grid's positions are shared out, one range per worker: each worker
-sends its statistics of a range to the range's owner, which merges and factorises them
-and computes, from the partitions' features of the range, the held-out distances behind
-the leave-one-out ``threshold_`` of a local fit. :func:`score_distributed` scores
+into partitions, whose features it extracts. The grid's positions are shared out, one
+range per worker: each range's owner makes the model of its range from every
+partition's features there (or, with an explicit threshold, from every worker's
+statistics of it) and computes the held-out distances behind the leave-one-out
+``threshold_`` of a local fit. :func:`score_distributed` scores
 partitions in parallel and returns the image scores as a Dask array, optionally writing
 each image's anomaly map to a ``.npy`` file.
 
 In every task torch uses the worker's share of its machine's cores (Dask's nannies
-would leave it one thread), and image files are decoded in a background thread while
-the backbone runs.
+would leave it one thread), glibc keeps freed memory for reuse until the task ends
+(see :mod:`sk_padim.allocator`), and image files are decoded in a background thread
+while the backbone runs.
 
 Both take a :class:`dask.distributed.Client` that the caller creates, connected to a
 ``LocalCluster`` or to a remote scheduler; see ``docs/scale_out.md`` for the recipe,
@@ -83,23 +84,26 @@ def fit_distributed(
     broadcast to the workers with the backbone's weights inside it (workers need no
     model hub). Each worker gets a contiguous share of ``paths`` (in proportion to its
     threads), cut into partitions. A task per partition extracts its features, which
-    stay on that worker; the worker folds them, partition after partition, into its
-    statistics (:meth:`PadimDetector.accumulate`). The positions of the feature grid are
-    cut into one range per worker: a range's owner receives every worker's statistics
-    of it, merges them, factorises them (the factorisation is shared out, not repeated)
-    and, for the threshold, scores every partition's features of it. The ranges' models
-    come back and are joined (:meth:`PadimDetector.join_positions`); no model-sized
-    object is sent to every worker. The fitted pipeline equals ``pipeline.fit`` on the
-    same images to float32 rounding, ``threshold_`` included, whatever the partitions
-    and the number of workers; the merge order is fixed by the order of ``paths`` and
-    the workers, so reruns on the same cluster give the same model.
+    stay on that worker. The positions of the feature grid are cut into one range per
+    worker, and a range's owner makes the range's model (the factorisation is shared
+    out, not repeated): from every partition's features of the range, which it
+    receives, or, with an explicit ``threshold``, from every worker's statistics of it
+    (each worker folds its partitions into its own statistics,
+    :meth:`PadimDetector.accumulate`, and ships one partial, in pieces). The ranges'
+    models come back and are joined (:meth:`PadimDetector.join_positions`); no
+    model-sized object is sent to every worker. The fitted pipeline equals
+    ``pipeline.fit`` on the same images to float32 rounding, ``threshold_`` included,
+    whatever the partitions and the number of workers; the order of accumulation is
+    fixed by the order of ``paths`` and the workers, so reruns on the same cluster give
+    the same model.
 
     **Threshold**: with ``threshold=None`` the detector's ``threshold_`` is, as after
     :meth:`PadimDetector.fit`, the highest leave-one-out score of a training image
     (:meth:`PadimDetector.held_out_scores`): each range's owner computes the held-out
-    distances there from the features of the first pass (the backbone runs once per
-    image), and the client makes the maps. An explicit ``threshold`` is
-    used as it is, and each partition's features are released once folded.
+    distances of its range's features (:meth:`PadimDetector.held_out_distances`; the
+    backbone runs once per image) while its model travels to the client, which makes
+    the maps. An explicit ``threshold`` is used as it is, and each partition's features
+    are released once folded.
 
     **Failures**: a task that raises is retried up to ``retries`` times (tasks are
     deterministic, so a retried fit gives the same model); a worker that dies has its
@@ -122,8 +126,9 @@ def fit_distributed(
         Images per task. ``None``: each worker's share in as few partitions as keep a
         partition's features under 256 MiB (about 200 images for ResNet-18, d=100 at
         224 px; ``d * h * w * 4`` bytes per image), and at least one per worker thread.
-        Smaller partitions cost one merge of statistics each on their worker (about
-        0.1 s on one thread at that size), never a transfer.
+        Smaller partitions cost more small tasks (with an explicit ``threshold``, one
+        merge of statistics each on their worker: about 0.1 s on one thread at that
+        size), never more bytes.
     torch_threads : int or None, default=None
         Torch threads per task. ``None``: the worker's share of its machine's cores,
         ``dask.system.CPU_COUNT`` divided by the Dask threads of all the workers on
