@@ -235,14 +235,13 @@ def _submit_fit(
 
     Per partition, a task extracts the features on the partition's worker. The
     positions are shared out in one range per worker. For the threshold (``score``),
-    each partition's features of a range go to the range's owner, which accumulates
-    their statistics, factorises them and returns their held-out distances: the features
-    are needed there anyway, and with fewer images per worker than ``d`` they are fewer
-    bytes than the statistics. Otherwise a task per partition folds its features into
-    its worker's running statistics, and each worker sends its statistics of a range to
-    the range's owner, which merges them (bytes independent of the number of images).
-    Only the returned futures are held, so Dask keeps each intermediate result just
-    until the tasks that need it are done.
+    each partition's features of a range go to the range's owner, which makes the
+    range's model from them and then their held-out distances: the features are needed
+    there anyway, and with fewer images per worker than ``d`` they are fewer bytes than
+    the statistics. Otherwise each worker's statistics of a range go to the range's
+    owner (bytes independent of the number of images), and there are no distances. Only
+    the returned futures are held, so Dask keeps each intermediate result just until
+    the tasks that need it are done.
     """
     token = uuid.uuid4().hex[:8]
 
@@ -277,47 +276,56 @@ def _submit_fit(
     d, h, w = feat.feature_shape_
     range_owners = list(dict.fromkeys(owners))[: h * w]
     ranges = np.array_split(np.arange(h * w), len(range_owners))
-    ranges = [slice(int(rows[0]), int(rows[-1]) + 1) for rows in ranges]
+    ranges = [
+        (slice(int(rows[0]), int(rows[-1]) + 1), (d, 1, len(rows)), owner)
+        for rows, owner in zip(ranges, range_owners, strict=True)
+    ]
     if score:
-        models, distances = [], []
-        for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True)):
-            slices = [
-                submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
-                for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
-            ]
-            shape = (d, 1, rows.stop - rows.start)
-            model = submit(
-                _fit_range_on_features,
-                template,
+        return _ranges_on_features(submit, template, storage, features, owners, ranges)
+    return _ranges_on_statistics(submit, template, features, owners, ranges), []
+
+
+def _ranges_on_features(submit, template, storage, features, owners, ranges) -> tuple:
+    """Per range, its owner's model from every partition's features of it, and then
+    (a task of its own, so that the model travels to the client meanwhile) their
+    held-out distances."""
+    models, distances = [], []
+    for k, (rows, shape, range_owner) in enumerate(ranges):
+        slices = [
+            submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
+            for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
+        ]
+        model = submit(
+            _fit_range_on_features, template, shape, *slices, key=f"range-{k}", owner=range_owner
+        )
+        models.append(model)
+        distances.append(
+            submit(
+                _held_out_range,
+                model,
+                storage,
                 shape,
                 *slices,
-                key=f"range-{k}",
+                key=f"distances-{k}",
                 owner=range_owner,
             )
-            # A task of its own, so that the model travels to the client meanwhile.
-            distances.append(
-                submit(
-                    _held_out_range,
-                    model,
-                    storage,
-                    shape,
-                    *slices,
-                    key=f"distances-{k}",
-                    owner=range_owner,
-                )
-            )
-            models.append(model)
-        return models, distances
+        )
+    return models, distances
+
+
+def _ranges_on_statistics(submit, template, features, owners, ranges) -> list:
+    """Each worker folds its partitions into one partial; per range, its owner's model
+    from every worker's piece of it."""
     partials = {}
     for index, (extracted, owner) in enumerate(zip(features, owners, strict=True)):
         partials[owner] = submit(
             _fold, partials.get(owner), template, extracted, key=f"fold-{index}", owner=owner
         )
-    models = [
+    return [
         submit(
             _fit_range_on_statistics,
             template,
-            (d, 1, rows.stop - rows.start),
+            shape,
             *[
                 submit(_statistics_range, partial, rows, key=f"split-{j}-{k}", owner=owner)
                 for j, (owner, partial) in enumerate(partials.items())
@@ -325,9 +333,8 @@ def _submit_fit(
             key=f"range-{k}",
             owner=range_owner,
         )
-        for k, (rows, range_owner) in enumerate(zip(ranges, range_owners, strict=True))
+        for k, (rows, shape, range_owner) in enumerate(ranges)
     ]
-    return models, []
 
 
 def score_distributed(
@@ -511,9 +518,9 @@ def _features_range(threads, features: np.ndarray, rows: slice) -> np.ndarray:
     return np.ascontiguousarray(features.reshape(*features.shape[:2], -1)[:, :, rows])
 
 
-def _fit_range_on_statistics(threads, template: PadimDetector, shape, *pieces) -> tuple:
-    """The model of one range of positions from every worker's statistics of it (merged
-    in the workers' order), and no distances."""
+def _fit_range_on_statistics(threads, template: PadimDetector, shape, *pieces) -> PadimDetector:
+    """The model of one range of positions from every worker's statistics of it, merged
+    in the workers' order."""
     with _task_settings(threads), torch.inference_mode():
         stats = [
             GaussianStatistics(count, torch.from_numpy(mean), torch.from_numpy(scatter))
