@@ -639,11 +639,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         >>> bool(detector.held_out_scores(X).max() == np.float32(detector.threshold_))
         True
         """
-        features = self._check_features(X, self._fitted_shape())
-        device = resolve_device(self.device)
-        batches = self._batches(features, device)
-        scores = _held_out_scores(self.to_module(device), batches, self.n_samples_seen_)
-        return scores.to(X.device) if isinstance(X, torch.Tensor) else scores.cpu().numpy()
+        scorer = self.to_module(resolve_device(self.device))
+        return self._held_out(X, lambda distances: scorer.maps_of_distances(distances)[1])
 
     def held_out_distances(self, X) -> np.ndarray | torch.Tensor:
         """Leave-one-out distance grids of training images: each under the model without it.
@@ -676,13 +673,19 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         >>> bool(np.allclose(scores, detector.held_out_scores(X)))
         True
         """
+        return self._held_out(X, lambda distances: distances)
+
+    def _held_out(self, X, per_batch):
+        """``per_batch`` of each batch's held-out distance grids, concatenated, as a
+        tensor on ``X``'s device for tensor input, else a NumPy array."""
         features = self._check_features(X, self._fitted_shape())
         device = resolve_device(self.device)
+        gaussians = self._cached_gaussians(device)
         batches = self._batches(features, device)
         with torch.inference_mode():
-            grids = _held_out_grids(self._cached_gaussians(device), batches, self.n_samples_seen_)
-            distances = torch.cat(list(grids))
-        return distances.to(X.device) if isinstance(X, torch.Tensor) else distances.cpu().numpy()
+            grids = _held_out_grids(gaussians, batches, self.n_samples_seen_)
+            result = torch.cat([per_batch(distances) for distances in grids])
+        return result.to(X.device) if isinstance(X, torch.Tensor) else result.cpu().numpy()
 
     def maps_of_distances(self, distances) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps and image scores of Mahalanobis distance grids, as scoring makes them.
