@@ -21,7 +21,7 @@ from sk_padim.gaussian import (
     held_out_distances,
     merge_packed_covariances,
     pack_lower,
-    unpack_lower,
+    unpack_upper,
     whitening_factor,
 )
 from sk_padim.mahalanobis import PatchGaussians, positions_per_chunk
@@ -839,7 +839,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             fitted["factor_reg_"] = float(self.reg)
             del factor
             # Score with the stored, rounded factor, as a reloaded model does.
-            factor = unpack_lower(rounded.float(), shape[0]).transpose(1, 2).contiguous()
+            factor = unpack_upper(rounded.float(), shape[0])
         return fitted, PatchGaussians(mean, factor)
 
     def _adopt(self, fitted: dict, threshold, gaussians: PatchGaussians | None, device) -> None:
@@ -869,7 +869,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 f"cannot score with reg={self.reg}. Set reg back, or refit."
             )
         packed = torch.as_tensor(self.packed_factor_, device=device).float()
-        factor = unpack_lower(packed, self.feature_shape_[0]).transpose(1, 2).contiguous()
+        factor = unpack_upper(packed, self.feature_shape_[0])
         return PatchGaussians(mean, factor)
 
     def _map_generator(self, shape, device: torch.device) -> AnomalyMapGenerator:

@@ -156,10 +156,12 @@ def unpack_symmetric(packed: torch.Tensor, n_features: int) -> torch.Tensor:
     return full
 
 
-def unpack_lower(packed: torch.Tensor, n_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_lower` for lower-triangular ``(P, d, d)`` matrices."""
+def unpack_upper(packed: torch.Tensor, n_features: int) -> torch.Tensor:
+    """Upper-triangular ``(P, d, d)`` matrices ``U`` from ``pack_lower(U.transpose(1, 2))``
+    (packed whitening factors), written in place: no transposed copy."""
     full = packed.new_zeros(len(packed), n_features, n_features)
-    full.view(len(packed), -1).index_copy_(1, _lower_offsets(n_features, packed.device), packed)
+    offsets = _lower_offsets(n_features, packed.device, transposed=True)
+    full.view(len(packed), -1).index_copy_(1, offsets, packed)
     return full
 
 

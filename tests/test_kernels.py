@@ -10,6 +10,7 @@ from sk_padim.gaussian import (
     GaussianStatistics,
     pack_lower,
     unpack_symmetric,
+    unpack_upper,
     whitening_factor,
 )
 from sk_padim.mahalanobis import PatchGaussians
@@ -66,6 +67,8 @@ def test_pack_and_unpack_round_trip():
     symmetric = matrices + matrices.transpose(1, 2)
     assert pack_lower(symmetric).shape == (3, 15)
     torch.testing.assert_close(unpack_symmetric(pack_lower(symmetric), 5), symmetric)
+    upper = torch.triu(torch.randn(3, 5, 5))
+    assert torch.equal(unpack_upper(pack_lower(upper.transpose(1, 2)), 5), upper)
 
 
 def test_factorisation_threads_each_run_lapack_on_one_thread(monkeypatch):
