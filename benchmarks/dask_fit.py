@@ -12,8 +12,9 @@ interleaved rounds, from the call to the result:
 
 - ``Pipeline.fit`` in this process (torch's default threads: all cores), threshold
   included, and ``sk_padim.dask.fit_distributed`` with its default partitions;
-- ``Pipeline.decision_function`` in this process and
-  ``sk_padim.dask.score_distributed(...).compute()``.
+- ``Pipeline.decision_function`` in this process,
+  ``sk_padim.dask.score_distributed(...).compute()`` (the model sent with the call) and
+  ``DistributedScorer.score(...).compute()`` (the model sent once, before the rounds).
 
 The local runs are repeated next to each cluster's, so every ratio compares runs made
 under the same load (the machine may be shared). Also reported: the bytes the workers
@@ -49,7 +50,7 @@ from PIL import Image
 from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.dask import fit_distributed, score_distributed
+from sk_padim.dask import DistributedScorer, fit_distributed, score_distributed
 
 
 def write_images(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
@@ -166,6 +167,8 @@ def main() -> None:
             warm = make_pipeline(args, weights_path)
             fit_distributed(warm, paths[: 2 * n_workers], client)
             score_distributed(warm, paths[: 2 * n_workers], client).compute()
+            kept = DistributedScorer(fitted, client)
+            kept.score(paths[: 2 * n_workers]).compute()
             runs = {
                 "local fit": lambda: make_pipeline(args, weights_path).fit(paths),
                 "distributed fit": lambda: fit_distributed(
@@ -173,6 +176,7 @@ def main() -> None:
                 ),
                 "local scoring": lambda: fitted.decision_function(paths),
                 "distributed scoring": lambda: score_distributed(fitted, paths, client).compute(),
+                "kept scoring": lambda scorer=kept: scorer.score(paths).compute(),
             }
             seconds, results = interleaved_times(runs, args.repeats)
             distributed, fit_bytes = sent_during(
@@ -181,6 +185,7 @@ def main() -> None:
             _, score_bytes = sent_during(
                 client, lambda: score_distributed(fitted, paths, client).compute()
             )
+            kept.close()
             peak = max(memory[1] for memory in client.run(memory_mib).values())
         median = {name: statistics.median(times) for name, times in seconds.items()}
         rows.append((n_workers, median, peak))
@@ -209,16 +214,18 @@ def main() -> None:
     )
     print(
         "| workers x 1 Dask thread | local fit img/s | distributed fit img/s | ratio "
-        "| local scoring img/s | distributed scoring img/s | ratio | worker peak RSS |"
+        "| local scoring img/s | distributed scoring img/s | ratio "
+        "| DistributedScorer img/s | ratio | worker peak RSS |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n_workers, median, peak in rows:
         fit_local, fit_remote = n / median["local fit"], n / median["distributed fit"]
         score_local, score_remote = n / median["local scoring"], n / median["distributed scoring"]
+        score_kept = n / median["kept scoring"]
         print(
             f"| {n_workers} | {fit_local:.1f} | {fit_remote:.1f} | {fit_remote / fit_local:.2f} "
             f"| {score_local:.1f} | {score_remote:.1f} | {score_remote / score_local:.2f} "
-            f"| {peak:.0f} MiB |"
+            f"| {score_kept:.1f} | {score_kept / score_local:.2f} | {peak:.0f} MiB |"
         )
     fit_1 = n / rows[0][1]["distributed fit"]
     for n_workers, median, _ in rows[1:]:

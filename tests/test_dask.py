@@ -3,6 +3,7 @@
 import importlib
 import os
 import sys
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -24,7 +25,7 @@ joblib = pytest.importorskip("joblib")
 
 from dask.system import CPU_COUNT  # noqa: E402
 
-from sk_padim.dask import fit_distributed, score_distributed  # noqa: E402
+from sk_padim.dask import DistributedScorer, fit_distributed, score_distributed  # noqa: E402
 
 SIZE = 32
 
@@ -277,6 +278,38 @@ def test_distributed_scores_equal_local_scores_in_input_order(client, image_path
     assert isinstance(scores, da.Array)
     assert scores.chunks == ((3, 3, 2),)
     np.testing.assert_allclose(scores.compute(), pipe.decision_function(test), rtol=1e-5)
+
+
+def _keys_on_workers(client) -> dict:
+    return {worker: set(keys) for worker, keys in client.has_what().items()}
+
+
+def test_distributed_scorer_keeps_its_model_on_the_workers_until_closed(client, image_paths):
+    train, test = image_paths
+    pipe = make_pipeline().fit(train)
+    expected = pipe.decision_function(test)
+    before = _keys_on_workers(client)
+    with DistributedScorer(pipe, client) as scorer:
+        # Sent once, to every worker: the transformer and the detector.
+        model = {w: keys - before[w] for w, keys in _keys_on_workers(client).items()}
+        assert all(len(keys) == 2 for keys in model.values())
+        assert len(set.union(*model.values())) == 2
+        first = scorer.score(test, partition_size=3).compute()
+        pipe.fit(train[:10])  # a snapshot: refitting the pipeline does not change it
+        second = scorer.score(test, partition_size=3).compute()
+        # Nothing else was sent: every other new key is a partition's scores.
+        for worker, keys in _keys_on_workers(client).items():
+            assert model[worker] <= keys
+            others = keys - before[worker] - model[worker]
+            assert all(str(key).startswith("padim-score-partition-") for key in others)
+    np.testing.assert_allclose(first, expected, rtol=1e-5)
+    np.testing.assert_array_equal(second, first)
+    with pytest.raises(ValueError, match="closed"):
+        scorer.score(test)
+    deadline = time.monotonic() + 10
+    while any(model[w] & keys for w, keys in _keys_on_workers(client).items()):
+        assert time.monotonic() < deadline, "the workers kept a closed scorer's model"
+        time.sleep(0.05)
 
 
 def test_heat_maps_are_written_per_image_under_relative_names(
