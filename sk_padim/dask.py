@@ -10,7 +10,8 @@ partition's features there (or, with an explicit threshold, from every worker's
 statistics of it) and computes the held-out distances behind the leave-one-out
 ``threshold_`` of a local fit. :func:`score_distributed` scores
 partitions in parallel and returns the image scores as a Dask array, optionally writing
-each image's anomaly map to a ``.npy`` file.
+each image's anomaly map to a ``.npy`` file; :class:`DistributedScorer` does the same
+call after call with the model sent to the workers once.
 
 In every task torch uses the worker's share of its machine's cores (Dask's nannies
 would leave it one thread), glibc keeps freed memory for reuse until the task ends
