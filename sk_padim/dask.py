@@ -418,14 +418,17 @@ class DistributedScorer:
     """A fitted pipeline kept on a Dask cluster's workers, to score images there call
     after call.
 
-    :func:`score_distributed` sends the model to every worker at each call: the
+    :func:`score_distributed` sends the model from the client at each call: the
     transformer's weights and the detector's whitening factors, 74 MiB for ResNet-18
-    (d=100) at 224 px and about 2 GB for Wide-ResNet-50-2 (d=550), which each worker
-    then unpacks. A ``DistributedScorer`` sends them once, when it is made, and keeps
-    them on the workers until :meth:`close` (or the end of a ``with`` block); each worker
-    unpacks the factors once. It holds a snapshot of the pipeline: refitting the
-    pipeline afterwards does not change it. Workers that join later fetch the model from
-    the others when they get a task. Any number of threads may call :meth:`score`.
+    (d=100) at 224 px and about 2 GB for Wide-ResNet-50-2 (d=550), which every worker
+    then unpacks. A ``DistributedScorer`` sends them once, when it is made, to every
+    worker, and the cluster keeps them until :meth:`close` (or the end of a ``with``
+    block). Between calls, Dask's active memory manager (on by default) keeps a single
+    copy: a worker without one fetches it from another worker at its first task of a
+    call, and unpacks it again; the others keep theirs, unpacked. Workers that join
+    later fetch it the same way. It holds a snapshot of the pipeline: refitting the
+    pipeline afterwards does not change it. Any number of threads may call
+    :meth:`score`.
 
     Parameters
     ----------
@@ -444,6 +447,7 @@ class DistributedScorer:
     def __init__(self, pipeline: Pipeline, client: Client):
         feat, detector = _check_fitted_pipeline(pipeline, "DistributedScorer")
         _check_client(client)
+        _workers(client)  # a clear error for a cluster without workers, before sending
         self.client = client
         self._batch_size = feat.batch_size
         # The detector apart so that Dask knows its size (see _sizeof_detector); the
@@ -472,7 +476,8 @@ class DistributedScorer:
         -------
         scores : dask.array.Array of shape (n,), float32
         """
-        if self._model is None:
+        model = self._model  # read once: another thread may close the scorer
+        if model is None:
             raise ValueError("This DistributedScorer is closed; make a new one to score.")
         paths, partition_size, targets, torch_threads, retries = _score_options(
             paths, partition_size, heatmap_dir, torch_threads, retries
@@ -489,7 +494,7 @@ class DistributedScorer:
             future = self.client.submit(
                 _score_partition,
                 threads,
-                *self._model,
+                *model,
                 paths[part],
                 None if targets is None else targets[part],
                 index,
