@@ -213,7 +213,9 @@ def fit_distributed(
     if score:  # what PadimDetector.fit sets: the highest held-out image score
         grids = np.concatenate(results[n_ranges:], axis=1)
         grids = torch.from_numpy(grids).view(len(paths), *shape[1:])
-        final.threshold_ = float(template.maps_of_distances(grids)[1].max())
+        # A batch of maps at a time: all n full-size maps at once would not fit for large n.
+        batches = grids.split(template.batch_size)
+        final.threshold_ = max(float(template.maps_of_distances(b)[1].max()) for b in batches)
     pipeline.steps[0] = (feat_name, fitted_feat)
     pipeline.steps[1] = (detector_name, final)
     return pipeline

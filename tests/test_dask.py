@@ -267,8 +267,9 @@ def test_explicit_threshold_and_float16_storage_are_kept(client, image_paths):
 
 def test_float16_threshold_is_the_local_float16_threshold(client, image_paths):
     train, _ = image_paths
-    pipe = fit_distributed(make_pipeline(covariance_dtype="float16"), train, client)
-    expected = local_detector(pipe, train, covariance_dtype="float16")
+    params = {"covariance_dtype": "float16", "batch_size": 3}  # the maps in several batches
+    pipe = fit_distributed(make_pipeline(**params), train, client)
+    expected = local_detector(pipe, train, **params)
     assert pipe[-1].threshold_ == pytest.approx(expected.threshold_, rel=1e-4)
 
 
