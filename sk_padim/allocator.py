@@ -74,12 +74,16 @@ def _settings_to_restore() -> dict[int, int] | None:
     if all(value is None for value in values.values()) or _glibc() is None:
         return None
     try:
-        return {
+        settings = {
             parameter: _DEFAULT_THRESHOLD if value is None else int(value)
             for parameter, value in values.items()
         }
     except ValueError:  # glibc ignores what it cannot parse; so do we
         return None
+    # mallopt takes a C int: leave settings it could not restore alone.
+    if not all(0 <= value < 2**31 for value in settings.values()):
+        return None
+    return settings
 
 
 def _set(parameter: int, value: int) -> None:

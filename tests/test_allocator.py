@@ -79,3 +79,16 @@ def test_without_a_threshold_in_the_environment_glibc_is_left_alone():
     print(mapped(24 * 2**20), mapped(24 * 2**20))
     """
     assert run_probe(body) == ["mmap", "heap"]
+
+
+@pytest.mark.parametrize("value", ["not-a-number", str(2**40)])
+def test_a_threshold_mallopt_could_not_restore_is_left_alone(value):
+    body = """
+    before = mapped()
+    with freed_memory_kept():
+        inside = mapped()
+    print(before, inside, mapped())
+    """
+    environ = {"MALLOC_MMAP_THRESHOLD_": value, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    before, inside, after = run_probe(body, **environ)
+    assert before == inside == after
