@@ -6,17 +6,16 @@ the training images merge exactly into those of the whole set
 :func:`fit_distributed` gives each worker a contiguous share of the image paths, cut
 into partitions, whose features it extracts. The grid's positions are shared out, one
 range per worker: each range's owner makes the model of its range from every
-partition's features there (or, with an explicit threshold, from every worker's
-statistics of it) and computes the held-out distances behind the leave-one-out
-``threshold_`` of a local fit. :func:`score_distributed` scores
+partition's features there and computes the held-out distances behind the
+leave-one-out ``threshold_`` of a local fit. :func:`score_distributed` scores
 partitions in parallel and returns the image scores as a Dask array, optionally writing
 each image's anomaly map to a ``.npy`` file; :class:`DistributedScorer` does the same
 call after call with the model sent to the workers once.
 
 In every task torch uses the worker's share of its machine's cores (Dask's nannies
-would leave it one thread), glibc keeps freed memory for reuse until the task ends
-(see :mod:`sk_padim.allocator`), and image files are decoded in a background thread
-while the backbone runs.
+would leave it one thread), and image files are decoded in a background thread while
+the backbone runs. For full speed, start the workers with glibc's default allocator
+settings (``docs/scale_out.md``: Dask's nannies set ``MALLOC_TRIM_THRESHOLD_``).
 
 Both take a :class:`dask.distributed.Client` that the caller creates, connected to a
 ``LocalCluster`` or to a remote scheduler; see ``docs/scale_out.md`` for the recipe,
@@ -30,7 +29,7 @@ imported by ``import sk_padim``.
 from __future__ import annotations
 
 import contextlib
-import functools
+import copy
 import math
 import os
 import pickle
@@ -42,7 +41,6 @@ import numpy as np
 import torch
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
-from sklearn.utils.validation import check_is_fitted
 
 try:
     import dask.array as da
@@ -56,11 +54,14 @@ except ImportError as error:  # pragma: no cover - exercised in a test with dask
         "pip install 'sk-padim[dask]' (or pip install 'dask[distributed]')."
     ) from error
 
-from sk_padim.allocator import freed_memory_kept
 from sk_padim.detector import PadimDetector
+from sk_padim.devices import as_tensor
 from sk_padim.features import PatchFeatureTransformer
-from sk_padim.gaussian import GaussianStatistics
+from sk_padim.files import atomic_file
 from sk_padim.images import check_images, iter_batches
+from sk_padim.model import PatchScorer
+from sk_padim.pipelines import padim_steps
+from sk_padim.statistics import PatchStatistics, position_ranges
 
 __all__ = ["DistributedScorer", "fit_distributed", "score_distributed"]
 
@@ -159,7 +160,7 @@ def fit_distributed(
     >>> pipe.predict(test_paths)  # doctest: +SKIP
     >>> scores = score_distributed(pipe, test_paths, client).compute()  # doctest: +SKIP
     """
-    (feat_name, feat), (detector_name, detector) = _check_pipeline(pipeline, "fit_distributed")
+    (feat_name, feat), (detector_name, detector) = padim_steps(pipeline, "fit_distributed")
     paths = _check_paths(paths)
     if partition_size is not None:
         partition_size = _check_count(partition_size, "partition_size", minimum=1)
@@ -167,23 +168,20 @@ def fit_distributed(
         torch_threads = _check_count(torch_threads, "torch_threads", minimum=1)
     retries = _check_count(retries, "retries", minimum=0)
     _check_client(client)
-    detector.check_params()
+    # A fit on one zero vector checks the detector's parameters before any real work.
+    clone(detector).partial_fit(np.zeros((1, 1, 1, 1), np.float32))
+    params = detector.get_params()
 
     fitted_feat = clone(feat).fit()
     workers = _workers(client)
     if partition_size is None:
         image_bytes = 4 * math.prod(fitted_feat.feature_shape_)
         partition_size = _fit_partition_size(len(paths), workers, image_bytes)
-    # Partials keep float32 covariances whatever the final storage, so that a float16
-    # model is rounded once, at the end, as a single-machine fit is.
-    template = clone(detector).set_params(covariance_dtype="float32")
-    storage = None if detector.covariance_dtype == "float32" else clone(detector)
     score = detector.threshold is None and len(paths) >= 2
-    models, distances = _submit_fit(
+    statistics, distances = _submit_fit(
         client,
         fitted_feat,
-        template,
-        storage,
+        detector,
         paths,
         _partitions(len(paths), partition_size),
         workers,
@@ -191,8 +189,8 @@ def fit_distributed(
         retries,
         score,
     )
-    n_ranges, futures = len(models), models + distances
-    del models, distances
+    n_ranges, futures = len(statistics), statistics + distances
+    del statistics, distances
     try:
         results = _gather_as_completed(futures)
     except Exception as error:
@@ -207,15 +205,14 @@ def fit_distributed(
         del futures
 
     shape = fitted_feat.feature_shape_
-    final = PadimDetector.join_positions(results[:n_ranges], shape)
-    if storage is not None:
-        final = storage.set_statistics(final.statistics(), shape)
+    grids = None
     if score:  # what PadimDetector.fit sets: the highest held-out image score
-        grids = np.concatenate(results[n_ranges:], axis=1)
-        grids = torch.from_numpy(grids).view(len(paths), *shape[1:])
+        joined = torch.from_numpy(np.concatenate(results[n_ranges:], axis=1))
         # A batch of maps at a time: all n full-size maps at once would not fit for large n.
-        batches = grids.split(template.batch_size)
-        final.threshold_ = max(float(template.maps_of_distances(b)[1].max()) for b in batches)
+        grids = joined.view(len(paths), *shape[1:]).split(detector.batch_size)
+    final = PadimDetector.from_statistics(
+        PatchStatistics.join(results[:n_ranges]), shape, held_out_distances=grids, **params
+    )
     pipeline.steps[0] = (feat_name, fitted_feat)
     pipeline.steps[1] = (detector_name, final)
     return pipeline
@@ -231,20 +228,17 @@ def _gather_as_completed(futures) -> list:
     return results
 
 
-def _submit_fit(
-    client, feat, template, storage, paths, parts, workers, threads, retries, score
-) -> tuple:
-    """Submit the fit's tasks; return the futures of the ranges' models and distances.
+def _submit_fit(client, feat, detector, paths, parts, workers, threads, retries, score) -> tuple:
+    """Submit the fit's tasks; return the futures of the ranges' statistics and distances.
 
     Per partition, a task extracts the features on the partition's worker. The
-    positions are shared out in one range per worker. For the threshold (``score``),
-    each partition's features of a range go to the range's owner, which makes the
-    range's model from them and then their held-out distances: the features are needed
-    there anyway, and with fewer images per worker than ``d`` they are fewer bytes than
-    the statistics. Otherwise each worker's statistics of a range go to the range's
-    owner (bytes independent of the number of images), and there are no distances. Only
-    the returned futures are held, so Dask keeps each intermediate result just until
-    the tasks that need it are done.
+    positions are shared out in one range per worker; each partition's features of a
+    range go to the range's owner, which accumulates the range's statistics from them
+    and, for the threshold (``score``), their held-out distances (a task of its own, so
+    that the statistics travel to the client meanwhile): the features are needed there
+    for the threshold anyway, and with fewer images per worker than ``d`` they are fewer
+    bytes than statistics. Only the returned futures are held, so Dask keeps each
+    intermediate result just until the tasks that need it are done.
     """
     token = uuid.uuid4().hex[:8]
 
@@ -276,68 +270,31 @@ def _submit_fit(
         )
         for index, (part, owner) in enumerate(zip(parts, owners, strict=True))
     ]
-    d, h, w = feat.feature_shape_
+    _, h, w = feat.feature_shape_
     range_owners = list(dict.fromkeys(owners))[: h * w]
-    ranges = np.array_split(np.arange(h * w), len(range_owners))
-    ranges = [
-        (slice(int(rows[0]), int(rows[-1]) + 1), (d, 1, len(rows)), owner)
-        for rows, owner in zip(ranges, range_owners, strict=True)
-    ]
-    if score:
-        return _ranges_on_features(submit, template, storage, features, owners, ranges)
-    return _ranges_on_statistics(submit, template, features, owners, ranges), []
-
-
-def _ranges_on_features(submit, template, storage, features, owners, ranges) -> tuple:
-    """Per range, its owner's model from every partition's features of it, and then
-    (a task of its own, so that the model travels to the client meanwhile) their
-    held-out distances."""
-    models, distances = [], []
-    for k, (rows, shape, range_owner) in enumerate(ranges):
+    template = clone(detector).set_params(covariance_dtype="float32", threshold=1.0)
+    statistics, distances = [], []
+    for k, (rows, range_owner) in enumerate(
+        zip(position_ranges(h * w, len(range_owners)), range_owners, strict=True)
+    ):
         slices = [
             submit(_features_range, part_features, rows, key=f"slice-{i}-{k}", owner=owner)
             for i, (part_features, owner) in enumerate(zip(features, owners, strict=True))
         ]
-        model = submit(
-            _fit_range_on_features, template, shape, *slices, key=f"range-{k}", owner=range_owner
-        )
-        models.append(model)
-        distances.append(
-            submit(
-                _held_out_range,
-                model,
-                storage,
-                shape,
-                *slices,
-                key=f"distances-{k}",
-                owner=range_owner,
+        stats = submit(_range_statistics, template, *slices, key=f"range-{k}", owner=range_owner)
+        statistics.append(stats)
+        if score:
+            distances.append(
+                submit(
+                    _held_out_range,
+                    stats,
+                    detector,
+                    *slices,
+                    key=f"distances-{k}",
+                    owner=range_owner,
+                )
             )
-        )
-    return models, distances
-
-
-def _ranges_on_statistics(submit, template, features, owners, ranges) -> list:
-    """Each worker folds its partitions into one partial; per range, its owner's model
-    from every worker's piece of it."""
-    partials = {}
-    for index, (extracted, owner) in enumerate(zip(features, owners, strict=True)):
-        partials[owner] = submit(
-            _fold, partials.get(owner), template, extracted, key=f"fold-{index}", owner=owner
-        )
-    return [
-        submit(
-            _fit_range_on_statistics,
-            template,
-            shape,
-            *[
-                submit(_statistics_range, partial, rows, key=f"split-{j}-{k}", owner=owner)
-                for j, (owner, partial) in enumerate(partials.items())
-            ],
-            key=f"range-{k}",
-            owner=range_owner,
-        )
-        for k, (rows, shape, range_owner) in enumerate(ranges)
-    ]
+    return statistics, distances
 
 
 def score_distributed(
@@ -402,7 +359,7 @@ def score_distributed(
     ... # doctest: +SKIP
     >>> scores.compute()  # doctest: +SKIP
     """
-    _check_fitted_pipeline(pipeline, "score_distributed")
+    padim_steps(pipeline, "score_distributed", fitted=True)
     _check_client(client)
     # Checked before the model is sent, so that bad arguments cost nothing.
     _score_options(paths, partition_size, heatmap_dir, torch_threads, retries)
@@ -447,15 +404,15 @@ class DistributedScorer:
     """
 
     def __init__(self, pipeline: Pipeline, client: Client):
-        feat, detector = _check_fitted_pipeline(pipeline, "DistributedScorer")
+        (_, feat), (_, detector) = padim_steps(pipeline, "DistributedScorer", fitted=True)
         _check_client(client)
         _workers(client)  # a clear error for a cluster without workers, before sending
         self.client = client
         self._batch_size = feat.batch_size
-        # The detector apart so that Dask knows its size (see _sizeof_detector); the
-        # transformer as pickled bytes (as in fit_distributed).
+        # The detector as its torch module, factorised once here (it pickles as packed
+        # factors); the transformer as pickled bytes (as in fit_distributed).
         self._model = client.scatter(
-            [pickle.dumps(feat), detector.scoring_copy()], broadcast=True, hash=False
+            [pickle.dumps(feat), detector.to_module("cpu")], broadcast=True, hash=False
         )
 
     def score(
@@ -540,11 +497,10 @@ def _score_options(paths, partition_size, heatmap_dir, torch_threads, retries) -
     return paths, partition_size, targets, torch_threads, retries
 
 
-@sizeof.register(PadimDetector)
-def _sizeof_detector(detector: PadimDetector) -> int:
-    """Bytes of the fitted arrays: Dask weighs transfers and spills memory by this."""
-    names = ("mean_", "packed_covariance_", "packed_factor_")
-    return sum(getattr(detector, name).nbytes for name in names if hasattr(detector, name))
+@sizeof.register(PatchScorer)
+def _sizeof_scorer(scorer: PatchScorer) -> int:
+    """Bytes of the scorer's buffers: Dask weighs transfers and spills memory by this."""
+    return sum(buffer.nbytes for buffer in scorer.buffers())
 
 
 @sizeof.register(PatchFeatureTransformer)
@@ -556,13 +512,11 @@ def _sizeof_transformer(feat: PatchFeatureTransformer) -> int:
 
 @contextlib.contextmanager
 def _task_settings(threads):
-    """Run a task with ``threads`` torch threads (an int, or Dask threads per host) and
-    freed memory kept for reuse, then restore the worker's settings.
+    """Run a task with ``threads`` torch threads (an int, or Dask threads per host),
+    then restore the worker's setting.
 
     Torch's OpenMP thread count is per calling thread, so it is set in the task's own
-    thread; Dask's nannies set ``OMP_NUM_THREADS=1``, which would leave it at one. They
-    also set ``MALLOC_TRIM_THRESHOLD_``, which makes every large allocation a fresh
-    mapping (see :mod:`sk_padim.allocator`).
+    thread; Dask's nannies set ``OMP_NUM_THREADS=1``, which would leave it at one.
     """
     if not isinstance(threads, int):
         worker = get_worker()
@@ -571,8 +525,7 @@ def _task_settings(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with freed_memory_kept():
-            yield
+        yield
     finally:
         torch.set_num_threads(previous)
 
@@ -587,92 +540,61 @@ def _transform_partition(threads, feat_bytes, paths, index, n_parts, start) -> n
         ) from error
 
 
-def _fold(threads, previous, template: PadimDetector, features):
-    """``previous`` statistics (None for a worker's first partition) with ``features`` added.
-
-    ``previous`` is left unchanged: a task must not change its inputs, which Dask may
-    hand to a retry.
-    """
-    with _task_settings(threads):
-        stats = template.accumulate([features])
-        return stats if previous is None else previous.merge(stats)
-
-
-def _statistics_range(threads, stats: GaussianStatistics, rows: slice) -> tuple:
-    """The statistics of a range of positions as NumPy arrays (views: Dask copies only
-    the range when it sends them, and sends NumPy arrays several times faster than
-    torch tensors)."""
-    part = stats.positions(rows)
-    return part.count, part.mean.numpy(), part.scatter.numpy()
-
-
 def _features_range(threads, features: np.ndarray, rows: slice) -> np.ndarray:
     """A partition's features at a range of positions, ``(n, d, positions)``."""
     return np.ascontiguousarray(features.reshape(*features.shape[:2], -1)[:, :, rows])
 
 
-def _fit_range_on_statistics(threads, template: PadimDetector, shape, *pieces) -> PadimDetector:
-    """The model of one range of positions from every worker's statistics of it, merged
-    in the workers' order."""
+def _range_statistics(threads, template: PadimDetector, *slices) -> PatchStatistics:
+    """The statistics of one range of positions from every partition's features of it,
+    accumulated in the order of the paths (as a local fit does)."""
     with _task_settings(threads), torch.inference_mode():
-        stats = [
-            GaussianStatistics(count, torch.from_numpy(mean), torch.from_numpy(scatter))
-            for count, mean, scatter in pieces
-        ]
-        merged = functools.reduce(lambda first, second: first.merge(second), stats)
-        return clone(template).set_statistics(merged, shape)
+        features = torch.from_numpy(np.concatenate(slices)).unsqueeze(2)  # (n, d, 1, p)
+        return clone(template).partial_fit(features).statistics_
 
 
-def _fit_range_on_features(threads, template: PadimDetector, shape, *slices) -> PadimDetector:
-    """The model of one range of positions from every partition's features of it,
-    factorised (:func:`_held_out_range` scores with it on the same worker)."""
+def _held_out_range(threads, stats: PatchStatistics, detector, *slices) -> np.ndarray:
+    """Held-out distances ``(n, positions)`` of every partition's features of a range,
+    under the range's Gaussians stored as ``detector`` stores them (float16 factors
+    are rounded, as after a fit on one machine)."""
     with _task_settings(threads), torch.inference_mode():
-        features = [torch.from_numpy(part).unsqueeze(2) for part in slices]  # (n_i, d, 1, p)
-        stats = template.accumulate(features)
-        return clone(template).set_statistics(stats, shape, factorise=True)
-
-
-def _held_out_range(threads, model: PadimDetector, storage, shape, *slices) -> np.ndarray:
-    """Held-out distances ``(n, positions)`` of every partition's features of a range.
-
-    A float16 model (``storage``) scores with its rounded factors, as after a fit on one
-    machine.
-    """
-    with _task_settings(threads), torch.inference_mode():
-        scorer = (
-            model if storage is None else clone(storage).set_statistics(model.statistics(), shape)
-        )
+        gaussians = stats.gaussians(detector.reg, detector.covariance_dtype)
         distances = [
-            scorer.held_out_distances(torch.from_numpy(part).unsqueeze(2)).flatten(1)
+            stats.held_out_distances(gaussians, torch.from_numpy(part).unsqueeze(2)).flatten(1)
             for part in slices
         ]
         return torch.cat(distances).numpy()
 
 
-def _score_partition(threads, feat_bytes, detector, paths, targets, index, n_parts, start):
+def _score_partition(threads, feat_bytes, scorer, paths, targets, index, n_parts, start):
     try:
-        with _task_settings(threads):
+        with _task_settings(threads), torch.inference_mode():
             feat = pickle.loads(feat_bytes)
             images = check_images(paths)
             scores = np.empty(len(images), np.float32)
             done = 0
             for pixels in iter_batches(images, feat.image_size_, feat.batch_size):
                 features = feat.transform(pixels)
+                tensor = as_tensor(features)
+                features = torch.from_numpy(features) if tensor is None else tensor
+                maps, batch_scores = _on_device(scorer, features.device)(features)
                 stop = done + len(pixels)
-                if targets is None:
-                    scores[done:stop] = detector.decision_function(features).cpu().numpy()
-                else:
-                    maps, batch_scores = detector.maps_and_scores(features)
+                if targets is not None:
                     batch_targets = targets[done:stop]
                     for anomaly_map, target in zip(maps.cpu().numpy(), batch_targets, strict=True):
-                        _save_atomically(target, anomaly_map)
-                    scores[done:stop] = batch_scores.cpu().numpy()
+                        _save_map(target, anomaly_map)
+                scores[done:stop] = batch_scores.cpu().numpy()
                 done = stop
             return scores
     except Exception as error:
         raise RuntimeError(
             _partition_failure("Scoring", index, n_parts, start, paths, error)
         ) from error
+
+
+def _on_device(scorer: PatchScorer, device: torch.device) -> PatchScorer:
+    """The shared scorer on the CPU, a copy of it on another device."""
+    return scorer if device.type == "cpu" else copy.deepcopy(scorer).to(device)
 
 
 def _partition_failure(action, index, n_parts, start, paths, error) -> str:
@@ -682,16 +604,10 @@ def _partition_failure(action, index, n_parts, start, paths, error) -> str:
     )
 
 
-def _save_atomically(target: str, array: np.ndarray) -> None:
+def _save_map(target: str, anomaly_map: np.ndarray) -> None:
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    temporary = f"{target}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temporary, "wb") as file:
-            np.save(file, array)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_file(target) as file:
+        np.save(file, anomaly_map)
 
 
 def _heatmap_names(paths: list) -> list[str]:
@@ -743,29 +659,6 @@ def _owners(n_parts: int, workers: dict[str, int]) -> list[str]:
     bounds = np.cumsum(list(workers.values())) / sum(workers.values()) * n_parts
     owners = np.searchsorted(bounds, np.arange(n_parts), side="right")
     return [addresses[owner] for owner in owners]
-
-
-def _check_pipeline(pipeline, caller: str):
-    steps = getattr(pipeline, "steps", None)
-    if (
-        not isinstance(pipeline, Pipeline)
-        or len(steps) != 2
-        or not isinstance(steps[0][1], PatchFeatureTransformer)
-        or not isinstance(steps[1][1], PadimDetector)
-    ):
-        raise TypeError(
-            f"{caller} needs Pipeline([(name, PatchFeatureTransformer(...)), "
-            f"(name, PadimDetector(...))]); got {pipeline!r}."
-        )
-    return steps[0], steps[1]
-
-
-def _check_fitted_pipeline(pipeline, caller: str) -> tuple:
-    """The fitted transformer and detector of a scoring pipeline."""
-    (_, feat), (_, detector) = _check_pipeline(pipeline, caller)
-    check_is_fitted(feat)
-    check_is_fitted(detector)
-    return feat, detector
 
 
 def _check_paths(paths) -> list:

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
+from torch import nn
 
+from sk_padim._checks import one_line
 from sk_padim._version import __version__
-from sk_padim.embedding import PatchEmbedding
-from sk_padim.gaussian import pack_lower
-from sk_padim.postprocess import AnomalyMapGenerator
-from sk_padim.pruning import prune_output_channels
-from sk_padim.tracing import TraceSafeModule
+from sk_padim.model import PadimModel, PatchScorer
+from sk_padim.pipelines import padim_steps
+from sk_padim.pruning import pruned_embedding
 
 __all__ = ["export_onnx"]
 
@@ -34,69 +34,33 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**26
 # With float16=True, initialisers with fewer values stay float32 (biases), and so do the
 # Gaussians' means (rounding a mean moves every distance by its rounding error).
 _FLOAT16_MIN_VALUES = 1024
-_KEEP_FLOAT32 = ("mean",)
+_KEEP_FLOAT32 = ("mean_high", "mean_low")
 
 
-class ExportedPadim(TraceSafeModule):
+class ExportedPadim(nn.Module):
     """uint8 images ``(B, H, W, 3)`` -> ``anomaly_map``, ``score`` [, ``is_anomalous``].
+
+    The same :class:`~sk_padim.model.PadimModel` that scores in Python, its Gaussians'
+    factors kept packed (:meth:`~sk_padim.mahalanobis.PatchGaussians.as_packed`), with
+    the layout change of the input and the verdict around it.
 
     Parameters
     ----------
-    embedding : PatchEmbedding
-    mean : Tensor of shape (P, d), float32
-    packed_factor : Tensor of shape (P, d (d + 1) / 2)
-        The whitening factor ``U`` of each position, its transpose packed as
-        :func:`sk_padim.gaussian.pack_lower` does.
-    maps : AnomalyMapGenerator
+    model : PadimModel
     threshold : float or None
         Adds the ``is_anomalous`` output, ``score >= threshold``.
     """
 
-    def __init__(
-        self,
-        embedding: PatchEmbedding,
-        mean: torch.Tensor,
-        packed_factor: torch.Tensor,
-        maps: AnomalyMapGenerator,
-        threshold: float | None,
-    ):
+    def __init__(self, model: PadimModel, threshold: float | None):
         super().__init__()
-        n_positions, n_features = mean.shape
-        self.embedding = embedding
-        self.maps = maps
+        self.model = model
         self.threshold = threshold
-        self.register_buffer("mean", mean)
-        self.register_buffer("packed_factor", packed_factor)
-        self.register_buffer("unpack_index", _unpack_index(n_features))
-        self.shape = (n_positions, n_features)
 
     def forward(self, images: torch.Tensor):
-        features = self.embedding(images.permute(0, 3, 1, 2))
-        n_images, n_features, height, width = features.shape
-        centred = features.reshape(n_images, n_features, height * width).permute(2, 0, 1)
-        centred = centred - self.mean[:, None, :]
-        packed = self.packed_factor.float()
-        padded = torch.cat([packed, packed.new_zeros(packed.shape[0], 1)], dim=1)
-        lower = padded[:, self.unpack_index].reshape(self.shape[0], n_features, n_features)
-        whitened = torch.bmm(centred, lower.transpose(1, 2))
-        distances = torch.linalg.vector_norm(whitened, dim=-1).T.reshape(n_images, height, width)
-        anomaly_map = self.maps(distances)
-        score = anomaly_map.amax(dim=(1, 2))
+        anomaly_map, score = self.model(images.permute(0, 3, 1, 2))
         if self.threshold is None:
             return anomaly_map, score
         return anomaly_map, score, score >= self.threshold
-
-
-def _unpack_index(n_features: int) -> torch.Tensor:
-    """For each entry of a ``(d, d)`` lower-triangular matrix, its packed index.
-
-    Entries above the diagonal point one past the packed values, at the zero appended
-    in :meth:`ExportedPadim.forward`.
-    """
-    rows, cols = torch.tril_indices(n_features, n_features)
-    index = torch.full((n_features, n_features), len(rows), dtype=torch.int32)
-    index[rows, cols] = torch.arange(len(rows), dtype=torch.int32)
-    return index.flatten()  # int32: half the bytes of int64 in the file
 
 
 def export_onnx(
@@ -188,8 +152,6 @@ def export_onnx(
 
 def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, int]]:
     """The module to export, its metadata and its input size."""
-    from sk_padim.model import PadimModel
-
     threshold, source, feat = None, "", None
     if hasattr(model, "estimator_") and hasattr(model, "level"):  # a calibrator
         check_is_fitted(model)
@@ -198,63 +160,39 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
     if isinstance(model, PadimModel):
         embedding, scorer = model.embedding, model.scorer
     else:
-        steps = [step for _, step in getattr(model, "steps", ())]
-        if len(steps) != 2 or not all(hasattr(step, "to_module") for step in steps):
+        try:
+            (_, feat), (_, detector) = padim_steps(model, "export_onnx", fitted=True)
+        except TypeError as error:
             raise TypeError(
-                "export_onnx needs a fitted Pipeline([(name, PatchFeatureTransformer(...)), "
-                "(name, PadimDetector(...))]), an F1ThresholdCalibrator around one, or a "
-                f"PadimModel; got {type(model).__name__}."
-            )
-        feat, detector = steps
-        check_is_fitted(feat)
-        check_is_fitted(detector)
+                f"{error} An F1ThresholdCalibrator around one, or a PadimModel, "
+                "is exported too."
+            ) from None
         if threshold is None and hasattr(detector, "threshold_"):
             threshold, source = float(detector.threshold_), "the detector's threshold_"
-        # The Gaussians where the detector keeps them (a GPU fit's are on the GPU):
-        # packing them there and copying the packed half saves a CPU factorisation.
-        embedding, scorer = feat.to_module("cpu"), detector.to_module()
-    if any(buffer.device.type != "cpu" for buffer in embedding.buffers()):
-        embedding = copy.deepcopy(embedding).cpu()  # the caller's model stays where it is
-    gaussians = scorer.gaussians
-    packed_factor = pack_lower(gaussians.factor.transpose(1, 2)).cpu()
-    maps = copy.deepcopy(scorer.maps).cpu()
-    embedding = _last_layer_pruned(embedding)
-    mean = gaussians.mean_high.cpu()
-    module = ExportedPadim(embedding, mean, packed_factor, maps, threshold).eval()
+        embedding, scorer = feat.to_module("cpu"), detector.to_module("cpu")
+    gaussians = scorer.gaussians.as_packed().cpu()
+    packed_scorer = PatchScorer(gaussians, copy.deepcopy(scorer.maps).cpu())
+    embedding = pruned_embedding(copy.deepcopy(embedding).cpu())
+    module = ExportedPadim(PadimModel(embedding, packed_scorer), threshold).eval()
     normalization_mean, normalization_std = embedding.normalization
     metadata = {
         "sk_padim_version": __version__,
         "backbone": _backbone_name(feat, embedding),
         "n_features": str(embedding.n_features),
         "image_size": ",".join(map(str, embedding.image_size)),
-        "map_size": ",".join(map(str, maps.size)),
+        "map_size": ",".join(map(str, packed_scorer.maps.size)),
         "normalization_mean": ",".join(map(str, normalization_mean)),
         "normalization_std": ",".join(map(str, normalization_std)),
         "threshold": "" if threshold is None else repr(threshold),
         "threshold_source": source,
-        "storage": "float16" if float16 else "float32",
+        "storage": "float16" if float16 or gaussians.storage == "float16" else "float32",
     }
     if feat is not None:
         metadata["layers"] = ",".join(feat.layers_)
     return module, metadata, embedding.image_size
 
 
-def _last_layer_pruned(embedding: PatchEmbedding) -> PatchEmbedding:
-    """A copy of the embedding whose backbone computes only the deepest layer's kept
-    channels (see :mod:`sk_padim.pruning`), or the embedding itself if it cannot."""
-    backbone = embedding.backbone
-    last = len(backbone.layers) - 1
-    buffers = dict(embedding.kept)
-    if not backbone.traced or last not in buffers:
-        return embedding
-    pruned = copy.deepcopy(embedding)
-    channels = getattr(pruned, buffers[last])
-    prune_output_channels(pruned.backbone.model, backbone.layers[last], channels)
-    setattr(pruned, buffers[last], torch.arange(len(channels)))
-    return pruned
-
-
-def _backbone_name(feat, embedding: PatchEmbedding) -> str:
+def _backbone_name(feat, embedding) -> str:
     if feat is not None and isinstance(feat.backbone, str):
         return feat.backbone
     return embedding.backbone.model_name
@@ -279,17 +217,12 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -
                 dynamo=False,
             )
     except Exception as error:
-        backbone = module.embedding.backbone.model_name
+        backbone = module.model.embedding.backbone.model_name
         raise ValueError(
             f"The model could not be exported to ONNX; its backbone is {backbone}: "
-            f"{type(error).__name__}: {_one_line(str(error))}. A custom backbone must be "
+            f"{type(error).__name__}: {one_line(str(error))}. A custom backbone must be "
             "traceable by torch.jit.trace and use operators ONNX has."
         ) from error
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _finish(raw: Path, path: Path, metadata: dict, float16: bool) -> None:
@@ -334,7 +267,7 @@ def _store_half(model) -> None:
         if tensor.data_type != TensorProto.FLOAT:
             continue
         values = numpy_helper.to_array(tensor)
-        if values.size < _FLOAT16_MIN_VALUES or tensor.name in _KEEP_FLOAT32:
+        if values.size < _FLOAT16_MIN_VALUES or tensor.name.endswith(_KEEP_FLOAT32):
             continue
         name = tensor.name
         tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float16), name + "_float16"))

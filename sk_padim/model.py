@@ -11,14 +11,14 @@ scikit-learn estimators build them (``PatchFeatureTransformer.to_module``,
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sk_padim.embedding import PatchEmbedding
 from sk_padim.mahalanobis import PatchGaussians
 from sk_padim.postprocess import AnomalyMapGenerator
-from sk_padim.tracing import TraceSafeModule
 
 
-class PatchScorer(TraceSafeModule):
+class PatchScorer(nn.Module):
     """Features ``(B, d, h, w)`` -> anomaly maps ``(B, H, W)`` and image scores ``(B,)``.
 
     Parameters
@@ -52,7 +52,7 @@ class PatchScorer(TraceSafeModule):
         return self.maps.maps_and_scores(distances)
 
 
-class PadimModel(TraceSafeModule):
+class PadimModel(nn.Module):
     """A fitted PaDiM pipeline as one module: pixels -> ``(maps, scores)``.
 
     Parameters
@@ -66,6 +66,7 @@ class PadimModel(TraceSafeModule):
     --------
     >>> import numpy as np
     >>> import torch
+from torch import nn
     >>> from sklearn.pipeline import Pipeline
     >>> from sk_padim import PadimDetector, PatchFeatureTransformer
     >>> from sk_padim.model import PadimModel
@@ -96,11 +97,7 @@ class PadimModel(TraceSafeModule):
     @classmethod
     def from_pipeline(cls, pipeline, device: str | torch.device = "cpu") -> PadimModel:
         """The model of a fitted ``Pipeline([transformer, detector])``, on ``device``."""
-        steps = [step for _, step in getattr(pipeline, "steps", ())]
-        if len(steps) != 2 or not all(hasattr(step, "to_module") for step in steps):
-            raise TypeError(
-                "from_pipeline needs a fitted Pipeline([(name, PatchFeatureTransformer(...)), "
-                "(name, PadimDetector(...))])."
-            )
-        feat, detector = steps
+        from sk_padim.pipelines import padim_steps  # the estimators build on this module
+
+        (_, feat), (_, detector) = padim_steps(pipeline, "from_pipeline", fitted=True)
         return cls(feat.to_module(device), detector.to_module(device)).eval()

@@ -21,30 +21,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
-from contextlib import contextmanager
 from numbers import Integral
 
 import joblib
 import numpy as np
 import torch
-from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from sk_padim.backbones import TruncatedBackbone, fold_batch_norms, load_backbone
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
-from sk_padim.versioning import VersionMismatchWarning, current_versions, major_minor
+from sk_padim.files import atomic_file
+from sk_padim.versioning import (
+    STATE_FORMAT,
+    OldFormatError,
+    check_state_format,
+    current_versions,
+    warn_if_versions_differ,
+)
 
 FORMAT = "sk-padim-npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = STATE_FORMAT  # the container and the estimators' state layout
 _METADATA_KEY = "metadata"
 _CLASSES = {"PadimDetector": PadimDetector, "PatchFeatureTransformer": PatchFeatureTransformer}
 # Parameters given as tuples; JSON turns them into lists.
 _TUPLE_PARAMS = {"layers", "image_size", "map_size"}
-_BACKBONE_PREFIX = "backbone."
 
 
 def save_npz(model, path: str | os.PathLike) -> None:
@@ -64,13 +66,13 @@ def save_npz(model, path: str | os.PathLike) -> None:
 
     Notes
     -----
-    The archive holds, per estimator: its parameters, its fitted shapes and counts, the
-    versions of sk-padim and torch that wrote it (JSON); the detector's ``mean_`` and
-    ``packed_covariance_``; the transformer's ``channel_indices_`` and the state dict of
-    its truncated backbone, so the model reloads offline whatever its ``weights`` were
-    (including ``None``, random weights that could not be drawn again). A parameter
-    ``random_state`` given as a ``RandomState`` instance is stored as ``None`` (with a
-    warning): it only matters for a refit, the drawn channels are stored.
+    The archive holds, per estimator, what its ``fitted_state()`` gives: NumPy arrays
+    (the detector's statistics or factors; the transformer's channel indices or
+    projection and its truncated backbone's weights, so the model reloads offline
+    whatever its ``weights`` were) and a JSON record; plus its parameters and the
+    versions of sk-padim and torch that wrote it. A parameter ``random_state`` given as
+    a ``RandomState`` instance is stored as ``None`` (with a warning): it only matters
+    for a refit, the drawn channels are stored.
 
     Examples
     --------
@@ -89,12 +91,16 @@ def save_npz(model, path: str | os.PathLike) -> None:
     arrays: dict[str, np.ndarray] = {}
     step_records = []
     for index, (name, estimator) in enumerate(steps):
-        prefix = f"step{index}."
-        if isinstance(estimator, PadimDetector):
-            record = _detector_record(estimator, prefix, arrays)
-        else:
-            record = _transformer_record(estimator, prefix, arrays)
-        step_records.append({"name": name, "class": type(estimator).__name__, **record})
+        state, record = estimator.fitted_state()
+        arrays.update({f"step{index}.{key}": value for key, value in state.items()})
+        step_records.append(
+            {
+                "name": name,
+                "class": type(estimator).__name__,
+                "params": _json_params(estimator),
+                "fitted": record,
+            }
+        )
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -103,7 +109,7 @@ def save_npz(model, path: str | os.PathLike) -> None:
         "steps": step_records,
     }
     arrays[_METADATA_KEY] = np.array(json.dumps(metadata))
-    with _atomic_file(path) as file:
+    with atomic_file(path) as file:
         np.savez(file, **arrays)
 
 
@@ -126,8 +132,9 @@ def load_npz(path: str | os.PathLike):
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the file is not an sk-padim export, or it is truncated, corrupted or
-        inconsistent; the message names the file.
+        If the file is not an sk-padim export, or it is truncated, corrupted,
+        inconsistent, or of an earlier development format (refit the model); the
+        message names the file.
 
     Warns
     -----
@@ -145,6 +152,8 @@ def load_npz(path: str | os.PathLike):
             f"{path!r} is not an sk-padim export ({error}); write one with "
             "sk_padim.persistence.save_npz, or load joblib files with load_model."
         ) from error
+    except OldFormatError as error:
+        raise OldFormatError(f"{error} (file {path!r})") from None
     except _NewerFormat as error:
         raise ValueError(f"Cannot read model file {path!r}: {error}.") from error
     except Exception as error:  # zipfile, zlib and numpy raise many types for bad bytes
@@ -153,7 +162,7 @@ def load_npz(path: str | os.PathLike):
             "truncated, corrupted, or not a file written by sk_padim.persistence.save_npz; "
             "export the model again from its source."
         ) from error
-    _warn_on_version_mismatch(metadata.get("versions", {}), path)
+    warn_if_versions_differ(metadata.get("versions", {}), f"The model in {path!r}")
     try:
         estimators = [
             _rebuild_step(record, index, arrays) for index, record in enumerate(metadata["steps"])
@@ -191,10 +200,10 @@ def save_model(model, path: str | os.PathLike, compress: int = 0) -> list[str]:
         The model file and the checksum file.
     """
     path = os.fspath(path)
-    with _atomic_file(path) as file:
+    with atomic_file(path) as file:
         joblib.dump(model, file, compress=compress)
     checksum_path = path + ".sha256"
-    with _atomic_file(checksum_path) as file:
+    with atomic_file(checksum_path) as file:
         file.write(f"{_sha256(path)}  {os.path.basename(path)}\n".encode("ascii"))
     return [path, checksum_path]
 
@@ -224,30 +233,20 @@ def load_model(path: str | os.PathLike, verify: bool | None = None):
     FileNotFoundError
         If ``path``, or with ``verify=True`` its checksum file, does not exist.
     ValueError
-        If the checksum does not match, or joblib cannot read the file (truncated,
-        corrupted, or not a joblib file); the message names the file.
+        If the checksum does not match, joblib cannot read the file (truncated,
+        corrupted, or not a joblib file), or the model is of an earlier development
+        format (refit it); the message names the file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Model file not found: {path!r}.")
     checksum_path = path + ".sha256"
     if verify or (verify is None and os.path.isfile(checksum_path)):
-        if not os.path.isfile(checksum_path):
-            raise FileNotFoundError(
-                f"Checksum file not found: {checksum_path!r}; save the model with "
-                "sk_padim.persistence.save_model, or pass verify=False."
-            )
-        with open(checksum_path, encoding="ascii", errors="replace") as file:
-            expected = file.read().split()[:1]
-        actual = _sha256(path)
-        if expected != [actual]:
-            raise ValueError(
-                f"Model file {path!r} does not match its checksum in {checksum_path!r} "
-                f"(SHA-256 {actual}): it is truncated or corrupted. Restore it from a "
-                "backup or save the model again."
-            )
+        _verify_checksum(path, checksum_path)
     try:
         return joblib.load(path)
+    except OldFormatError as error:
+        raise OldFormatError(f"{error} (file {path!r})") from None
     except ImportError as error:
         raise ImportError(
             f"Loading {path!r} needs a module that is not installed here: {error}."
@@ -261,30 +260,28 @@ def load_model(path: str | os.PathLike, verify: bool | None = None):
         ) from error
 
 
+def _verify_checksum(path: str, checksum_path: str) -> None:
+    if not os.path.isfile(checksum_path):
+        raise FileNotFoundError(
+            f"Checksum file not found: {checksum_path!r}; save the model with "
+            "sk_padim.persistence.save_model, or pass verify=False."
+        )
+    with open(checksum_path, encoding="ascii", errors="replace") as file:
+        expected = file.read().split()[:1]
+    actual = _sha256(path)
+    if expected != [actual]:
+        raise ValueError(
+            f"Model file {path!r} does not match its checksum in {checksum_path!r} "
+            f"(SHA-256 {actual}): it is truncated or corrupted. Restore it from a "
+            "backup or save the model again."
+        )
+
+
 def _library_versions() -> str:
     import sklearn
 
     versions = {**current_versions(), "scikit-learn": sklearn.__version__}
     return ", ".join(f"{name} {version}" for name, version in versions.items())
-
-
-@contextmanager
-def _atomic_file(path):
-    """A binary file that appears at ``path`` (replacing it) only once fully written."""
-    path = os.fspath(path)
-    handle, temporary = tempfile.mkstemp(
-        prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or "."
-    )
-    try:
-        with os.fdopen(handle, "wb") as file:
-            yield file
-        umask = os.umask(0)  # mkstemp makes the file private; use the usual permissions
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 class _NotAnExport(Exception):
@@ -313,10 +310,7 @@ def _sha256(path: str) -> str:
 
 
 def _steps_of(model) -> list[tuple[str | None, object]]:
-    if isinstance(model, Pipeline):
-        steps = list(model.steps)
-    else:
-        steps = [(None, model)]
+    steps = list(model.steps) if isinstance(model, Pipeline) else [(None, model)]
     for name, estimator in steps:
         if not isinstance(estimator, (PadimDetector, PatchFeatureTransformer)):
             where = "" if name is None else f" (step {name!r})"
@@ -352,48 +346,6 @@ def _json_params(estimator) -> dict:
     return params
 
 
-def _detector_record(detector: PadimDetector, prefix: str, arrays: dict) -> dict:
-    arrays[prefix + "mean_"] = np.asarray(detector.mean_)
-    fitted = {
-        "n_samples_seen_": int(detector.n_samples_seen_),
-        "n_features_in_": int(detector.n_features_in_),
-        "feature_shape_": [int(s) for s in detector.feature_shape_],
-    }
-    name = _packed_name(detector)
-    arrays[prefix + name] = np.asarray(getattr(detector, name))
-    if name == "packed_factor_":
-        fitted["factor_reg_"] = float(detector.factor_reg_)
-    if hasattr(detector, "threshold_"):
-        fitted["threshold_"] = float(detector.threshold_)
-    return {"params": _json_params(detector), "fitted": fitted}
-
-
-def _transformer_record(feat: PatchFeatureTransformer, prefix: str, arrays: dict) -> dict:
-    if not isinstance(feat.backbone, str):
-        raise TypeError(
-            f"Cannot export a PatchFeatureTransformer whose backbone is an nn.Module "
-            f"({type(feat.backbone).__name__}) without pickle: a module is Python code. "
-            "Export the detector alone (save_npz(pipeline[-1], path)) and rebuild the "
-            "transformer in your code, or use save_model (joblib) for trusted storage."
-        )
-    if hasattr(feat, "projection_"):
-        arrays[prefix + "projection_"] = np.asarray(feat.projection_, dtype=np.float32)
-    else:
-        arrays[prefix + "channel_indices_"] = np.asarray(feat.channel_indices_, dtype=np.int64)
-    for key, tensor in feat.backbone_.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor = tensor.float()
-        arrays[prefix + _BACKBONE_PREFIX + key] = tensor.numpy()
-    fitted = {
-        "layers_": list(feat.layers_),
-        "layer_channels_": [int(c) for c in feat.layer_channels_],
-        "n_features_": int(feat.n_features_),
-        "feature_shape_": [int(s) for s in feat.feature_shape_],
-    }
-    return {"params": _json_params(feat), "fitted": fitted}
-
-
 def _parse_metadata(entry: np.ndarray | None) -> dict:
     if entry is None:
         raise _NotAnExport(f"it has no {_METADATA_KEY!r} entry")
@@ -411,159 +363,20 @@ def _parse_metadata(entry: np.ndarray | None) -> dict:
             f"its format_version {version!r} is not one this sk-padim reads "
             f"({FORMAT_VERSION}); upgrade sk-padim"
         )
+    check_state_format(version, "This model file")
     if metadata.get("kind") not in ("Pipeline", *_CLASSES) or not metadata.get("steps"):
         raise _NotAnExport(f"unknown model kind {metadata.get('kind')!r} or no steps")
     return metadata
-
-
-def _warn_on_version_mismatch(saved: dict, path: str) -> None:
-    for package, version in current_versions().items():
-        old = saved.get(package)
-        if isinstance(old, str) and major_minor(old) != major_minor(version):
-            warnings.warn(
-                f"The model in {path!r} was saved with {package} {old} and is loaded with "
-                f"{version}; results may differ. Refit it, or install {package}=={old}.",
-                VersionMismatchWarning,
-                stacklevel=3,
-            )
-
-
-def _params_from_json(params: dict) -> dict:
-    return {
-        key: tuple(value) if key in _TUPLE_PARAMS and isinstance(value, list) else value
-        for key, value in params.items()
-    }
 
 
 def _rebuild_step(record: dict, index: int, arrays: dict):
     cls = _CLASSES.get(record["class"])
     if cls is None:
         raise ValueError(f"step {index} has unknown class {record['class']!r}")
-    estimator = cls(**_params_from_json(record["params"]))
-    prefix = f"step{index}."
-    if cls is PadimDetector:
-        _restore_detector(estimator, record["fitted"], prefix, arrays)
-    else:
-        _restore_transformer(estimator, record["fitted"], prefix, arrays)
-    return estimator
-
-
-def _packed_name(detector: PadimDetector) -> str:
-    """The fitted array that holds the Gaussians' shapes: covariances or factors."""
-    return "packed_factor_" if hasattr(detector, "packed_factor_") else "packed_covariance_"
-
-
-def _restore_detector(detector: PadimDetector, fitted: dict, prefix: str, arrays: dict):
-    d, h, w = (int(s) for s in fitted["feature_shape_"])
-    n_samples = int(fitted["n_samples_seen_"])
-    mean = arrays[prefix + "mean_"]
-    # Files from before float16 models stored factors hold float16 covariances.
-    name = "packed_factor_" if prefix + "packed_factor_" in arrays else "packed_covariance_"
-    packed = arrays[prefix + name]
-    if mean.shape != (h * w, d) or mean.dtype != np.float64:
-        raise ValueError(
-            f"mean_ has shape {mean.shape} and dtype {mean.dtype}, not {(h * w, d)} float64"
-        )
-    expected = (h * w, d * (d + 1) // 2)
-    if packed.shape != expected or packed.dtype != np.dtype(detector.covariance_dtype):
-        raise ValueError(
-            f"{name} has shape {packed.shape} and dtype {packed.dtype}, not "
-            f"{expected} {detector.covariance_dtype}"
-        )
-    if n_samples < 1 or not (np.isfinite(mean).all() and np.isfinite(packed).all()):
-        raise ValueError("the statistics hold no samples or non-finite values")
-    detector.n_samples_seen_ = n_samples
-    detector.n_features_in_ = d
-    detector.feature_shape_ = (d, h, w)
-    detector.mean_ = mean
-    setattr(detector, name, packed)
-    if name == "packed_factor_":
-        detector.factor_reg_ = float(fitted["factor_reg_"])
-    if "threshold_" in fitted:
-        detector.threshold_ = float(fitted["threshold_"])
-
-
-def _load_backbone_state(shell: PatchFeatureTransformer, state: dict) -> None:
-    """Load the stored weights into the rebuilt backbone.
-
-    Files written before sk-padim folded batch norms into convolutions hold the unfolded
-    weights: those are loaded into the full unfolded model (all weights the truncated
-    backbone uses must be there), which is then folded and truncated.
-    """
-    try:
-        shell.backbone_.load_state_dict(state)
-        return
-    except RuntimeError as error:
-        mismatch = error
-    model = load_backbone(shell.backbone, None, 0)
-    prefix = "model."
-    unfolded = {key.removeprefix(prefix): value for key, value in state.items()}
-    try:
-        missing, unexpected = model.load_state_dict(unfolded, strict=False)
-    except RuntimeError:
-        missing, unexpected = None, None
-    used = {key.removeprefix(prefix) for key in shell.backbone_.state_dict()}
-    if missing is None or unexpected or used.intersection(missing):
-        raise ValueError(
-            f"the stored backbone weights do not fit the architecture: {mismatch}"
-        ) from mismatch
-    model.eval()
-    fold_batch_norms(model, keep=shell.layers_)
-    probe = torch.zeros(1, 3, *shell.image_size_)
-    truncated = TruncatedBackbone(model, shell.layers_, probe)
-    shell.backbone_ = truncated.to(memory_format=torch.channels_last)
-
-
-def _stored_reduction(shell: PatchFeatureTransformer, prefix: str, arrays: dict):
-    """``(name, array)``: the stored channel indices or projection, checked."""
-    n_channels = sum(shell.layer_channels_)
-    if prefix + "projection_" in arrays:
-        projection = np.asarray(arrays[prefix + "projection_"], dtype=np.float32)
-        if projection.shape != (n_channels, shell.n_features_) or not np.isfinite(projection).all():
-            raise ValueError("projection_ is not a finite (channels, n_features) matrix")
-        return "projection_", projection
-    indices = arrays[prefix + "channel_indices_"]
-    if (
-        indices.shape != (shell.n_features_,)
-        or indices.dtype.kind not in "iu"
-        or len(np.unique(indices)) != len(indices)
-        or indices.min() < 0
-        or indices.max() >= n_channels
-    ):
-        raise ValueError("channel_indices_ are not distinct valid channel numbers")
-    return "channel_indices_", indices.astype(np.int64)
-
-
-def _restore_transformer(
-    feat: PatchFeatureTransformer, fitted: dict, prefix: str, arrays: dict
-) -> None:
-    # Build the truncated architecture without the weights (no download, no file), with
-    # a fixed seed so the unused channel draw leaves numpy's global state alone.
-    shell = clone(feat).set_params(weights=None, random_state=0).fit()
-    for name in ("layers_", "layer_channels_", "n_features_", "feature_shape_"):
-        if np.ravel(getattr(shell, name)).tolist() != np.ravel(fitted[name]).tolist():
-            raise ValueError(
-                f"{name} of the rebuilt backbone is {getattr(shell, name)}, the file says "
-                f"{fitted[name]} (another torchvision version's architecture?)"
-            )
-    reduction = _stored_reduction(shell, prefix, arrays)
-    key_prefix = prefix + _BACKBONE_PREFIX
-    state = {
-        key[len(key_prefix) :]: torch.from_numpy(np.array(value))
-        for key, value in arrays.items()
-        if key.startswith(key_prefix)
+    params = {
+        key: tuple(value) if key in _TUPLE_PARAMS and isinstance(value, list) else value
+        for key, value in record["params"].items()
     }
-    _load_backbone_state(shell, state)
-    for name in (
-        "backbone_",
-        "layers_",
-        "layer_channels_",
-        "n_features_",
-        "feature_shape_",
-        "image_size_",
-        "normalization_",
-    ):
-        setattr(feat, name, getattr(shell, name))
-    for name in ("channel_indices_", "projection_"):
-        vars(feat).pop(name, None)
-    setattr(feat, *reduction)
+    prefix = f"step{index}."
+    state = {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
+    return cls.from_fitted_state(params, state, record["fitted"])

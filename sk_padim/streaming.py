@@ -4,7 +4,8 @@ A plain ``Pipeline.fit`` hands the detector every image's features at once, by
 scikit-learn's design: ``n * d * h * w * 4`` bytes (1.25 MB per image for ResNet-18,
 d=100 at 224 px; 6.9 MB for Wide-ResNet-50-2, d=550). :func:`fit_streaming` instead
 transforms a chunk of images at a time and folds each chunk into the detector's running
-statistics, so memory stays flat whatever the number of images.
+statistics (:meth:`PadimDetector.partial_fit`), so memory stays flat whatever the number
+of images.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
-from sk_padim.detector import PadimDetector
-from sk_padim.features import PatchFeatureTransformer
 from sk_padim.images import check_images
+from sk_padim.pipelines import padim_steps
 
 
 def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = False):
@@ -24,7 +24,7 @@ def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = 
     The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
     ``threshold_``: the training images are not scored a second time, so the detector
     sets ``threshold_`` only from an explicit ``threshold`` parameter (as
-    :meth:`PadimDetector.fit_batches` does). The pipeline's two steps are replaced by
+    :meth:`PadimDetector.partial_fit` does). The pipeline's two steps are replaced by
     fitted copies once every chunk is in, so if the fit fails or is interrupted, the
     pipeline keeps its previous steps.
 
@@ -58,32 +58,17 @@ def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = 
     >>> fit_streaming(pipe, X, chunk_size=4).named_steps["padim"].n_samples_seen_
     6
     """
-    feat, detector = _feature_and_detector_steps(pipeline)
+    (feat_name, feat), (detector_name, detector) = padim_steps(pipeline, "fit_streaming")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     images = check_images(X)
     # Fit copies and put them in the pipeline only at the end: a failure (an unreadable
     # image in a late chunk, an interrupt) leaves the pipeline as it was.
     new_feat = clone(feat).fit(images)
-    new_detector = clone(detector).check_params()
+    new_detector = clone(detector)
     starts = range(0, len(images), chunk_size)
-    chunks = (new_feat.transform(images[i : i + chunk_size]) for i in starts)
-    new_detector.fit_batches(tqdm(chunks, total=len(starts), disable=not verbose, unit="chunk"))
-    pipeline.steps[0] = (pipeline.steps[0][0], new_feat)
-    pipeline.steps[1] = (pipeline.steps[1][0], new_detector)
+    for start in tqdm(starts, disable=not verbose, unit="chunk", desc="fit"):
+        new_detector.partial_fit(new_feat.transform(images[start : start + chunk_size]))
+    pipeline.steps[0] = (feat_name, new_feat)
+    pipeline.steps[1] = (detector_name, new_detector)
     return pipeline
-
-
-def _feature_and_detector_steps(pipeline) -> tuple[PatchFeatureTransformer, PadimDetector]:
-    steps = getattr(pipeline, "steps", None)
-    if (
-        steps is None
-        or len(steps) != 2
-        or not isinstance(steps[0][1], PatchFeatureTransformer)
-        or not isinstance(steps[1][1], PadimDetector)
-    ):
-        raise TypeError(
-            "fit_streaming needs Pipeline([(name, PatchFeatureTransformer(...)), "
-            "(name, PadimDetector(...))])."
-        )
-    return steps[0][1], steps[1][1]

@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import numpy as np
@@ -9,7 +10,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from sk_padim import PadimDetector
-from sk_padim import detector as detector_module
+from sk_padim import statistics as statistics_module
 
 
 def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
@@ -100,10 +101,9 @@ def test_partial_fit_in_chunks_equals_fit(features):
     for chunk in np.array_split(train, [1, 4, 19, 30]):
         streamed.partial_fit(chunk)
     assert streamed.n_samples_seen_ == full.n_samples_seen_ == 40
-    np.testing.assert_allclose(streamed.mean_, full.mean_, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(
-        streamed.packed_covariance_, full.packed_covariance_, rtol=1e-5, atol=1e-6
-    )
+    streamed_stats, full_stats = streamed.statistics_, full.statistics_
+    np.testing.assert_allclose(streamed_stats.mean, full_stats.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(streamed_stats.scatter, full_stats.scatter, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(streamed.score_samples(test), full.score_samples(test), rtol=1e-5)
 
 
@@ -252,15 +252,16 @@ def test_changing_reg_after_fit_rescores_with_new_reg(features):
 
 def test_merge_equals_fit_on_the_union(features):
     train, test = features
-    left, right = PadimDetector().fit(train[:15]), PadimDetector().fit(train[15:])
-    before = left.mean_.copy()
+    left, right = PadimDetector().fit(train[:15]), PadimDetector(reg=0.5).fit(train[15:])
+    before = left.statistics_.mean.clone()
     merged = left.merge(right)
     full = PadimDetector().fit(train)
-    assert merged.n_samples_seen_ == 40
-    np.testing.assert_allclose(merged.mean_, full.mean_, rtol=1e-6, atol=1e-7)
+    assert merged.n_samples_seen_ == 40 and merged.reg == 0.01  # the left operand's
+    np.testing.assert_allclose(merged.statistics_.mean, full.statistics_.mean, atol=1e-7)
     np.testing.assert_allclose(merged.score_samples(test), full.score_samples(test), rtol=1e-5)
-    np.testing.assert_array_equal(left.mean_, before)
+    np.testing.assert_array_equal(left.statistics_.mean, before)
     assert left.n_samples_seen_ == 15 and right.n_samples_seen_ == 25
+    assert not hasattr(merged, "threshold_")
 
 
 def test_merge_refuses_mismatched_detectors(features):
@@ -268,89 +269,45 @@ def test_merge_refuses_mismatched_detectors(features):
     detector = PadimDetector().fit(train)
     with pytest.raises(ValueError, match="shape"):
         detector.merge(PadimDetector().fit(train[:, :4]))
-    with pytest.raises(ValueError, match="reg"):
-        detector.merge(PadimDetector(reg=0.1).fit(train))
+    with pytest.raises(TypeError, match="PadimDetector"):
+        detector.merge("a detector")
+    with pytest.raises(NotFittedError):
+        detector.merge(PadimDetector())
 
 
-def test_packed_merge_equals_the_merge_of_unpacked_statistics(features):
-    train, _ = features
-    left = PadimDetector().fit_batches([train[:1]])  # one image: a zero covariance
-    right = PadimDetector().fit_batches([train[1:] + 5])
-    merged = left.merge(right)
-    expected = PadimDetector().set_statistics(
-        left.statistics().merge(right.statistics()), left.feature_shape_
-    )
-    np.testing.assert_array_equal(merged.packed_covariance_, expected.packed_covariance_)
-    np.testing.assert_array_equal(merged.mean_, expected.mean_)
-
-
-def test_split_positions_and_join_give_the_model_back(features):
+def test_from_statistics_with_held_out_distances_equals_fit(features):
     train, test = features
-    detector = PadimDetector(sigma=0).fit(train)
-    d, h, w = detector.feature_shape_
-    parts = detector.split_positions(3)
-    assert [part.feature_shape_[2] for part in parts] == [
-        len(r) for r in np.array_split(range(h * w), 3)
-    ]
-    # Each part scores its positions as the whole model does.
-    flat = test.reshape(len(test), d, 1, h * w)
-    start, distances = 0, []
-    for part in parts:
-        stop = start + part.feature_shape_[2]
-        distances.append(part.to_module("cpu").gaussians(torch.from_numpy(flat[..., start:stop])))
-        start = stop
-    grids = torch.cat(distances, dim=2).view(len(test), h, w)
-    _, scores = detector.maps_of_distances(grids)
-    np.testing.assert_allclose(scores.numpy(), detector.decision_function(test), rtol=1e-6)
-    joined = PadimDetector.join_positions(parts, detector.feature_shape_)
-    np.testing.assert_array_equal(joined.packed_covariance_, detector.packed_covariance_)
-    np.testing.assert_array_equal(joined.mean_, detector.mean_)
-    np.testing.assert_array_equal(joined.score_samples(test), detector.score_samples(test))
-
-
-def test_split_and_join_refuse_what_does_not_fit(features):
-    train, _ = features
-    detector = PadimDetector().fit(train)
-    d, h, w = detector.feature_shape_
-    with pytest.raises(ValueError, match="n_parts must be an int from 1"):
-        detector.split_positions(h * w + 1)
-    parts = detector.split_positions(2)
-    with pytest.raises(ValueError, match="Cannot join"):
-        PadimDetector.join_positions(parts[:1], detector.feature_shape_)
-    other = PadimDetector().fit(train[:5]).split_positions(2)
-    with pytest.raises(ValueError, match="Cannot join"):
-        PadimDetector.join_positions([parts[0], other[1]], detector.feature_shape_)
-    with pytest.raises(ValueError, match="reg"):
-        PadimDetector.join_positions(
-            [parts[0], PadimDetector(reg=1.0).fit(train).split_positions(2)[1]],
-            detector.feature_shape_,
-        )
-    with pytest.raises(ValueError, match="float16"):
-        PadimDetector(covariance_dtype="float16").fit(train).split_positions(2)
-
-
-def test_accumulated_statistics_set_and_factorised_equal_fit(features, monkeypatch):
-    train, test = features
-    template = PadimDetector()
-    stats = template.accumulate([train[:10]])
-    stats = template.accumulate([train[10:]], stats)
-    assert stats.count == 40 and not hasattr(template, "mean_")
-    detector = PadimDetector().set_statistics(stats, train.shape[1:], factorise=True)
-
-    def no_second_factorisation(*args):
-        raise AssertionError("factorised again at scoring")
-
-    monkeypatch.setattr(detector_module, "whitening_factor", no_second_factorisation)
     full = PadimDetector().fit(train)
-    np.testing.assert_allclose(
-        detector.packed_covariance_, full.packed_covariance_, rtol=1e-5, atol=1e-6
+    stats = full.statistics_
+    gaussians = stats.gaussians(0.01)
+    distances = [
+        stats.held_out_distances(gaussians, torch.from_numpy(train[i : i + 7]))
+        for i in range(0, 40, 7)
+    ]
+    rebuilt = PadimDetector.from_statistics(
+        stats, full.feature_shape_, held_out_distances=distances
     )
-    np.testing.assert_allclose(detector.score_samples(test), full.score_samples(test), rtol=1e-5)
-    with pytest.raises(ValueError, match="do not fit statistics"):
-        template.accumulate([train[:, :4]], template.accumulate([train]))
+    assert rebuilt.threshold_ == pytest.approx(full.threshold_, rel=1e-6)
+    np.testing.assert_allclose(rebuilt.score_samples(test), full.score_samples(test), rtol=1e-6)
+    explicit = PadimDetector.from_statistics(stats, full.feature_shape_, threshold=3.0)
+    assert explicit.threshold_ == 3.0
+    with pytest.raises(ValueError, match="do not fit feature_shape"):
+        PadimDetector.from_statistics(stats, (6, 5, 6))
 
 
-def test_covariance_is_stored_packed_and_unpacks_to_numpy_cov(features):
+def test_fitted_state_round_trips_and_is_plain_arrays(features):
+    train, test = features
+    for dtype in ("float32", "float16"):
+        detector = PadimDetector(covariance_dtype=dtype).fit(train)
+        arrays, record = detector.fitted_state()
+        assert all(isinstance(value, np.ndarray) for value in arrays.values())
+        json.dumps(record)
+        copy = PadimDetector.from_fitted_state(detector.get_params(), arrays, record)
+        np.testing.assert_array_equal(copy.score_samples(test), detector.score_samples(test))
+        assert copy.threshold_ == detector.threshold_
+
+
+def test_scatter_is_stored_packed_and_unpacks_to_numpy_cov(features):
     train, _ = features
     detector = PadimDetector().fit(train)
     d, h, w = detector.feature_shape_
@@ -358,7 +315,10 @@ def test_covariance_is_stored_packed_and_unpacks_to_numpy_cov(features):
     position = 7
     expected = np.cov(train.reshape(len(train), d, h * w)[:, :, position], rowvar=False)
     np.testing.assert_allclose(
-        detector.packed_covariance_[position], expected[rows, cols], rtol=1e-5, atol=1e-6
+        detector.statistics_.covariance(slice(position, position + 1))[0],
+        expected[rows, cols],
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -367,9 +327,11 @@ def test_float16_storage_halves_size_and_keeps_scores_close(features, n_train):
     train, test = features
     full = PadimDetector().fit(train[:n_train])
     half = PadimDetector(covariance_dtype="float16").fit(train[:n_train])
-    assert not hasattr(half, "packed_covariance_") and half.factor_reg_ == 0.01
-    assert half.packed_factor_.dtype == np.float16
-    assert half.packed_factor_.nbytes * 2 == full.packed_covariance_.nbytes
+    assert half.statistics_ is None
+    half_arrays, full_arrays = half.fitted_state()[0], full.fitted_state()[0]
+    assert half_arrays["packed_factor"].dtype == np.float16
+    assert half_arrays["packed_factor"].nbytes * 2 == full_arrays["scatter"].nbytes
+    assert len(pickle.dumps(half)) < len(pickle.dumps(full))
     np.testing.assert_allclose(half.score_samples(test), full.score_samples(test), rtol=2e-3)
 
 
@@ -381,7 +343,7 @@ def test_float16_detector_is_for_inference_only(features):
         lambda: half.partial_fit(train),
         lambda: half.merge(PadimDetector(covariance_dtype="float16").fit(train)),
     ):
-        with pytest.raises(ValueError, match="whitening factors.*covariance_dtype=.float32."):
+        with pytest.raises(ValueError, match="only whitening factors.*covariance_dtype=.float32."):
             call()
     np.testing.assert_array_equal(half.score_samples(test), expected)  # unchanged
     with pytest.raises(ValueError, match="factorised with reg=0.01.*reg=0.5"):
@@ -409,20 +371,6 @@ def test_fit_with_only_anomalous_labels_is_an_error(features):
         PadimDetector().fit(features[0], np.ones(len(features[0])))
 
 
-def test_float16_covariance_model_of_earlier_versions_scores_and_trains_on(features):
-    # Models saved before float16 storage kept factors hold float16 covariances.
-    train, test = features
-    full = PadimDetector(covariance_dtype="float16").fit(train)
-    legacy = PadimDetector(covariance_dtype="float16").fit(train)
-    del legacy.packed_factor_, legacy.factor_reg_
-    legacy._scoring_cache = None
-    legacy.packed_covariance_ = PadimDetector().fit(train).packed_covariance_.astype(np.float16)
-    np.testing.assert_allclose(legacy.score_samples(test), full.score_samples(test), rtol=1e-2)
-    legacy.partial_fit(test)
-    assert not hasattr(legacy, "packed_covariance_") and legacy.packed_factor_.dtype == np.float16
-    assert legacy.n_samples_seen_ == len(train) + len(test)
-
-
 def test_held_out_distances_and_scores_are_under_the_model_without_each_image():
     X = np.random.default_rng(0).normal(size=(12, 3, 2, 2)).astype(np.float32)
     detector = PadimDetector(sigma=0, map_size=(2, 2)).fit(X)  # maps are the distances
@@ -438,38 +386,21 @@ def test_held_out_distances_and_scores_are_under_the_model_without_each_image():
         squared = np.einsum("pi,pij,pj->p", offset, np.linalg.inv(covariance), offset)
         expected.append(np.sqrt(squared))
     expected = np.array(expected).reshape(12, 2, 2)
-    np.testing.assert_allclose(detector.held_out_distances(X), expected, rtol=1e-4)
-    distances = detector.held_out_distances(torch.from_numpy(X))
-    assert isinstance(distances, torch.Tensor) and distances.shape == (12, 2, 2)
-    scores = detector.held_out_scores(X)
-    np.testing.assert_allclose(scores, expected.max(axis=(1, 2)), rtol=1e-4)
+    stats = detector.statistics_
+    distances = stats.held_out_distances(stats.gaussians(0.01), torch.from_numpy(X))
+    assert distances.shape == (12, 2, 2)
+    np.testing.assert_allclose(distances.numpy(), expected, rtol=1e-4)
     assert detector.threshold_ == pytest.approx(expected.max(), rel=1e-4)
 
 
 @pytest.mark.parametrize("covariance_dtype", ["float32", "float16"])
-def test_scoring_copy_scores_the_same_without_factorising(covariance_dtype, monkeypatch):
+def test_pickled_scoring_module_scores_the_same_without_factorising(covariance_dtype, monkeypatch):
     rng = np.random.default_rng(0)
     train = rng.normal(size=(20, 6, 4, 5)).astype(np.float32)
     test = rng.normal(size=(3, 6, 4, 5)).astype(np.float32)
     detector = PadimDetector(covariance_dtype=covariance_dtype).fit(train)
-    copy = detector.scoring_copy()
-    assert copy.get_params() == detector.get_params()
-    assert copy.threshold_ == detector.threshold_
-    assert not hasattr(copy, "packed_covariance_")
-    # The same bytes as what the detector stores.
-    stored = vars(detector).get("packed_factor_", vars(detector).get("packed_covariance_"))
-    assert copy.packed_factor_.dtype == stored.dtype and copy.packed_factor_.shape == stored.shape
-    # Unpickled elsewhere, it scores as the original does, and never factorises.
-    copy = pickle.loads(pickle.dumps(copy))
-    monkeypatch.setattr(detector_module, "whitening_factor", None)
-    np.testing.assert_array_equal(copy.score_samples(test), detector.score_samples(test))
-    np.testing.assert_array_equal(copy.predict(test), detector.predict(test))
-    with pytest.raises(ValueError, match=r"stores whitening factors.*scoring_copy"):
-        copy.partial_fit(train)
-    with pytest.raises(ValueError, match=r"stores whitening factors.*scoring_copy"):
-        detector.merge(copy)
-
-
-def test_scoring_copy_of_an_unfitted_detector_is_not_fitted_error():
-    with pytest.raises(NotFittedError):
-        PadimDetector().scoring_copy()
+    scorer = pickle.loads(pickle.dumps(detector.to_module("cpu")))
+    monkeypatch.setattr(statistics_module, "whitening_factors", None)  # no factorising
+    maps, scores = scorer(torch.from_numpy(test))
+    np.testing.assert_array_equal(maps.numpy(), detector.score_samples(test))
+    np.testing.assert_array_equal(scores.numpy(), detector.decision_function(test))

@@ -26,9 +26,17 @@ from hypothesis import strategies as st
 from synthetic import smooth_texture
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.gaussian import pack_lower, unpack_symmetric, whitening_factor
+from sk_padim.packing import pack_lower, unpack_symmetric
+from sk_padim.whitening import whitening_factors
 
 RTOL = 2e-5
+
+
+def whitening_factor(packed, reg):
+    """Whitening factors of packed covariances (all positions at once)."""
+    return whitening_factors(lambda rows: packed[rows], len(packed), 6, reg)
+
+
 PROPERTY_SETTINGS = settings(
     max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -159,7 +167,7 @@ def test_cholesky_failure_falls_back_with_a_warning_and_finite_factor():
     # The fallback factor whitens the covariance plus the regularisation it settled on,
     # reg + the first tenfold step from reg that makes it positive definite: 0.01 + 10.
     u = factor[1].double()
-    cov = unpack_symmetric(packed[1:2].double(), 6)[0]
+    cov = unpack_symmetric(packed[1:2].double())[0]
     eye = torch.eye(6, dtype=torch.float64)
     torch.testing.assert_close(u.T @ (cov + 10.01 * eye) @ u, eye, atol=1e-5, rtol=0)
 
@@ -226,9 +234,13 @@ def test_partial_fit_in_any_split_equals_fit(problem, batch_size):
         streamed.partial_fit(chunk)
     assert streamed.n_samples_seen_ == full.n_samples_seen_ == len(train)
     scale = float(np.abs(train.astype(np.float64)).max()) + 1e-12
-    np.testing.assert_allclose(streamed.mean_, full.mean_, rtol=1e-6, atol=1e-6 * scale)
+    streamed_stats, full_stats = streamed.statistics_, full.statistics_
+    np.testing.assert_allclose(streamed_stats.mean, full_stats.mean, rtol=1e-6, atol=1e-6 * scale)
     np.testing.assert_allclose(
-        streamed.packed_covariance_, full.packed_covariance_, rtol=1e-4, atol=1e-5 * scale**2
+        streamed_stats.covariance(slice(None)),
+        full_stats.covariance(slice(None)),
+        rtol=1e-4,
+        atol=1e-5 * scale**2,
     )
     # Scores see the float32 rounding of the covariance through (C + reg I)^-1: for
     # rank-deficient C (n <= d) that is amplified by up to max|x|^2 / reg.

@@ -1,0 +1,304 @@
+"""Per-position Gaussian statistics of patch features: what a PaDiM fit accumulates.
+
+:class:`PatchStatistics` holds, at each of ``P`` positions, the count ``n`` of training
+vectors, their mean (float64) and their scatter matrix
+``S = sum_i (x_i - mean)(x_i - mean)^T`` (float32), packed to its lower triangle. It is
+the seam every way of fitting goes through: a fit folds batches in (:meth:`update`),
+streaming and Dask merge the statistics of separate shards (:meth:`merge`), positions
+are cut into ranges and joined back (:meth:`positions`, :meth:`join`) so that ranges
+are fitted on different machines, and :meth:`gaussians` factorises them into the
+Gaussians that score. Memory is ``O(P d^2)`` whatever the number of images.
+
+Batches are folded in with the pairwise update of Chan, Golub and LeVeque: the batch is
+centred on its own mean (taken in two float32 passes: the rough mean, then the mean of
+the residuals), and the shift between the two means enters as one extra rank-one term,
+
+    S = S_a + S_b + (n_a n_b / n) (mean_b - mean_a)(mean_b - mean_a)^T,
+
+which is numerically stable in float32 because nothing large is subtracted. Statistics
+of any split of the data merge to the statistics of the whole (to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from sk_padim.mahalanobis import PatchGaussians, centred_position_chunks, positions_per_chunk
+from sk_padim.packing import lower_offsets
+from sk_padim.whitening import whitening_factors
+
+STORAGES = ("float32", "float16")
+
+
+class PatchStatistics:
+    """Count, per-position mean and packed scatter of patch feature vectors.
+
+    Parameters
+    ----------
+    count : int
+        Number of training images (vectors per position).
+    mean : Tensor of shape (P, d), float64
+        Per-position mean, positions in row-major order of the ``(h, w)`` grid.
+    scatter : Tensor of shape (P, d (d + 1) / 2), float32
+        Per-position scatter matrix, its lower triangle packed row by row
+        (``torch.tril_indices`` order; see :func:`sk_padim.packing.pack_lower`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_padim.statistics import PatchStatistics
+    >>> features = torch.randn(6, 3, 2, 2)
+    >>> stats = PatchStatistics.empty(4, 3).update(features[:4]).update(features[4:])
+    >>> whole = PatchStatistics.empty(4, 3).update(features)
+    >>> stats.count, bool(torch.allclose(stats.scatter, whole.scatter, atol=1e-5))
+    (6, True)
+    """
+
+    def __init__(self, count: int, mean: torch.Tensor, scatter: torch.Tensor):
+        n_positions, n_features = mean.shape
+        if tuple(scatter.shape) != (n_positions, n_features * (n_features + 1) // 2):
+            raise ValueError(
+                f"A packed scatter of shape {tuple(scatter.shape)} does not fit means of "
+                f"shape {tuple(mean.shape)} (positions, features)."
+            )
+        self.count = int(count)
+        self.mean = mean
+        self.scatter = scatter
+
+    @classmethod
+    def empty(
+        cls, n_positions: int, n_features: int, device: str | torch.device = "cpu"
+    ) -> PatchStatistics:
+        """Statistics of no samples, on ``device``."""
+        return cls(
+            0,
+            torch.zeros(n_positions, n_features, dtype=torch.float64, device=device),
+            torch.zeros(n_positions, n_features * (n_features + 1) // 2, device=device),
+        )
+
+    @property
+    def n_positions(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def update(self, features: torch.Tensor) -> PatchStatistics:
+        """Fold in a batch of feature maps ``(B, d, h, w)`` (float32, on this device), in place.
+
+        Returns
+        -------
+        self : PatchStatistics
+        """
+        n_batch, n_features = features.shape[:2]
+        flat = features.reshape(n_batch, n_features, -1)
+        if tuple(flat.shape[1:]) != (self.n_features, self.n_positions):
+            raise ValueError(
+                f"Features of shape {tuple(features.shape[1:])} do not fit statistics of "
+                f"{self.n_positions} positions and {self.n_features} features."
+            )
+        total = self.count + n_batch
+        shift_weight = math.sqrt(self.count * n_batch / total)
+        offsets = lower_offsets(n_features, features.device)
+        chunk = positions_per_chunk(features.device, n_batch + 1, n_features)
+        # The batch mean in two float32 passes (a float64 reduction is 20x slower): the
+        # rough mean, then the mean of the residuals, which are small and exact.
+        rough_mean = flat.mean(dim=0).T
+        gram = None
+        for positions, rows in centred_position_chunks(flat, rough_mean, chunk, extra_rows=1):
+            residual = rows[:, :n_batch].mean(dim=1)
+            rows[:, :n_batch] -= residual[:, None, :]
+            delta = (rough_mean[positions].double() + residual.double()) - self.mean[positions]
+            # The last row is the mean-shift correction, so one Gram matrix per position
+            # adds the batch scatter and the correction at once.
+            rows[:, n_batch] = shift_weight * delta
+            if gram is None:
+                gram = rows.new_empty(len(rows), n_features, n_features)
+            products = torch.bmm(rows.transpose(1, 2), rows, out=gram[: len(rows)])
+            self.scatter[positions] += products.view(len(rows), -1).index_select(1, offsets)
+            self.mean[positions] += delta * (n_batch / total)
+        self.count = total
+        return self
+
+    def merge(self, other: PatchStatistics) -> PatchStatistics:
+        """Statistics of the union of both operands' samples (operands unchanged)."""
+        if (other.n_positions, other.n_features) != (self.n_positions, self.n_features):
+            raise ValueError(
+                f"Cannot merge statistics of {self.n_positions} positions x "
+                f"{self.n_features} features with {other.n_positions} x {other.n_features}."
+            )
+        total = self.count + other.count
+        shift = other.mean - self.mean
+        delta = shift.to(torch.float32)
+        rows, cols = torch.tril_indices(self.n_features, self.n_features, device=self.device)
+        weight = self.count * other.count / total
+        scatter = self.scatter + other.scatter
+        scatter += weight * delta.index_select(1, rows) * delta.index_select(1, cols)
+        return PatchStatistics(total, self.mean + shift * (other.count / total), scatter)
+
+    def positions(self, rows: slice) -> PatchStatistics:
+        """The statistics of a range of positions (views of these)."""
+        return PatchStatistics(self.count, self.mean[rows], self.scatter[rows])
+
+    def split(self, n_parts: int) -> list[PatchStatistics]:
+        """The positions cut into ``n_parts`` contiguous ranges of near-equal size (views).
+
+        Ranges are as ``np.array_split`` cuts them; :meth:`join` puts them back.
+        """
+        if not 1 <= n_parts <= self.n_positions:
+            raise ValueError(f"n_parts must be from 1 to {self.n_positions}; got {n_parts!r}.")
+        return [self.positions(rows) for rows in position_ranges(self.n_positions, n_parts)]
+
+    @classmethod
+    def join(cls, parts: list[PatchStatistics]) -> PatchStatistics:
+        """One set of statistics from ranges of positions of the same samples, in order."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("join needs at least one part.")
+        if len({(part.count, part.n_features) for part in parts}) != 1:
+            raise ValueError(
+                "Cannot join statistics of different counts or features: join the parts "
+                "of one fit."
+            )
+        mean = torch.cat([part.mean for part in parts])
+        return cls(parts[0].count, mean, torch.cat([part.scatter for part in parts]))
+
+    def covariance(self, rows: slice) -> torch.Tensor:
+        """Packed covariances ``S / (n - 1)`` of a range of positions (float32).
+
+        With a single sample the unbiased estimate does not exist; the scatter is then
+        zero, and so is this covariance.
+        """
+        return self.scatter[rows] / max(self.count - 1, 1)
+
+    def gaussians(self, reg: float, storage: str = "float32") -> PatchGaussians:
+        """The Gaussians ``N(mean, S / (n - 1) + reg I)`` that score, on this device.
+
+        Parameters
+        ----------
+        reg : float
+            Added to every covariance's diagonal.
+        storage : {"float32", "float16"}, default="float32"
+            The precision the whitening factors are kept in. ``"float16"`` rounds them
+            (scores move by about 1e-3 relative), so that they score exactly as after
+            a round trip through a half-precision file.
+
+        Returns
+        -------
+        gaussians : PatchGaussians
+        """
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}; got {storage!r}.")
+        factor = whitening_factors(self.covariance, self.n_positions, self.n_features, reg)
+        gaussians = PatchGaussians(self.mean, factor)
+        return gaussians.stored_as(storage)
+
+    def held_out_distances(
+        self, gaussians: PatchGaussians, features: torch.Tensor
+    ) -> torch.Tensor:
+        """Distances of training features to the Gaussians fitted without each of them.
+
+        ``gaussians`` are these statistics' (:meth:`gaussians`), ``features`` a batch
+        ``(B, d, h, w)`` of the training features they were fitted on; the result is
+        ``(B, h, w)``, see :func:`held_out_distances`.
+        """
+        return held_out_distances(gaussians(features), self.count)
+
+    def to(self, device: str | torch.device) -> PatchStatistics:
+        """These statistics on ``device`` (a copy, unless already there)."""
+        return PatchStatistics(self.count, self.mean.to(device), self.scatter.to(device))
+
+    def copy(self) -> PatchStatistics:
+        """A copy that updates independently of this one."""
+        return PatchStatistics(self.count, self.mean.clone(), self.scatter.clone())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{"mean": (P, d) float64, "scatter": (P, d (d + 1) / 2) float32}`` in host memory."""
+        return {"mean": self.mean.cpu().numpy(), "scatter": self.scatter.cpu().numpy()}
+
+    @classmethod
+    def from_arrays(cls, count: int, mean: np.ndarray, scatter: np.ndarray) -> PatchStatistics:
+        """Statistics from :meth:`arrays` and the count, as CPU tensors, checked."""
+        mean, scatter = np.asarray(mean), np.asarray(scatter)
+        if mean.dtype != np.float64 or scatter.dtype != np.float32:
+            raise ValueError(
+                f"Statistics need a float64 mean and a float32 scatter; got {mean.dtype} and "
+                f"{scatter.dtype}."
+            )
+        if int(count) < 1 or not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
+            raise ValueError("The statistics hold no samples or non-finite values.")
+        return cls(int(count), _tensor(mean), _tensor(scatter))
+
+    def __reduce__(self):
+        # NumPy arrays, so that statistics made on a GPU unpickle on any machine.
+        return (type(self).from_arrays, (self.count, *self.arrays().values()))
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchStatistics(count={self.count}, n_positions={self.n_positions}, "
+            f"n_features={self.n_features}, device={self.device})"
+        )
+
+
+def position_ranges(n_positions: int, n_parts: int) -> list[slice]:
+    """``n_parts`` contiguous slices covering ``range(n_positions)``, as ``np.array_split``."""
+    return [
+        slice(int(part[0]), int(part[-1]) + 1)
+        for part in np.array_split(np.arange(n_positions), n_parts)
+    ]
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no value is NaN or infinite.
+
+    A finite sum proves every value finite without a mask as large as the tensor (30x
+    faster on the CPU); an infinite sum may be an overflow of finite values, so then the
+    values are checked one by one.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def held_out_distances(distances: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """Distances of training vectors to the Gaussian fitted without each of them.
+
+    ``distances`` are the training vectors' own distances to the Gaussian fitted on all
+    ``n`` of them (covariance ``C = S / (n - 1) + reg I``). Leaving vector ``x`` out
+    moves the mean by ``-(x - m) / (n - 1)`` and removes ``n / (n - 1) (x - m)(x - m)^T``
+    from the scatter ``S``; with the held-out scatter also divided by ``n - 1``, the
+    held-out covariance is the rank-one downdate ``C - c r r^T`` (``r = x - m``,
+    ``c = n / (n - 1)^2``), and by Sherman-Morrison the squared held-out distance is
+
+        (n / (n - 1))^2 q / (1 - c q),    q = r^T C^{-1} r,
+
+    an elementwise function of the fitted distance: no refit, no factorisation. (The
+    N - 2 normalisation of a model refitted on n - 1 vectors would divide the scatter by
+    one less; the difference shrinks as 1/n and makes these distances slightly larger.)
+    ``1 - c q`` is the determinant ratio of the two covariances, positive in exact
+    arithmetic; it is floored at 1e-12 against rounding.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_padim.statistics import held_out_distances
+    >>> held_out_distances(torch.tensor([0.0, 1.0]), n_samples=5)
+    tensor([0.0000, 1.4434])
+    """
+    if n_samples < 2:
+        raise ValueError("Held-out distances need at least two training samples.")
+    c = n_samples / (n_samples - 1) ** 2
+    squared = distances.to(torch.float64) ** 2
+    held_out = (n_samples / (n_samples - 1)) ** 2 * squared / (1 - c * squared).clamp_min(1e-12)
+    return held_out.sqrt().to(distances.dtype)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor of an array (shared, or a copy when it is read-only, e.g. mapped)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
