@@ -1,13 +1,16 @@
-"""Use another backbone: other layers, your own nn.Module, weights from a file.
+"""
+====================
+Use another backbone
+====================
+
+Other layers, your own ``nn.Module``, weights from a file.
 
 PaDiM needs convolutional feature maps from a few layers of a CNN, shallowest first.
 ``PatchFeatureTransformer`` takes ``backbone`` as a registered name (``resnet18``,
 ``wide_resnet50_2``, ``efficientnet_b0`` ..., ``efficientnet_lite0``), any torchvision
 classification model name, or any ``torch.nn.Module``; ``layers`` names the modules
 whose outputs form the embedding (``model.named_modules()`` lists them). Everything
-here runs offline.
-
-    python examples/custom_backbone.py
+here runs offline. Run it as a script with ``python examples/custom_backbone.py``.
 """
 
 import os
@@ -29,8 +32,12 @@ def image_auroc_of(features: PatchFeatureTransformer) -> float:
     return image_auroc(gravel.y_test, pipe.decision_function(gravel.X_test))
 
 
-# 1. A registered backbone with other layers: EfficientNet-Lite0 (weights in the
-#    'lite' extra), its stride-4 and stride-8 stages only, all their 64 channels.
+# %%
+# A registered backbone with other layers
+# ---------------------------------------
+# EfficientNet-Lite0 (weights in the ``lite`` extra), its stride-4 and stride-8 stages
+# only, all their 64 channels.
+
 lite = PatchFeatureTransformer(
     backbone="efficientnet_lite0",
     layers=("_blocks.2", "_blocks.4"),
@@ -41,10 +48,12 @@ lite = PatchFeatureTransformer(
 print(f"efficientnet_lite0, 2 layers: image AUROC {image_auroc_of(lite):.3f}")
 
 
-# 2. Your own module. The first layer sets the feature grid; the anomaly maps are 4x
-#    that grid unless PadimDetector(map_size=...) says otherwise, so a stride-4 first
-#    layer gives maps at the image size. Inputs are RGB normalised with ImageNet's
-#    mean and std.
+# %%
+# Your own module
+# ---------------
+# The first layer sets the feature grid; the anomaly maps are 4x that grid unless
+# ``PadimDetector(map_size=...)`` says otherwise, so a stride-4 first layer gives maps
+# at the image size. Inputs are RGB normalised with ImageNet's mean and std.
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -70,8 +79,12 @@ own = PatchFeatureTransformer(
 print(f"SmallCNN (random weights): image AUROC {image_auroc_of(own):.3f}")
 print("layers of SmallCNN:", [name for name, _ in model.named_modules() if name])
 
-# 3. Weights from a state-dict file (torch.save(model.state_dict(), path)): for a
-#    module, or for a torchvision name such as backbone="resnet18" offline.
+# %%
+# Weights from a state-dict file
+# ------------------------------
+# A file written by ``torch.save(model.state_dict(), path)``: for a module, or for a
+# torchvision name such as ``backbone="resnet18"`` offline.
+
 with tempfile.TemporaryDirectory() as folder:
     path = os.path.join(folder, "small_cnn.pth")
     torch.save(model.state_dict(), path)

@@ -1,11 +1,15 @@
-"""Deploy: export a fitted pipeline to ONNX and score with onnxruntime alone.
+"""
+=======================
+Deploy as one ONNX file
+=======================
+
+Export a fitted pipeline to ONNX and score with onnxruntime alone.
 
 Fits PaDiM on the built-in brick textures (EfficientNet-Lite0, ``sk-padim[lite]``),
 writes ``padim.onnx`` (``sk-padim[export]``), then scores the test images with
 onnxruntime in a separate process that never imports torch or sk-padim, and checks that
-its scores and verdicts equal the pipeline's.
-
-    python examples/export_onnx.py
+its scores and verdicts equal the pipeline's. Run it as a script with
+``python examples/export_onnx.py``; it writes its files in the current folder.
 """
 
 import os
@@ -28,10 +32,19 @@ pipe = Pipeline(
     ]
 ).fit(brick.X_train)
 
+# %%
+# Export
+# ------
+# One file: uint8 images in; anomaly maps, image scores and the verdict out.
+
 path = export_onnx(pipe, "padim.onnx")
 np.save("test_images.npy", brick.X_test)  # uint8 (n, H, W, 3), already at IMAGE_SIZE
 
-# What an inspection line runs: onnxruntime and NumPy only.
+# %%
+# Score without torch or sk-padim
+# -------------------------------
+# What an inspection line runs: onnxruntime and NumPy only, here in a separate process.
+
 SCORING = """
 import sys
 import numpy as np
@@ -52,6 +65,9 @@ result = subprocess.run(
     check=True,
 )
 print(result.stdout.strip())
+
+# %%
+# The ONNX scores and verdicts equal the pipeline's.
 
 scores = pipe.decision_function(brick.X_test)
 onnx_scores = np.load("onnx_scores.npy")

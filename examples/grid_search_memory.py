@@ -1,12 +1,16 @@
-"""Grid-search n_features and layer sets with one backbone pass per image.
+"""
+============================================
+Grid search with one backbone pass per image
+============================================
+
+Grid-search ``n_features`` and layer sets, with the backbone's outputs cached.
 
 Without ``memory``, every candidate and every fold of a grid search runs the CNN over its
 images again. ``PatchFeatureTransformer(memory=folder)`` stores each image's layer
 outputs once; candidates that differ in ``n_features`` or in layers already stored read
 them back. The scores are the same either way. List the largest layer set first, so that
-its candidates store every layer the others need.
-
-    python examples/grid_search_memory.py
+its candidates store every layer the others need. Run it as a script with
+``python examples/grid_search_memory.py``.
 """
 
 import os

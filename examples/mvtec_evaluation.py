@@ -1,4 +1,9 @@
-"""Evaluate PaDiM on a dataset in the MVTec AD layout, category by category.
+"""
+=======================================
+Evaluate per category (MVTec AD layout)
+=======================================
+
+Evaluate PaDiM on a dataset in the MVTec AD layout, category by category::
 
     python examples/mvtec_evaluation.py /data/mvtec_anomaly_detection [category ...]
 
@@ -10,7 +15,8 @@ does the same from the command line.
 
 The backbone is EfficientNet-Lite0, whose weights ship with ``sk-padim[lite]``. For the
 paper's setting use ``backbone="wide_resnet50_2"`` with ``image_size=224`` (its
-weights download once from torchvision).
+weights download once from torchvision). This documentation site is built offline, so
+its copy of the example ran with no path, on the built-in textures.
 """
 
 import argparse
@@ -34,7 +40,9 @@ def built_in_dataset(folder: str) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Evaluate PaDiM on a dataset in the MVTec AD layout, category by category."
+    )
     parser.add_argument("root", nargs="?", help="dataset root (default: the built-in textures)")
     parser.add_argument("categories", nargs="*", help="categories (default: all)")
     args = parser.parse_args()

@@ -1,10 +1,17 @@
-"""Every script in examples/ runs, at the small size that SK_PADIM_EXAMPLES_SMALL selects."""
+"""Every script in examples/ runs, at the small size that SK_PADIM_EXAMPLES_SMALL selects.
 
+The same scripts are the documentation site's gallery (sphinx-gallery runs them when the
+site is built): each starts with a docstring that has a title and a text block.
+"""
+
+import ast
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from sk_padim import make_defect_textures, write_mvtec_layout
 
@@ -17,7 +24,7 @@ def run_example(name, *args, cwd):
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, "SK_PADIM_EXAMPLES_SMALL": "1"},
+        env={**os.environ, "SK_PADIM_EXAMPLES_SMALL": "1", "MPLBACKEND": "Agg"},
     )
 
 
@@ -43,6 +50,16 @@ def test_every_example_is_tested():
         "export_onnx.py",
     }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda path: path.name)
+def test_every_example_has_a_gallery_title_and_text(path):
+    docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+    assert docstring is not None, "sphinx-gallery needs a module docstring"
+    over, title, under, blank, text, *_ = docstring.strip("\n").splitlines()
+    # A reStructuredText title, over- and underlined with "=", then a text block.
+    assert set(over) == {"="} and over == under and len(over) >= len(title.strip()), title
+    assert not blank.strip() and text.strip(), "a text block after the title"
 
 
 def test_quickstart(tmp_path):
