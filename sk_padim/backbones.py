@@ -11,16 +11,13 @@ from __future__ import annotations
 import copy
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD
-from sk_padim.tracing import TraceSafeModule, tracing
 
 
 @dataclass(frozen=True)
@@ -107,27 +104,6 @@ def _load_backbone(backbone, weights) -> nn.Module:
     if weights_path is not None:
         _load_state_dict_file(model, weights_path)
     return model.eval()
-
-
-def weights_identity(weights: str | os.PathLike | None) -> tuple:
-    """What tells the values of ``weights`` apart within this process.
-
-    A weights name (or ``None``) is its own identity; a state-dict file is known by its
-    real path, inode, size and change times, so a file saved again, or replaced, reads as
-    new weights (the status change time cannot be set back, unlike the modification time).
-
-    Examples
-    --------
-    >>> from sk_padim.backbones import weights_identity
-    >>> weights_identity("DEFAULT")
-    ('name', 'DEFAULT')
-    """
-    path = _as_existing_path(weights)
-    if path is None:
-        return ("name", weights)
-    stat = os.stat(path)
-    times = (stat.st_mtime_ns, stat.st_ctime_ns)
-    return ("file", os.path.realpath(path), stat.st_ino, stat.st_size, *times)
 
 
 def _as_existing_path(weights) -> str | None:
@@ -237,7 +213,10 @@ class _StopForward(Exception):
 
 
 class _LayerHook:
-    """Forward hook keeping a layer's output in the calling thread's record."""
+    """Forward hook keeping a layer's output in the calling thread's record.
+
+    Outside a pass of its :class:`TruncatedBackbone` (no record) it does nothing.
+    """
 
     def __init__(self, owner: TruncatedBackbone, name: str):
         self.owner = owner
@@ -245,27 +224,35 @@ class _LayerHook:
 
     def __call__(self, module, args, output):
         record = self.owner.thread_record()
+        if record is None:
+            return
         record.setdefault(self.name, output)
         if len(record) == len(self.owner.layers):
             raise _StopForward
 
 
-class TruncatedBackbone(TraceSafeModule):
+class TruncatedBackbone(nn.Module):
     """A model run only until all requested layers have produced their outputs.
 
-    Where ``torch.fx`` can trace the model, it becomes a graph module returning the
-    requested layers' outputs (torchvision's ``create_feature_extractor``): nothing past
-    the deepest layer is kept or run, the forward pass has no side effects (any number of
-    threads may share the module), and ``torch.onnx`` exports it. For a model that does
-    not trace, forward hooks registered once collect the outputs into a per-thread
-    record and stop the pass after the last one; modules a probe pass never reaches are
-    replaced by ``nn.Identity``. Either way the state dict keys are the model's own
-    (prefixed ``model.``).
+    The known families run their stages in order, as their own forward does, and stop
+    after the deepest requested one; the stages past it (and the classifier) are
+    removed: torchvision's ResNet, Wide-ResNet and ResNeXt (stem, then ``layer1``,
+    ``layer2``, ...), torchvision's EfficientNet (``features.0``, ``features.1``, ...)
+    and EfficientNet-Lite0 (stem, then ``_blocks.0``, ``_blocks.1``, ... with their
+    drop-connect rates). Any other model, or layers that are not such stages, run the
+    model's own forward with forward hooks registered once, here: they collect the
+    outputs into a record of the calling thread and stop the pass after the last one;
+    modules a probe pass never reaches are replaced by ``nn.Identity``. Either way the
+    forward pass changes no state shared between calls, so any number of threads may
+    run one module at once, and nothing is traced (``torch.fx`` patches
+    ``nn.Module.__call__`` for every thread while it traces, see
+    :func:`sk_padim.pruning.pruned_embedding`). The state dict keys are the model's own,
+    prefixed ``model.``.
 
     Parameters
     ----------
     model : nn.Module
-        The full model in eval mode (the hook route modifies it in place).
+        The full model in eval mode; modified in place (stages removed, or hooks added).
     layers : tuple of str
         Names of submodules (``model.named_modules()``) whose outputs are returned.
     probe : Tensor of shape (1, 3, H, W)
@@ -273,48 +260,64 @@ class TruncatedBackbone(TraceSafeModule):
 
     Attributes
     ----------
-    traced : bool
-        Whether the model was traced.
+    stages : tuple of (str, dict) or None
+        The stages run in order, with the keyword arguments each is called with;
+        ``None`` for the hook route.
     model_name : str
         The class name of the model it was made from.
+
+    Examples
+    --------
+    >>> import torch, torchvision
+    >>> from sk_padim.backbones import TruncatedBackbone
+    >>> model = torchvision.models.resnet18(weights=None).eval()
+    >>> probe = torch.zeros(1, 3, 64, 64)
+    >>> truncated = TruncatedBackbone(model, ("layer1", "layer2"), probe)
+    >>> [stage for stage, _ in truncated.stages]
+    ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2']
+    >>> [tuple(output.shape) for output in truncated(probe)]
+    [(1, 64, 16, 16), (1, 128, 8, 8)]
     """
 
     def __init__(self, model: nn.Module, layers: tuple[str, ...], probe: torch.Tensor):
         super().__init__()
         self.layers = tuple(layers)
         self.model_name = type(model).__name__
-        self.model = _traced(model, self.layers)
-        self.traced = self.model is not None
-        if not self.traced:
-            self.model = model
-            self._records = threading.local()
+        self.model = model
+        self._records = threading.local()
+        self.stages = _stages_until(model, self.layers)
+        if self.stages is None:
             for name in self.layers:
                 model.get_submodule(name).register_forward_hook(_LayerHook(self, name))
             self._prune_unreached(probe)
+        else:
+            _keep_only(model, {name for name, _ in self.stages})
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.traced:
-            outputs = self.model(x)
-            return [outputs[name] for name in self.layers]
-        record = self.thread_record()
-        record.clear()
+        if self.stages is None:
+            return self._hooked_forward(x)
+        outputs = {}
+        for name, kwargs in self.stages:
+            x = self.model.get_submodule(name)(x, **kwargs)
+            outputs[name] = x
+        return [outputs[name] for name in self.layers]
+
+    def _hooked_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        record = self._records.outputs = {}
         try:
             self.model(x)
         except _StopForward:
             pass
-        outputs = [record.get(name) for name in self.layers]
-        record.clear()
-        missing = [name for name, out in zip(self.layers, outputs, strict=True) if out is None]
+        finally:
+            self._records.outputs = None
+        missing = [name for name in self.layers if name not in record]
         if missing:
             raise ValueError(f"Layers {missing} never ran in the model's forward pass.")
-        return outputs
+        return [record[name] for name in self.layers]
 
-    def thread_record(self) -> dict[str, torch.Tensor]:
-        """The layer outputs of the calling thread's current pass (hook route)."""
-        records = self._records
-        if not hasattr(records, "outputs"):
-            records.outputs = {}
-        return records.outputs
+    def thread_record(self) -> dict[str, torch.Tensor] | None:
+        """The layer outputs of the calling thread's current pass, None outside one."""
+        return getattr(self._records, "outputs", None)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -323,8 +326,7 @@ class TruncatedBackbone(TraceSafeModule):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if not self.traced:
-            self._records = threading.local()
+        self._records = threading.local()
 
     def _prune_unreached(self, probe: torch.Tensor) -> None:
         reached: set[str] = set()
@@ -351,19 +353,49 @@ class TruncatedBackbone(TraceSafeModule):
                     parent._modules[child] = nn.Identity()
 
 
-def _traced(model: nn.Module, layers: tuple[str, ...]) -> nn.Module | None:
-    """A plain ``torch.fx`` graph module returning ``{layer: output}``, or None.
+_RESNET_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
-    torchvision's dual train/eval graph module does not survive ``copy.deepcopy`` (the
-    copy runs the train graph), so its eval graph is rebuilt as a plain graph module.
-    """
-    with tracing(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision's note on train/eval node differences
-        try:
-            dual = create_feature_extractor(model, return_nodes={name: name for name in layers})
-        except Exception:  # any tracing failure means: use hooks
-            return None
-    return torch.fx.GraphModule(dual, dual.graph, class_name="TruncatedGraph").eval()
+
+def _stages(model: nn.Module) -> list[tuple[str, dict]] | None:
+    """The stages of a known family in the order its forward runs them, or None."""
+    if type(model) is torchvision.models.ResNet:
+        return [(name, {}) for name in _RESNET_STAGES]
+    if type(model) is torchvision.models.EfficientNet:
+        return [(f"features.{i}", {}) for i in range(len(model.features))]
+    if type(model).__module__ == "efficientnet_lite_pytorch.model":
+        return _lite_stages(model)
+    return None
+
+
+def _lite_stages(model: nn.Module) -> list[tuple[str, dict]]:
+    """``EfficientNet.extract_features`` of efficientnet-lite-pytorch, stage by stage."""
+    stem = [(name, {}) for name in ("_conv_stem", "_bn0", "_swish")]
+    n_blocks = len(model._blocks)
+    rate = model._global_params.drop_connect_rate
+    rates = [rate * i / n_blocks if rate else rate for i in range(n_blocks)]
+    blocks = [(f"_blocks.{i}", {"drop_connect_rate": r}) for i, r in enumerate(rates)]
+    return stem + blocks
+
+
+def _stages_until(model: nn.Module, layers: tuple[str, ...]) -> tuple | None:
+    """The stages up to the deepest of ``layers``, or None unless all are stages."""
+    stages = _stages(model)
+    names = [name for name, _ in stages or ()]
+    if stages is None or not set(layers) <= set(names):
+        return None
+    return tuple(stages[: max(names.index(layer) for layer in layers) + 1])
+
+
+def _keep_only(model: nn.Module, kept: set[str], prefix: str = "") -> None:
+    """Remove, in place, every submodule that is neither in ``kept`` nor above one."""
+    for name, child in list(model.named_children()):
+        path = prefix + name
+        if path in kept:
+            continue
+        if any(stage.startswith(path + ".") for stage in kept):
+            _keep_only(child, kept, path + ".")
+        else:
+            delattr(model, name)
 
 
 def fold_batch_norms(model: nn.Module, keep: tuple[str, ...] = ()) -> int:

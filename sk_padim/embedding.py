@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sk_padim.backbones import TruncatedBackbone
-from sk_padim.tracing import TraceSafeModule
 
 
-class PatchEmbedding(TraceSafeModule):
+class PatchEmbedding(nn.Module):
     """Normalise pixels, run the truncated backbone, reduce to ``d`` channels, upsample.
 
     The reduction is either PaDiM's, keeping ``d`` of the concatenated layers' channels

@@ -6,18 +6,16 @@ parameters runs the same backbone over the same images for every candidate and f
 layer's own grid) as a ``.npy`` file in the folder of a ``joblib.Memory`` (under
 ``sk_padim/layers``), so that every transformer sharing the memory runs the backbone once
 per image; the kept channels are selected and upsampled from the stored outputs, as they
-would be from fresh ones. Files are written under a temporary name and renamed, so
-processes sharing the folder never read half an entry.
+would be from fresh ones. Files are written whole or not at all
+(:func:`sk_padim.files.atomic_file`), so processes sharing the folder never read half
+an entry.
 
 An entry's key covers everything its values depend on: a digest of the backbone's
 architecture and weights (:func:`model_digest`), the context given by the transformer
 (image size, normalisation, ``autocast``, device type), the versions of sk-padim, torch
 and torchvision, the layer's name, and a digest of the image's pixels as they enter the
 network (after decoding and resizing). A change to any of them reads another entry.
-
-The outputs read or written most recently are also kept in this process's memory
-(:data:`RECENT_OUTPUTS`, up to 1 GiB), since the folds and candidates of a grid search
-read the same images over and over: a read from there costs no file access.
+Nothing is kept in the process's memory: every read is a file read.
 """
 
 from __future__ import annotations
@@ -25,10 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,77 +33,14 @@ from sklearn.utils.validation import check_memory
 from torch import nn
 
 from sk_padim._version import __version__
+from sk_padim.files import atomic_file
 
 __all__ = [
-    "RECENT_OUTPUTS",
     "LayerCache",
-    "RecentOutputs",
     "clear_feature_cache",
     "image_digests",
     "model_digest",
 ]
-
-
-class RecentOutputs:
-    """The most recently used arrays, by key, up to a total number of bytes.
-
-    Least recently used arrays are dropped first; an array larger than the limit is not
-    kept. Arrays are stored read-only and shared by every reader. Safe to use from many
-    threads.
-
-    Parameters
-    ----------
-    max_bytes : int
-        The most bytes of arrays kept.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from sk_padim.feature_cache import RecentOutputs
-    >>> recent = RecentOutputs(max_bytes=16)
-    >>> recent.put("a", np.zeros(2))
-    >>> recent.put("b", np.ones(2))
-    >>> recent.put("c", np.ones(1))  # 24 bytes in all: "a" goes
-    >>> recent.get("a") is None, recent.get("b")
-    (True, array([1., 1.]))
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._arrays: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> np.ndarray | None:
-        """The array stored under ``key``, or None."""
-        with self._lock:
-            array = self._arrays.get(key)
-            if array is not None:
-                self._arrays.move_to_end(key)
-            return array
-
-    def put(self, key: Hashable, array: np.ndarray) -> None:
-        """Keep ``array`` (made read-only) under ``key``."""
-        if array.nbytes > self.max_bytes:
-            return
-        array.setflags(write=False)
-        with self._lock:
-            previous = self._arrays.pop(key, None)
-            self._bytes -= 0 if previous is None else previous.nbytes
-            self._arrays[key] = array
-            self._bytes += array.nbytes
-            while self._bytes > self.max_bytes:
-                self._bytes -= self._arrays.popitem(last=False)[1].nbytes
-
-    def clear(self) -> None:
-        """Drop every array."""
-        with self._lock:
-            self._arrays.clear()
-            self._bytes = 0
-
-
-RECENT_OUTPUTS = RecentOutputs(max_bytes=2**30)
-"""Layer outputs recently read or stored by any :class:`LayerCache` of this process."""
 
 
 def clear_feature_cache(memory) -> None:
@@ -117,7 +49,6 @@ def clear_feature_cache(memory) -> None:
     Other functions cached in the same ``joblib.Memory`` (e.g. a Pipeline's fitted
     transformers) are left alone, as ``joblib.Memory(folder).clear()`` leaves the layer
     outputs (they are stored next to joblib's folder, in ``sk_padim/layers``).
-    The copies this process keeps in memory (:data:`RECENT_OUTPUTS`) go as well.
 
     Parameters
     ----------
@@ -133,7 +64,6 @@ def clear_feature_cache(memory) -> None:
     folder = _layers_folder(memory)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
-    RECENT_OUTPUTS.clear()
 
 
 def _layers_folder(memory) -> Path | None:
@@ -235,21 +165,13 @@ class LayerCache:
         self.folder = None if folder is None else folder / key
 
     def load(self, image: str, layer: str) -> np.ndarray | None:
-        """The stored output of ``layer`` for the image of digest ``image``, or None.
-
-        The array is read-only (it may be shared with other readers).
-        """
+        """The stored output of ``layer`` for the image of digest ``image``, or None."""
         if self.folder is None:
             return None
-        path = self._path(image, layer)
-        output = RECENT_OUTPUTS.get(path)
-        if output is None:
-            try:
-                output = np.load(path)
-            except (FileNotFoundError, ValueError, EOFError):
-                return None  # not stored, or damaged: computed and stored again
-            RECENT_OUTPUTS.put(path, output)
-        return output
+        try:
+            return np.load(self._path(image, layer))
+        except (FileNotFoundError, ValueError, EOFError):
+            return None  # not stored, or damaged: computed and stored again
 
     def store(self, image: str, layer: str, output: np.ndarray) -> None:
         """Store the output ``(C, h, w)`` of ``layer`` for the image of digest ``image``."""
@@ -257,15 +179,8 @@ class LayerCache:
             return
         path = self._path(image, layer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                np.save(file, output)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        # A copy: ``output`` may be a view that would keep a whole batch alive.
-        RECENT_OUTPUTS.put(path, output.copy())
+        with atomic_file(path) as file:
+            np.save(file, output)
 
     def _path(self, image: str, layer: str) -> Path:
         # Layer names are module paths ("layer1", "features.2"): safe as folder names.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
@@ -23,12 +23,11 @@ from sk_padim.backbones import (
     check_layers,
     fold_batch_norms,
     load_backbone,
-    weights_identity,
 )
 from sk_padim.devices import DeviceFeatures, PerDeviceCache, resolve_device
 from sk_padim.embedding import PatchEmbedding, semi_orthogonal_matrix
 from sk_padim.feature_cache import LayerCache, model_digest
-from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches
+from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches, size_pair
 from sk_padim.versioning import VersionedPickleMixin
 
 
@@ -42,11 +41,6 @@ class _BuiltBackbone:
     grid: tuple[int, int]
     image_size: tuple[int, int]
     digest: str | None
-
-
-BUILT_BACKBONES = PerDeviceCache()
-"""Backbones built by fits with ``memory``, reused by later fits in this process."""
-BUILT_BACKBONES.size = 2
 
 
 class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstimator):
@@ -107,12 +101,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         one image alone at small sizes; at 224 px ResNet-18 gives the same bits in
         every batch size). Disk use: 4 bytes per value, 1.4 MB per
         image for ResNet-18's default layers at 224 px, 5.6 MB for Wide-ResNet-50-2's;
-        :func:`sk_padim.clear_feature_cache` deletes them. The outputs used last are
-        also kept in this process's memory (up to 1 GiB), and so are the last two
-        backbones built by fits with memory: a later fit with the same backbone,
-        weights, layers and image size copies one instead of building it (0.007 s
-        instead of 0.13 s for ResNet-18). The first fit with memory fingerprints the
-        weights (a few tens of ms for ResNet-18).
+        :func:`sk_padim.clear_feature_cache` deletes them. Nothing is kept in the
+        process's memory between fits: each fit builds its backbone, and with memory
+        fingerprints its weights (a few tens of ms for ResNet-18).
     autocast : {"bfloat16", "float16"} or None, default=None
         Run the backbone under ``torch.autocast`` with this dtype (features are still
         returned as float32). Faster on GPUs and on CPUs with native bfloat16 support,
@@ -134,8 +125,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     backbone_ : sk_padim.backbones.TruncatedBackbone
         The truncated backbone, on the CPU: batch norms folded into the convolutions
         before them where the order is known (see
-        :func:`sk_padim.backbones.fold_batch_norms`), then traced by ``torch.fx`` up to
-        the deepest layer where the model traces.
+        :func:`sk_padim.backbones.fold_batch_norms`), run up to the deepest layer.
     layers_ : tuple of str
         The layers used.
     layer_channels_ : tuple of int
@@ -235,7 +225,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         spec = REGISTRY.get(self.backbone) if isinstance(self.backbone, str) else None
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
-        built = self._built_backbone(seed, self._resolve_layers(spec), self._image_size())
+        size = size_pair(self.image_size, "image_size")
+        built = self._build_backbone(seed, self._resolve_layers(spec), size)
         channels = built.layer_channels
         n_features = self._resolve_n_features(spec, built.layers, sum(channels))
         for name in ("channel_indices_", "projection_"):
@@ -256,28 +247,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self._backbone_digest = built.digest
         return self
 
-    def _built_backbone(self, seed: int, layers: tuple[str, ...], size) -> _BuiltBackbone:
-        """The truncated backbone, built, or copied from one built before.
-
-        With ``memory``, the backbones built in this process are reused by later fits
-        with the same backbone, weights, layers and image size, as in a grid search.
-        """
-
-        def build() -> _BuiltBackbone:
-            return self._build_backbone(seed, layers, size)
-
-        if self.memory is None or not isinstance(self.backbone, str):
-            return build()  # a module's weights may change between fits: never reused
-        # Random weights depend on the seed; named or file weights do not.
-        weights = weights_identity(self.weights)
-        key = (self.backbone, weights, seed if self.weights is None else None, layers, size)
-        built = BUILT_BACKBONES.get(key, build)
-        return replace(built, backbone=copy.deepcopy(built.backbone))
-
     def _build_backbone(self, seed: int, layers: tuple[str, ...], size) -> _BuiltBackbone:
         model = load_backbone(self.backbone, self.weights, seed)
         check_layers(model, layers)
-        # Folding needs the model's own module classes, which tracing replaces.
         fold_batch_norms(model, keep=layers)
         # The model before truncation: transformers with other layers share its digest.
         digest = None if self.memory is None else model_digest(model)
@@ -451,14 +423,6 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                 f"{n_available} channels; use n_features <= {n_available}."
             )
         return self.n_features
-
-    def _image_size(self) -> tuple[int, int]:
-        size = self.image_size
-        if isinstance(size, Integral):
-            return (int(size), int(size))
-        if len(size) != 2 or not all(isinstance(s, Integral) and s > 0 for s in size):
-            raise ValueError(f"image_size must be an int or (height, width); got {size!r}.")
-        return (int(size[0]), int(size[1]))
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -17,8 +17,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-
-from sk_padim.tracing import TraceSafeModule
+from torch import nn
 
 
 def gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
@@ -68,7 +67,7 @@ def axis_operator(length_in: int, length_out: int, sigma: float, truncate: float
     return matrix
 
 
-class AnomalyMapGenerator(TraceSafeModule):
+class AnomalyMapGenerator(nn.Module):
     """Upsample ``(B, h, w)`` distance grids to ``(B, *size)`` maps and smooth them.
 
     The per-axis operators are float32 buffers, so the module moves with ``.to(device)``

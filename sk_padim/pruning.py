@@ -1,4 +1,4 @@
-"""Compute only the channels of the deepest layer that PaDiM keeps.
+"""Compute only the channels of the deepest layer that PaDiM keeps (for the export).
 
 PaDiM keeps ``d`` channels of the layers' concatenation; of the deepest layer, whose
 output feeds nothing else, only its kept channels are ever read. In a traced backbone
@@ -8,14 +8,22 @@ from the layer's output to the convolutions, whose output channels are cut; any 
 producer, and any tensor also used elsewhere (a residual's input), is sliced instead.
 For ResNet-18 this drops 200 of the 256 output channels of ``layer3.1.conv2`` at d=100
 (1.8 MB of weights and its share of the compute), with the same values.
+
+The graph comes from ``torch.fx``, traced on a copy by :func:`pruned_embedding`: only
+the export uses it, since tracing patches ``nn.Module.__call__`` for every thread.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
 from torch import fx, nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from sk_padim.backbones import TruncatedBackbone
+from sk_padim.embedding import PatchEmbedding
 
 # Modules and functions that act on each channel alone: the kept channels of their
 # output are those of their input(s).
@@ -33,25 +41,114 @@ _CHANNELWISE_MODULES = (
 _CHANNELWISE_FUNCTIONS = (operator.add, torch.add, operator.mul, torch.mul, torch.relu)
 
 
-def prune_output_channels(
-    graph: fx.GraphModule, layer: str, channels: torch.Tensor
-) -> fx.GraphModule:
-    """Make the output ``layer`` of a traced backbone hold only ``channels``, in place.
+def pruned_embedding(embedding: PatchEmbedding) -> PatchEmbedding:
+    """A copy of ``embedding`` computing only the deepest layer's kept channels.
+
+    The copy's backbone is a ``torch.fx`` graph of the copied backbone (torchvision's
+    ``create_feature_extractor``), whose deepest layer produces only the channels the
+    features keep; its features equal the embedding's (to float32 rounding: a cut
+    convolution may round otherwise). Where that cannot be done, the embedding itself
+    is returned: with a projection (every channel is used), when the deepest layer
+    keeps no channel, when the backbone does not trace or its deepest layer feeds
+    another, and when the graph's features on a random image differ from the
+    embedding's (a traced graph keeps the last call of a module called twice, where
+    the backbone's hooks keep the first, and drops Python side effects).
+
+    Tracing patches ``nn.Module.__call__`` for every thread while it runs (torch's
+    behaviour, tens of milliseconds): a forward pass of any module in another thread
+    during that window can fail ("module is not installed as a submodule"). Do not
+    call this while other threads run models.
 
     Parameters
     ----------
-    graph : torch.fx.GraphModule
-        Returns a dict of layer outputs (a :class:`~sk_padim.backbones.TruncatedBackbone`
-        graph); modified in place.
-    layer : str
-        The name of the output to prune; it must feed nothing else in the graph.
-    channels : Tensor of int
-        The channels to keep, in the order they will come out.
+    embedding : sk_padim.embedding.PatchEmbedding
+        On any device; left unchanged.
 
     Returns
     -------
-    graph : torch.fx.GraphModule
-        The same module, recompiled.
+    embedding : sk_padim.embedding.PatchEmbedding
+        The pruned copy, or ``embedding`` itself.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_padim import PatchFeatureTransformer
+    >>> from sk_padim.pruning import pruned_embedding
+    >>> feat = PatchFeatureTransformer(weights=None, image_size=32, n_features=8,
+    ...                                random_state=0).fit()
+    >>> embedding = feat.to_module("cpu")
+    >>> pruned = pruned_embedding(embedding)
+    >>> pixels = torch.rand(2, 3, 32, 32)
+    >>> torch.allclose(pruned(pixels), embedding(pixels), rtol=1e-4, atol=1e-4)
+    True
+    """
+    layers = embedding.backbone.layers
+    name = dict(embedding.kept).get(len(layers) - 1)
+    if name is None:  # a projection, or no kept channel in the deepest layer
+        return embedding
+    pruned = copy.deepcopy(embedding)
+    channels = getattr(pruned, name)
+    graph = _traced(pruned.backbone)
+    if graph is None:
+        return embedding
+    try:
+        _prune_output_channels(graph, layers[-1], channels)
+    except ValueError:  # the deepest layer feeds another
+        return embedding
+    setattr(pruned, name, torch.arange(len(channels), device=channels.device))
+    pruned.backbone = _GraphBackbone(graph, layers, embedding.backbone.model_name)
+    return pruned if _same_features(embedding, pruned) else embedding
+
+
+class _GraphBackbone(nn.Module):
+    """A traced backbone: pixels -> the requested layers' outputs, shallowest first."""
+
+    def __init__(self, graph: fx.GraphModule, layers: tuple[str, ...], model_name: str):
+        super().__init__()
+        self.model = graph
+        self.layers = layers
+        self.model_name = model_name
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = self.model(x)
+        return [outputs[name] for name in self.layers]
+
+
+def _traced(backbone: TruncatedBackbone) -> fx.GraphModule | None:
+    """A plain graph module returning ``{layer: output}``, or None if it does not trace.
+
+    A backbone running stages is traced whole (its stages are the model's only code
+    that runs); a hooked one through its model. torchvision's dual train/eval graph
+    module does not survive ``copy.deepcopy`` (the copy runs the train graph), so its
+    eval graph is rebuilt as a plain graph module.
+    """
+    root, prefix = (backbone.model, "") if backbone.stages is None else (backbone, "model.")
+    nodes = {prefix + layer: layer for layer in backbone.layers}
+    try:
+        dual = create_feature_extractor(root, return_nodes=nodes, suppress_diff_warning=True)
+    except Exception:  # any tracing failure means: not pruned
+        return None
+    return fx.GraphModule(dual, dual.graph, class_name="TruncatedGraph").eval()
+
+
+def _same_features(embedding: PatchEmbedding, pruned: PatchEmbedding) -> bool:
+    """Whether both give the same features (to float32 rounding) for a random image."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, *embedding.image_size, generator=generator)
+    with torch.inference_mode():
+        expected = embedding(pixels.to(embedding.mean.device))
+        actual = pruned(pixels.to(pruned.mean.device)).to(expected.device)
+    scale = float(expected.abs().max())
+    return torch.allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _prune_output_channels(
+    graph: fx.GraphModule, layer: str, channels: torch.Tensor
+) -> fx.GraphModule:
+    """Make the output ``layer`` of a graph returning a dict hold only ``channels``, in place.
+
+    ``channels`` are the channels to keep, in the order they will come out. Raises a
+    ValueError when ``layer`` feeds other nodes of the graph.
     """
     output = next(node for node in graph.graph.nodes if node.op == "output")
     produced = output.args[0][layer]

@@ -10,9 +10,10 @@ from PIL import Image
 from sklearn.base import clone
 from synthetic import smooth_texture
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from sk_padim import PatchFeatureTransformer
-from sk_padim.backbones import fold_batch_norms
+from sk_padim.backbones import REGISTRY, TruncatedBackbone, fold_batch_norms, load_backbone
 from sk_padim.images import iter_batches
 
 
@@ -68,10 +69,83 @@ def test_fitted_attributes_describe_the_embedding(resnet18_weights):
 
 def test_backbone_stops_at_deepest_layer(resnet18_weights):
     feat = PatchFeatureTransformer(weights=resnet18_weights, image_size=64).fit()
-    assert feat.backbone_.traced
+    assert [name for name, _ in feat.backbone_.stages][-1] == "layer3"
     kept = {name for name, _ in feat.backbone_.model.named_children()}
     assert {"conv1", "layer1", "layer2", "layer3"} <= kept
     assert not kept & {"layer4", "avgpool", "fc"}
+
+
+def eager_layer_outputs(model: nn.Module, layers, x) -> list[torch.Tensor]:
+    """The model's own forward pass, with hooks keeping the layers' first outputs."""
+    outputs = {}
+    for name in layers:
+        hook = lambda module, args, output, name=name: outputs.setdefault(name, output)  # noqa: E731
+        model.get_submodule(name).register_forward_hook(hook)
+    model(x)
+    return [outputs[name] for name in layers]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "layers"),
+    [
+        ("resnet18", None),
+        ("resnet18", ("layer2", "layer1")),  # any order
+        ("efficientnet_b0", None),
+        ("efficientnet_lite0", None),
+        ("resnet18", ("layer1", "layer2.0")),  # not a stage: hooks
+    ],
+)
+def test_truncated_backbone_equals_the_eager_model_and_the_fx_graph(backbone, layers):
+    if backbone == "efficientnet_lite0":
+        pytest.importorskip("efficientnet_lite_pytorch")
+    layers = layers or REGISTRY[backbone].layers
+    model = load_backbone(backbone, None, init_seed=0)
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    nodes = {name: name for name in layers}
+    graph = create_feature_extractor(copy.deepcopy(model), nodes, suppress_diff_warning=True)
+    with torch.inference_mode():
+        truncated = TruncatedBackbone(copy.deepcopy(model), layers, x[:1])
+        outputs = truncated(x)
+        expected = eager_layer_outputs(model, layers, x)
+        traced = graph(x)
+    assert (truncated.stages is None) == ("layer2.0" in layers)
+    for name, output, reference in zip(layers, outputs, expected, strict=True):
+        assert torch.equal(output, reference)
+        assert torch.equal(output, traced[name])
+
+
+def test_stages_past_the_deepest_layer_are_removed():
+    model = torchvision.models.efficientnet_b0(weights=None).eval()
+    truncated = TruncatedBackbone(model, ("features.1", "features.3"), torch.zeros(1, 3, 32, 32))
+    assert [name for name, _ in truncated.stages][-1] == "features.3"
+    assert len(truncated.model.features) == 4
+    assert not {"avgpool", "classifier"} & {name for name, _ in model.named_children()}
+    assert all(key.startswith("model.features.") for key in truncated.state_dict())
+
+
+def test_a_resnet_subclass_with_its_own_forward_runs_it():
+    class Doubled(torchvision.models.ResNet):
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    model = Doubled(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(2 * x)))))
+        truncated = TruncatedBackbone(model, ("layer1",), x)
+        (output,) = truncated(x)
+    assert truncated.stages is None
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+def test_hooks_do_nothing_outside_the_backbones_passes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    x = torch.rand(1, 3, 8, 8)
+    with torch.inference_mode():
+        expected = model(x)
+        truncated = TruncatedBackbone(model, ("0", "2"), x)
+        assert truncated.stages is None and truncated.thread_record() is None
+        torch.testing.assert_close(model(x), expected)  # runs to its end
 
 
 def test_same_random_state_gives_same_channels():
