@@ -73,11 +73,14 @@ class PatchGaussians(nn.Module):
         """Distances ``(B, h, w)`` of features ``(B, d, h, w)``: ``sqrt((x-m)^T C^-1 (x-m))``."""
         n_images, n_features, height, width = features.shape
         flat = features.reshape(n_images, n_features, height * width)
-        chunk = positions_per_chunk(features.device, n_images, n_features)
-        if self.packed or chunk >= height * width:
+        if self.packed:
             distances = self._all_positions(flat)
         else:
-            distances = self._position_chunks(flat, chunk)
+            chunk = positions_per_chunk(features.device, n_images, n_features)
+            if chunk >= height * width:
+                distances = self._all_positions(flat)
+            else:
+                distances = self._position_chunks(flat, chunk)
         return distances.T.reshape(n_images, height, width)
 
     def whole_factor(self) -> torch.Tensor:

@@ -66,7 +66,6 @@ class PadimModel(nn.Module):
     --------
     >>> import numpy as np
     >>> import torch
-from torch import nn
     >>> from sklearn.pipeline import Pipeline
     >>> from sk_padim import PadimDetector, PatchFeatureTransformer
     >>> from sk_padim.model import PadimModel

@@ -90,7 +90,8 @@ def test_scorer_module_equals_the_detector(fitted, images):
     features = fitted[0].transform(images[1])
     with torch.inference_mode():
         maps, scores = fitted[-1].to_module("cpu")(torch.from_numpy(features))
-    detector_maps, detector_scores = fitted[-1].maps_and_scores(features)
+    detector_maps = fitted[-1].score_samples(features)
+    detector_scores = fitted[-1].decision_function(features)
     # One batch here, batches of 3 in the detector: float32 sums differ in rounding only.
     np.testing.assert_allclose(maps.numpy(), detector_maps, rtol=1e-6)
     np.testing.assert_allclose(scores.numpy(), detector_scores, rtol=1e-6)
@@ -115,7 +116,9 @@ def test_fit_on_tensors_equals_fit_on_numpy(images):
     train, test = images
     from_numpy = make_pipeline().fit(train)
     from_tensors = make_pipeline().fit(channels_first(train))
-    np.testing.assert_array_equal(from_tensors[-1].mean_, from_numpy[-1].mean_)
+    np.testing.assert_array_equal(
+        from_tensors[-1].statistics_.mean, from_numpy[-1].statistics_.mean
+    )
     assert from_tensors[-1].threshold_ == from_numpy[-1].threshold_
     np.testing.assert_array_equal(
         from_tensors.decision_function(test), from_numpy.decision_function(test)

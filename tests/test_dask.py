@@ -96,13 +96,14 @@ def local_detector(pipe, paths, **detector_params):
 def assert_same_model(detector, expected, atol=1e-5):
     assert detector.n_samples_seen_ == expected.n_samples_seen_
     assert detector.feature_shape_ == expected.feature_shape_
-    np.testing.assert_allclose(detector.mean_, expected.mean_, rtol=1e-6, atol=1e-6)
-    name = "packed_factor_" if detector.covariance_dtype == "float16" else "packed_covariance_"
+    (arrays, _), (expected_arrays, _) = detector.fitted_state(), expected.fitted_state()
+    np.testing.assert_allclose(arrays["mean"], expected_arrays["mean"], rtol=1e-6, atol=1e-6)
+    name = "packed_factor" if detector.covariance_dtype == "float16" else "scatter"
     np.testing.assert_allclose(
-        getattr(detector, name).astype(np.float64),
-        getattr(expected, name).astype(np.float64),
+        arrays[name].astype(np.float64),
+        expected_arrays[name].astype(np.float64),
         rtol=1e-2 if detector.covariance_dtype == "float16" else 1e-5,
-        atol=atol,
+        atol=atol * (1 if detector.covariance_dtype == "float16" else detector.n_samples_seen_),
     )
 
 
@@ -207,27 +208,13 @@ def test_range_owners_fit_their_positions_from_every_partitions_features(distrib
     assert not any(_transfers(task) for task in distances.values())
 
 
-def test_with_a_threshold_each_worker_folds_its_partitions_and_ships_one_partial(
-    client, image_paths
-):
+def test_with_a_threshold_the_ranges_are_fitted_alike_and_nothing_is_scored(client, image_paths):
     train, _ = image_paths
     with distributed.get_task_stream(client) as stream:
         pipe = fit_distributed(make_pipeline(threshold=1.0), train, client, partition_size=6)
     assert_same_model(pipe[-1], local_detector(pipe, train, threshold=1.0))
     by_kind = _tasks_by_kind(stream.data)
-    features, folds, splits = by_kind["features"], by_kind["fold"], by_kind["split"]
-    assert "slice" not in by_kind  # no features leave their worker
-    assert sorted(folds) == ["0", "1", "2", "3"]
-    workers = [folds[index]["worker"] for index in "0123"]
-    assert workers[0] == workers[1] != workers[2] == workers[3]
-    assert all(features[index]["worker"] == folds[index]["worker"] for index in "0123")
-    assert not any(_transfers(fold) for fold in folds.values())
-    # Each worker's statistics are cut once per range: one partial per worker, in pieces,
-    # each merged by the range's owner (one transfer: the other worker's piece).
-    assert sorted(splits) == ["0-0", "0-1", "1-0", "1-1"]
-    ranges = by_kind["range"]
-    assert {ranges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
-    assert all(_transfers(ranges[k]) == 1 for k in "01")
+    assert sorted(by_kind["range"]) == ["0", "1"] and "distances" not in by_kind
 
 
 def test_default_partitions_are_sized_from_the_cluster(client, image_paths, local_fit):
@@ -235,9 +222,8 @@ def test_default_partitions_are_sized_from_the_cluster(client, image_paths, loca
     with distributed.get_task_stream(client) as stream:
         fit_distributed(make_pipeline(threshold=1.0), train, client)
     kinds = [record["key"].split("-")[3] for record in stream.data]
-    # Small features: one partition per worker thread, so one fold each, and one range of
-    # positions merged by each worker.
-    assert (kinds.count("features"), kinds.count("fold"), kinds.count("range")) == (2, 2, 2)
+    # Small features: one partition per worker thread, and one range of positions each.
+    assert (kinds.count("features"), kinds.count("range")) == (2, 2)
     # Scoring: partitions of at least a batch (batch_size=32 > 8 images): one chunk.
     assert score_distributed(local_fit, test, client).chunks == ((8,),)
 
@@ -252,7 +238,7 @@ def test_torch_threads_are_the_workers_share_or_the_given_number(client, image_p
     for torch_threads, expected in ((None, max(1, CPU_COUNT // n_threads)), (3, 3)):
         pipe = Pipeline([("feat", clone(feat)), ("padim", PadimDetector())])
         fit_distributed(pipe, train[:4], client, torch_threads=torch_threads)
-        np.testing.assert_array_equal(pipe[-1].mean_[:, -1], expected)
+        np.testing.assert_array_equal(pipe[-1].statistics_.mean[:, -1], expected)
 
 
 def test_explicit_threshold_and_float16_storage_are_kept(client, image_paths):
@@ -261,7 +247,7 @@ def test_explicit_threshold_and_float16_storage_are_kept(client, image_paths):
     pipe = fit_distributed(make_pipeline(**params), train, client, partition_size=3)  # 7 parts
     assert pipe[-1].get_params() == PadimDetector(**params).get_params()
     assert pipe[-1].threshold_ == 2.5
-    assert pipe[-1].packed_factor_.dtype == np.float16
+    assert pipe[-1].fitted_state()[0]["packed_factor"].dtype == np.float16
     assert_same_model(pipe[-1], local_detector(pipe, train, **params), atol=1e-3)
 
 
@@ -291,8 +277,8 @@ def test_distributed_scorer_keeps_its_model_on_the_cluster_until_closed(client, 
     expected = pipe.decision_function(test)
     before = _keys_on_workers(client)
     with DistributedScorer(pipe, client) as scorer:
-        model = _keys_on_workers(client) - before  # the transformer and the detector
-        assert {str(key).split("-")[0] for key in model} == {"bytes", "PadimDetector"}
+        model = _keys_on_workers(client) - before  # the transformer and the scorer
+        assert {str(key).split("-")[0] for key in model} == {"bytes", "PatchScorer"}
         first = scorer.score(test, partition_size=3).compute()
         pipe.fit(train[:10])  # a snapshot: refitting the pipeline does not change it
         client.amm.run_once()  # Dask keeps one copy of the model between calls
@@ -300,7 +286,7 @@ def test_distributed_scorer_keeps_its_model_on_the_cluster_until_closed(client, 
         now = _keys_on_workers(client)
         assert model <= now
         # Nothing was sent again: no other scattered transformer or detector.
-        assert not any(str(key).startswith(("bytes-", "PadimDetector-")) for key in now - model)
+        assert not any(str(key).startswith(("bytes-", "PatchScorer-")) for key in now - model)
     np.testing.assert_allclose(first, expected, rtol=1e-5)
     np.testing.assert_array_equal(second, first)
     with pytest.raises(ValueError, match="closed"):
@@ -334,8 +320,7 @@ def test_task_failing_once_is_retried_to_the_same_model(client, image_paths, tmp
     assert (tmp_path / "failed-once").exists()  # the failure did happen
     expected = local_detector(pipe, train)
     assert pipe[-1].n_samples_seen_ == len(train)
-    np.testing.assert_allclose(pipe[-1].mean_, expected.mean_, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(pipe[-1].packed_covariance_, expected.packed_covariance_, atol=1e-5)
+    assert_same_model(pipe[-1], expected)
 
 
 def test_failing_partition_is_a_clear_error_and_leaves_pipeline_unchanged(
@@ -350,7 +335,7 @@ def test_failing_partition_is_a_clear_error_and_leaves_pipeline_unchanged(
     with pytest.raises(RuntimeError, match=r"partition 2 of 4 \(images 6 to 11.*corrupt\.png"):
         fit_distributed(pipe, paths, client, partition_size=6)
     assert pipe[0] is feat and pipe[-1] is detector
-    assert not hasattr(feat, "backbone_") and not hasattr(detector, "mean_")
+    assert not hasattr(feat, "backbone_") and not hasattr(detector, "statistics_")
 
 
 def test_failing_scoring_partition_names_it(client, image_paths, local_fit, tmp_path):

@@ -85,7 +85,7 @@ def test_float16_keeps_the_auroc_and_the_size_targets(r18):
     assert abs(roc_auc_score(labels, half[1]) - expected) <= 0.002
     # Against the same model holding a full float32 inverse covariance per position.
     detector = pipe[-1]
-    n_positions, d = detector.mean_.shape
+    n_positions, d = detector.statistics_.n_positions, detector.statistics_.n_features
     packed_bytes = n_positions * d * (d + 1) // 2 * 4
     full_inverse_model = paths[0].stat().st_size - packed_bytes + n_positions * d * d * 4
     assert paths[0].stat().st_size <= 0.55 * full_inverse_model
@@ -118,6 +118,18 @@ def test_efficientnet_lite0(tmp_path):
     pipe = make_pipeline(128, n_features=50, backbone="efficientnet_lite0").fit(train)
     path = export_onnx(pipe, tmp_path / "lite.onnx")
     assert_scores_like(pipe, run(path, test), test)
+
+
+def test_a_float16_model_scores_in_onnx_as_in_python(tmp_path):
+    # Export and Python score through the same PatchGaussians, rounded factors included.
+    train, _ = images_at(64, n_normal=6, n_anomalous=0)
+    test, _ = images_at(64, seed=1)
+    pipe = make_pipeline(64, n_features=20).fit(train)
+    pipe.set_params(padim=PadimDetector(covariance_dtype="float16")).fit(train)
+    path = export_onnx(pipe, tmp_path / "half.onnx")
+    model = onnx.load(str(path))
+    assert {entry.key: entry.value for entry in model.metadata_props}["storage"] == "float16"
+    assert_scores_like(pipe, run(path, test), test, rtol=1e-3)
 
 
 def test_calibrated_threshold_and_torch_core_are_exported(tmp_path):
