@@ -18,6 +18,7 @@ Build it (offline, warnings are errors) from the repository root::
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
-sys.path.insert(0, str(DOCS / "sphinxext"))  # gallery_size
+sys.path.insert(0, str(DOCS / "sphinxext"))  # sk_padim_gallery
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # argparse wraps the command-line help to this width (the command-line page).
@@ -162,7 +163,7 @@ sphinx_gallery_conf = {
     "gallery_dirs": "auto_examples",
     "filename_pattern": _executed_pattern(NOT_EXECUTED),
     "ignore_pattern": r"__init__\.py",
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "sk_padim_gallery.ExampleOrder",
     "download_all_examples": False,
     "remove_config_comments": True,
     "plot_gallery": "True",
@@ -177,7 +178,7 @@ sphinx_gallery_conf = {
     "capture_repr": (),
     "matplotlib_animations": False,
     "image_scrapers": ("matplotlib",),
-    "reset_modules": ("matplotlib", "gallery_size.example_size"),
+    "reset_modules": ("matplotlib", "sk_padim_gallery.example_size"),
     "reset_modules_order": "before",
     "show_memory": False,
     "show_signature": False,
@@ -252,6 +253,58 @@ def skip_member(app, what, name, obj, skip, options):
     return None
 
 
+def _python_object(dotted: str):
+    """The object a dotted name gives by import and attribute access, or None."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def public_name(app, env, node, contnode):
+    """Resolve a reference to an object by the public name it is documented under.
+
+    The API reference documents re-exported objects under their public names
+    (``sk_padim.save_npz``), while docstrings may name them as their module sees them
+    (``save_npz`` inside ``sk_padim.persistence``, ``sk_padim.metrics.pixel_auroc_scorer``,
+    ``PadimDetector.merge`` inside ``sk_padim.dask``). A reference that Python resolves
+    to the very object documented under another name (same last one or two components)
+    links there; any other unresolved reference stays a warning.
+    """
+    if node.get("refdomain") != "py":
+        return None
+    target = node["reftarget"].lstrip(".~")
+    module, cls = node.get("py:module"), node.get("py:class")
+    scopes = [f"{module}.{cls}." if module and cls else None, f"{module}." if module else None]
+    original = None
+    for prefix in [*filter(None, scopes), ""]:
+        original = _python_object(prefix + target)
+        if original is not None:
+            break
+    if original is None:
+        return None
+    domain = env.get_domain("py")
+    parts = target.split(".")
+    for k in (1, 2):
+        tail = "." + ".".join(parts[-k:])
+        for candidate in sorted(name for name in domain.objects if name.endswith(tail)):
+            if _python_object(candidate) is original:
+                return domain.resolve_xref(
+                    env, node["refdoc"], app.builder, node["reftype"], candidate, node, contnode
+                )
+    return None
+
+
 def setup(app):
+    app.connect("missing-reference", public_name)
     app.connect("builder-inited", write_cli_help)
     app.connect("autodoc-skip-member", skip_member)
