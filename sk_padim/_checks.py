@@ -3,7 +3,8 @@
 The metrics, the threshold calibrator and the CV splitter all accept ``y`` as image
 labels ``(n,)`` (0 = normal, 1 = anomalous) or pixel masks ``(n, H, W)``; this module
 turns either form into what each of them needs and rejects anything else with a
-message that says how to fix it.
+message that says how to fix it. :func:`one_line` puts such a message on one line, as
+the front reports it.
 """
 
 import numpy as np
@@ -14,8 +15,8 @@ def image_labels(y: ArrayLike) -> NDArray[np.bool_]:
     """Image labels ``(n,)`` from labels ``(n,)`` or masks ``(n, H, W)`` (``mask.any()``)."""
     if y is None:
         raise ValueError(
-            "y is None: pass image labels of shape (n,) (1 = anomalous) or pixel masks "
-            "of shape (n, H, W)."
+            "This requires y to be passed, but the target y is None: pass image labels "
+            "of shape (n,) (1 = anomalous) or pixel masks of shape (n, H, W)."
         )
     y = np.asarray(y)
     if y.ndim == 1:
@@ -99,6 +100,36 @@ def check_both_classes(truth: NDArray[np.bool_], what: str) -> None:
             f"{what} is undefined: the ground truth holds only {found} samples. Use data "
             "with both normal and anomalous images (or pixels)."
         )
+
+
+def one_line(message: object, limit: int | None = None) -> str:
+    """A message on one line: its whitespace runs as single spaces, cut at ``limit``.
+
+    The front (the command line, the export) reports errors and warnings with it.
+
+    Parameters
+    ----------
+    message : object
+        An exception, a warning or text; its ``str`` is taken.
+    limit : int, default=None
+        The most characters kept, ``...`` ending a cut message; None keeps all.
+
+    Returns
+    -------
+    line : str
+
+    Examples
+    --------
+    >>> from sk_padim._checks import one_line
+    >>> one_line(ValueError("Bad input:\\n  see   the docs"))
+    'Bad input: see the docs'
+    >>> one_line("x" * 10, limit=5)
+    'xx...'
+    """
+    line = " ".join(str(message).split())
+    if limit is None or len(line) <= limit:
+        return line
+    return line[: limit - 3] + "..."
 
 
 def _as_bool(values: NDArray, name: str, fix: str) -> NDArray[np.bool_]:

@@ -2,10 +2,11 @@
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import precision_recall_curve
 from sklearn.utils import _safe_indexing
+from sklearn.utils._param_validation import HasMethods, StrOptions
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 
 from sk_padim._checks import check_both_classes, image_labels, pixel_masks, truth_and_scores
@@ -138,10 +139,17 @@ class F1ThresholdCalibrator(BaseEstimator):
     array([ 1,  1,  1,  1,  1, -1, -1, -1, -1, -1])
     """
 
+    _parameter_constraints: dict = {
+        "estimator": [HasMethods(["decision_function"]), HasMethods(["score_samples"])],
+        "level": [StrOptions(set(_SCORE_METHODS))],
+    }
+
     def __init__(self, estimator, *, level: str = "image"):
         self.estimator = estimator
         self.level = level
 
+    # Not skipped: an unfitted estimator is fitted here and validates its own parameters.
+    @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y: ArrayLike) -> "F1ThresholdCalibrator":
         """Fit the detector if needed, then pick the F1-optimal threshold.
 
@@ -157,7 +165,7 @@ class F1ThresholdCalibrator(BaseEstimator):
         self : F1ThresholdCalibrator
             The fitted calibrator.
         """
-        score_method = self._check_params()
+        score_method = self._score_method()
         truth = pixel_masks(y) if self.level == "pixel" else image_labels(y)
         check_both_classes(truth, "An F1-optimal threshold")
         labels = image_labels(truth)
@@ -246,15 +254,24 @@ class F1ThresholdCalibrator(BaseEstimator):
         check_is_fitted(self)
         return self.estimator_.decision_function(X)
 
+    @property
+    def n_features_in_(self) -> int:
+        """Number of features seen by the fitted detector (when it records it)."""
+        try:
+            check_is_fitted(self)
+        except NotFittedError as error:
+            raise AttributeError(
+                f"{type(self).__name__} is not fitted yet, so it has no n_features_in_."
+            ) from error
+        return self.estimator_.n_features_in_
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
         return tags
 
-    def _check_params(self) -> str:
-        """Validate ``level`` and ``estimator``; return the score method to threshold."""
-        if self.level not in _SCORE_METHODS:
-            raise ValueError(f"level must be one of {sorted(_SCORE_METHODS)}; got {self.level!r}.")
+    def _score_method(self) -> str:
+        """The estimator's method whose scores ``level`` thresholds; checked to exist."""
         method = _SCORE_METHODS[self.level]
         if not hasattr(self.estimator, method):
             raise TypeError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import os
 import re
 import sys
@@ -34,21 +35,23 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from sk_padim._checks import one_line
 from sk_padim._version import __version__
 from sk_padim.calibration import F1ThresholdCalibrator
-from sk_padim.datasets import find_mvtec_categories, list_images, load_masks, load_mvtec_ad
-from sk_padim.demo import DEMO_BACKBONE, run_demo
-from sk_padim.evaluation import (
-    Category,
-    evaluate,
-    maps_and_scores,
-    padim_pipeline,
-    results_table,
+from sk_padim.datasets import (
+    find_mvtec_categories,
+    list_images,
+    load_masks,
+    load_mvtec_ad,
+    load_mvtec_category,
 )
+from sk_padim.demo import DEMO_BACKBONE, run_demo
+from sk_padim.evaluation import evaluate, maps_and_scores, padim_pipeline, results_table
 from sk_padim.export import export_onnx
 from sk_padim.features import PatchFeatureTransformer
+from sk_padim.files import atomic_file
 from sk_padim.persistence import load_model
-from sk_padim.plotting import check_matplotlib, picture_names, save_heatmaps
+from sk_padim.plotting import check_matplotlib, heatmap_writer, picture_names, save_heatmaps
 
 # Errors that come from the user's inputs; they are reported on one line. Anything
 # else is a bug and keeps its traceback.
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as error:
         if args.verbose:
             traceback.print_exc()
-        message = _command_line_spelling(_one_line(error), args)
+        message = _command_line_spelling(one_line(error), args)
         print(f"sk-padim {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
@@ -452,9 +455,7 @@ def _fit(args: argparse.Namespace, progress: bool) -> None:
     pipeline.fit(images)
     seconds = time.perf_counter() - start
     pipeline.set_params(feat__verbose=False)  # the saved model stays quiet
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(pipeline, output)
+    output = _dump(pipeline, Path(args.output))
     _info(args, f"Fitted on {len(images)} images from {source} in {seconds:.1f} s; wrote {output}.")
 
 
@@ -480,7 +481,7 @@ def _score(args: argparse.Namespace, progress: bool) -> None:
         chunks = _with_heatmaps(chunks, paths, output / "heatmaps", threshold, source)
     with contextlib.ExitStack() as files:
         output.mkdir(parents=True, exist_ok=True)
-        _write_csv(lambda: files.enter_context(open(csv_path, "w", newline="")), header, chunks)
+        _write_csv(lambda: files.enter_context(_atomic_text(csv_path)), header, chunks)
     _info(args, f"Scored {len(paths)} images; wrote {csv_path}.")
 
 
@@ -523,7 +524,7 @@ def _with_heatmaps(chunks, paths, folder: Path, threshold, source):
 
 def _write_csv(open_file, header: list[str], chunks) -> None:
     """Write the rows of the chunks; the file is opened and the header written once the
-    first chunk is scored, so an error in it leaves no half-written CSV."""
+    first chunk is scored, so that nothing is written when nothing could be scored."""
     writer = None
     for _, _, rows in chunks:
         if writer is None:
@@ -542,9 +543,7 @@ def _calibrate(args: argparse.Namespace, progress: bool) -> None:
     else:
         level, truth = "pixel", _calibration_masks(good, bad, args)
     calibrator = F1ThresholdCalibrator(pipeline, level=level).fit(good + bad, truth)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(calibrator, output)
+    output = _dump(calibrator, Path(args.output))
     on = "on" if level == "image" else "on the pixels of"
     print(
         f"threshold {calibrator.threshold_:.6g} ({level} level; anomalous when the score is "
@@ -580,12 +579,13 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> None:
     names = _evaluable(args, root, args.categories or found, explicit=bool(args.categories))
     if args.n_heatmaps:
         check_matplotlib("sk-padim evaluate --n-heatmaps")
+    pictures = Path(args.output) / "heatmaps"
     results = evaluate(
         _pipeline(args, progress),
         names,
-        lambda name: Category.from_mvtec(root, name, mask_suffix=args.mask_suffix),
+        lambda name: load_mvtec_category(root, name, mask_suffix=args.mask_suffix),
         output=args.output,
-        n_heatmaps=args.n_heatmaps,
+        on_scored=heatmap_writer(pictures, args.n_heatmaps) if args.n_heatmaps else None,
         progress=progress,
     )
     print(results_table(results))
@@ -606,7 +606,7 @@ def _evaluable(args: argparse.Namespace, root: Path, names, explicit: bool) -> l
         except (OSError, ValueError) as error:
             if explicit:
                 raise
-            _warn(args, f"skipping category {name}: {_one_line(error)}")
+            _warn(args, f"skipping category {name}: {one_line(error)}")
         else:
             usable.append(name)
     if not usable:
@@ -688,6 +688,21 @@ def _image_files(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
+@contextlib.contextmanager
+def _atomic_text(path: Path):
+    """A text file (for ``csv``) that appears at ``path`` only once fully written."""
+    with atomic_file(path) as file, io.TextIOWrapper(file, newline="") as text:
+        yield text
+
+
+def _dump(model, output: Path) -> Path:
+    """Write a model file with joblib, whole or not at all."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output) as file:
+        joblib.dump(model, file)
+    return output
+
+
 def _load_model(path: Path):
     if not path.is_file():
         raise FileNotFoundError(
@@ -697,7 +712,7 @@ def _load_model(path: Path):
         warnings.simplefilter("always")
         model = load_model(path)
     for warning in caught:
-        print(f"sk-padim: warning: {_one_line(warning.message)}", file=sys.stderr)
+        print(f"sk-padim: warning: {one_line(warning.message)}", file=sys.stderr)
     return model
 
 
@@ -760,10 +775,6 @@ def _info(args: argparse.Namespace, message: str) -> None:
 def _warn(args: argparse.Namespace, message: str) -> None:
     message = _command_line_spelling(message, args)
     print(f"sk-padim {args.command}: warning: {message}", file=sys.stderr)
-
-
-def _one_line(error) -> str:
-    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

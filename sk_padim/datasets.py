@@ -1,6 +1,8 @@
 """Datasets: a loader for the MVTec AD folder layout and a built-in defect dataset.
 
-This module sits on top of the estimators and imports nothing from them.
+A module of the front: it lists image files with :func:`sk_padim.images.list_images`
+(also importable from here) and reads categories as the evaluation harness's
+:class:`~sk_padim.evaluation.Category`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from scipy import ndimage
 from skimage import data as skimage_data
 from sklearn.utils import Bunch, check_random_state
 
+from sk_padim.evaluation import Category
+from sk_padim.images import IMAGE_SUFFIXES, list_images
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "find_mvtec_categories",
     "list_images",
     "load_masks",
     "load_mvtec_ad",
+    "load_mvtec_category",
     "make_defect_textures",
     "write_mvtec_layout",
 ]
@@ -30,8 +36,6 @@ __all__ = [
 _SPLITS = ("test", "train")
 _GOOD = "good"
 _MASK_SUFFIX = "_mask.png"
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
-"""File name suffixes read as images (any case) by :func:`list_images`."""
 
 _TEXTURES = ("brick", "grass", "gravel")
 _DEFECT_KINDS = ("hole", "patch", "scratch", "stain")
@@ -43,61 +47,6 @@ _MAX_IMAGE_SIZE = 256  # largest size whose train and test strips stay disjoint
 
 
 # --------------------------------------------------------------------------- loader
-
-
-def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
-    """The image files in a folder, sorted by path.
-
-    Files whose suffix is one of :data:`IMAGE_SUFFIXES` (any case) count as images;
-    hidden files and folders (names starting with ``.``) are left out.
-
-    Parameters
-    ----------
-    folder : str or path-like
-        The folder to list.
-    recursive : bool, default=False
-        Also list the images in its sub-folders, at any depth.
-
-    Returns
-    -------
-    paths : list of str
-        The image files, sorted by their path below ``folder`` (so ``a/1.png`` comes
-        before ``b/0.png``).
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``folder`` is not a folder, or holds no image file.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> from sk_padim.datasets import list_images
-    >>> folder = Path(tempfile.mkdtemp())
-    >>> (folder / "b").mkdir()
-    >>> for name in ["b/0.png", "1.JPG", "notes.txt"]:
-    ...     _ = (folder / name).write_bytes(b"")
-    >>> [Path(path).name for path in list_images(folder)]
-    ['1.JPG']
-    >>> [Path(path).relative_to(folder).as_posix() for path in list_images(folder, True)]
-    ['1.JPG', 'b/0.png']
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Folder not found: {folder}.")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    paths = sorted(
-        path
-        for path in candidates
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and path.is_file()
-    )
-    if not paths:
-        where = f"{folder} or its sub-folders" if recursive else str(folder)
-        raise FileNotFoundError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {where}.")
-    return [str(path) for path in paths]
 
 
 def find_mvtec_categories(folder: str | os.PathLike) -> tuple[Path, list[str]]:
@@ -308,6 +257,41 @@ def load_mvtec_ad(
         return images, target
     masks = _read_masks(images, defect_types, category_dir / "ground_truth", mask_suffix)
     return Bunch(images=images, target=target, masks=masks, defect_types=defect_types)
+
+
+def load_mvtec_category(
+    root: str | os.PathLike, name: str, *, mask_suffix: str = _MASK_SUFFIX
+) -> Category:
+    """Read one category in the MVTec AD layout for :func:`sk_padim.evaluation.evaluate`.
+
+    Parameters
+    ----------
+    root : str or path-like
+        The folder holding the category folder.
+    name : str
+        The category folder's name.
+    mask_suffix : str, default="_mask.png"
+        What follows an image's name in its mask's file name.
+
+    Returns
+    -------
+    category : Category
+        Its images as file paths (:func:`load_mvtec_ad`), its masks as arrays.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sk_padim.datasets import (
+    ...     load_mvtec_category, make_defect_textures, write_mvtec_layout)
+    >>> data = make_defect_textures("grass", n_train=3, random_state=0)
+    >>> root = write_mvtec_layout(data, tempfile.mkdtemp())
+    >>> grass = load_mvtec_category(root, "grass")
+    >>> len(grass.X_train), grass.masks_test.shape
+    (3, (30, 128, 128))
+    """
+    X_train, _ = load_mvtec_ad(root, name, return_X_y=True)
+    test = load_mvtec_ad(root, name, split="test", mask_suffix=mask_suffix)
+    return Category(name, X_train, test.images, test.target, test.masks, test.defect_types)
 
 
 def _existing_dir(path: Path, what: str) -> Path:

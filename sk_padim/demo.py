@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from sk_padim.datasets import make_defect_textures
 from sk_padim.evaluation import Category, CategoryResult, evaluate, padim_pipeline
+from sk_padim.plotting import heatmap_writer
 
 __all__ = ["DEMO_BACKBONE", "run_demo"]
 
@@ -70,6 +72,7 @@ def run_demo(
     dataset = make_defect_textures(
         categories, image_size=image_size, n_train=n_train, random_state=random_state
     )
+    pictures = output is not None and n_heatmaps > 0
     return evaluate(
         padim_pipeline(
             backbone=DEMO_BACKBONE,
@@ -81,6 +84,6 @@ def run_demo(
         list(dataset),
         lambda name: Category.from_textures(name, dataset[name]),
         output=output,
-        n_heatmaps=n_heatmaps,
+        on_scored=heatmap_writer(Path(output) / "heatmaps", n_heatmaps) if pictures else None,
         progress=progress,
     )

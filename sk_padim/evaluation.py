@@ -7,15 +7,19 @@ and measures image AUROC, pixel AUROC and AUPRO (:class:`CategoryResult`).
 :func:`results_table` and :func:`write_results` report the results. ``sk-padim
 evaluate`` and ``sk-padim demo`` are thin wrappers around :func:`evaluate`.
 
-This module sits on top of the estimators, metrics and plotting: the core never imports
-it.
+This module returns numbers; it draws nothing and reads no dataset layout. The front
+does: :func:`sk_padim.datasets.load_mvtec_category` reads a category, and
+:func:`sk_padim.plotting.heatmap_writer` draws each category's maps when passed as
+``evaluate(..., on_scored=...)``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +30,10 @@ from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
 from sk_padim._checks import pixel_masks
-from sk_padim.calibration import f1_optimal_threshold
-from sk_padim.datasets import load_mvtec_ad
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
+from sk_padim.files import atomic_file
 from sk_padim.metrics import aupro, image_auroc, pixel_auroc
-from sk_padim.plotting import save_heatmaps
 
 __all__ = [
     "Category",
@@ -88,7 +90,11 @@ class Category:
     def from_mvtec(
         cls, root: str | os.PathLike, name: str, *, mask_suffix: str = "_mask.png"
     ) -> Category:
-        """Read a category in the MVTec AD layout with :func:`~sk_padim.load_mvtec_ad`.
+        """Deprecated: use :func:`sk_padim.datasets.load_mvtec_category`.
+
+        .. deprecated:: 0.1.0.dev0
+            Reading a dataset layout belongs to the front (:mod:`sk_padim.datasets`),
+            which the evaluation layer does not import; this alias will be removed.
 
         Parameters
         ----------
@@ -102,22 +108,17 @@ class Category:
         Returns
         -------
         category : Category
-            Its images as file paths, its masks as arrays.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> from sk_padim import make_defect_textures, write_mvtec_layout
-        >>> from sk_padim.evaluation import Category
-        >>> data = make_defect_textures("grass", n_train=3, random_state=0)
-        >>> root = write_mvtec_layout(data, tempfile.mkdtemp())
-        >>> grass = Category.from_mvtec(root, "grass")
-        >>> len(grass.X_train), grass.masks_test.shape
-        (3, (30, 128, 128))
         """
-        X_train, _ = load_mvtec_ad(root, name, return_X_y=True)
-        test = load_mvtec_ad(root, name, split="test", mask_suffix=mask_suffix)
-        return cls(name, X_train, test.images, test.target, test.masks, test.defect_types)
+        warnings.warn(
+            "Category.from_mvtec is deprecated; use "
+            "sk_padim.datasets.load_mvtec_category(root, name, mask_suffix=...).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        # Lazy: a deprecated alias into the front, which imports this module.
+        from sk_padim.datasets import load_mvtec_category
+
+        return load_mvtec_category(root, name, mask_suffix=mask_suffix)
 
     @classmethod
     def from_textures(cls, name: str, bunch) -> Category:
@@ -133,6 +134,14 @@ class Category:
         Returns
         -------
         category : Category
+
+        Examples
+        --------
+        >>> from sk_padim import make_defect_textures
+        >>> from sk_padim.evaluation import Category
+        >>> data = make_defect_textures("grass", n_train=3, random_state=0)
+        >>> Category.from_textures("grass", data.grass).masks_test.shape
+        (30, 128, 128)
         """
         return cls(
             name,
@@ -251,8 +260,9 @@ def evaluate(
     load: Callable[[str], Category],
     *,
     output: str | os.PathLike | None = None,
-    n_heatmaps: int = 0,
+    on_scored: Callable[[Category, np.ndarray, np.ndarray], object] | None = None,
     progress: bool = False,
+    n_heatmaps: int | None = None,
 ) -> list[CategoryResult]:
     """Fit a clone of ``estimator`` on each category and evaluate it on its test images.
 
@@ -266,13 +276,16 @@ def evaluate(
         ``load(name) -> Category``; called when the category's turn comes, so only one
         category is in memory at a time.
     output : str or path-like, default=None
-        Folder for ``results.csv``, ``results.md`` and ``heatmaps/<category>/``;
-        nothing is written if None.
-    n_heatmaps : int, default=0
-        Heat-map PNGs to write per defect type (the first test images of each type,
-        ``good`` included), needs ``output`` and matplotlib.
+        Folder for ``results.csv`` and ``results.md``; nothing is written if None.
+    on_scored : callable, default=None
+        Called as ``on_scored(category, maps, masks)`` once a category is scored, with
+        its test maps ``(n_test, H, W)`` and its masks at the maps' size, e.g.
+        :func:`sk_padim.plotting.heatmap_writer` to draw pictures of them.
     progress : bool, default=False
         Show a progress bar over the categories.
+    n_heatmaps : int, default=None
+        Deprecated: pass ``on_scored=heatmap_writer(Path(output) / "heatmaps",
+        n_heatmaps)`` (:func:`sk_padim.plotting.heatmap_writer`) instead.
 
     Returns
     -------
@@ -298,6 +311,8 @@ def evaluate(
     >>> [(result.category, result.n_train, result.n_test) for result in results]
     [('brick', 5, 4), ('grass', 5, 4)]
     """
+    if n_heatmaps is not None:
+        on_scored = _deprecated_heatmaps(output, n_heatmaps, on_scored)
     results = []
     bar = tqdm(names, desc="categories", unit="category", disable=not progress)
     for name in bar:
@@ -305,12 +320,29 @@ def evaluate(
         category = load(name)
         result, maps, masks = _fit_and_score(estimator, category)
         results.append(result)
-        if output is not None and n_heatmaps:
-            folder = Path(output) / "heatmaps" / category.name
-            _save_category_heatmaps(category, maps, masks, folder, n_heatmaps)
+        if on_scored is not None:
+            on_scored(category, maps, masks)
     if output is not None:
         write_results(results, output)
     return results
+
+
+def _deprecated_heatmaps(output, n_heatmaps: int, on_scored) -> Callable | None:
+    """The ``on_scored`` that ``evaluate(n_heatmaps=...)`` stands for, with its warning."""
+    warnings.warn(
+        "evaluate(n_heatmaps=...) is deprecated; pass on_scored=sk_padim.plotting."
+        "heatmap_writer(Path(output) / 'heatmaps', n_heatmaps) instead.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if not n_heatmaps or output is None:
+        return on_scored
+    if on_scored is not None:
+        raise ValueError("Pass on_scored or the deprecated n_heatmaps, not both.")
+    # Lazy: a deprecated parameter drawing with the front, which imports this module.
+    from sk_padim.plotting import heatmap_writer
+
+    return heatmap_writer(Path(output) / "heatmaps", n_heatmaps)
 
 
 def _fit_and_score(estimator: Pipeline, category: Category):
@@ -341,31 +373,6 @@ def _masks_like(masks: np.ndarray | list, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(masks, np.ndarray):
         return pixel_masks(masks, shape)
     return np.concatenate([pixel_masks(mask[None], (1, *shape[1:])) for mask in masks])
-
-
-def _save_category_heatmaps(
-    category: Category, maps: np.ndarray, masks: np.ndarray, folder: Path, n: int
-) -> None:
-    """PNGs of the first ``n`` test images of each defect type, named ``<type>_<i>``.
-
-    The predicted-defect panel thresholds the maps at the pixel threshold with the
-    best F1 on this category's test images, and the verdicts use it.
-    """
-    types = np.asarray(category.defect_types_test)
-    selected, names = [], []
-    for kind in np.unique(types):
-        indices = np.flatnonzero(types == kind)[:n]
-        selected += indices.tolist()
-        names += [f"{kind}_{i:03d}" for i in range(len(indices))]
-    save_heatmaps(
-        [category.X_test[i] for i in selected],
-        maps[selected],
-        folder,
-        masks=[category.masks_test[i] for i in selected],
-        threshold=f1_optimal_threshold(masks, maps),
-        threshold_source="best pixel F1 on tests",
-        names=names,
-    )
 
 
 def results_table(results: Sequence[CategoryResult]) -> str:
@@ -461,11 +468,12 @@ def write_results(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, markdown_path = folder / "results.csv", folder / "results.md"
-    with open(csv_path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(_COLUMNS), lineterminator="\n")
+    with atomic_file(csv_path) as file, io.TextIOWrapper(file, newline="") as text:
+        writer = csv.DictWriter(text, fieldnames=list(_COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows({key: getattr(r, key) for key in _COLUMNS} for r in results)
-    markdown_path.write_text(results_table(results) + "\n")
+    with atomic_file(markdown_path) as file:
+        file.write((results_table(results) + "\n").encode())
     return csv_path, markdown_path
 
 

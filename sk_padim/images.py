@@ -7,7 +7,7 @@ Accepted inputs, checked before any work is done:
   or ``(n, H, W)``, on any device;
 - a list of such single images ``(H, W)`` / ``(H, W, 1)`` / ``(H, W, 3)``, sizes may differ;
 - a list of file paths (``str`` or ``os.PathLike``) or of PIL images;
-- a folder: its image files, sorted (:func:`sk_padim.datasets.list_images`).
+- a folder: its image files, sorted (:func:`list_images`).
 
 Pixel values are ``uint8``-range integers 0-255 or floats in [0, 1]; anything else is an
 error rather than a silent rescale. Grey images are repeated to three channels. RGBA
@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from numbers import Integral
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +37,8 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
+"""File name suffixes read as images (any case) by :func:`list_images`."""
 
 
 def _is_path(item: object) -> bool:
@@ -82,8 +86,6 @@ def check_images(X) -> np.ndarray | torch.Tensor | list:
         _check_pixels(X, "the image array")
         return X
     if isinstance(X, (str, os.PathLike)) and os.path.isdir(X):
-        from sk_padim.datasets import list_images  # datasets reads images with this module
-
         return list_images(X)
     if isinstance(X, (str, os.PathLike)) or not isinstance(X, Sequence):
         raise TypeError(
@@ -108,11 +110,66 @@ def check_images(X) -> np.ndarray | torch.Tensor | list:
             if os.path.isdir(path):
                 raise FileNotFoundError(
                     f"{os.fspath(path)!r} is a directory, not an image file; pass the folder "
-                    "itself as X, or its files: sk_padim.datasets.list_images(folder)."
+                    "itself as X, or its files: sk_padim.images.list_images(folder)."
                 )
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
     return items
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
+    """The image files in a folder, sorted by path.
+
+    Files whose suffix is one of :data:`IMAGE_SUFFIXES` (any case) count as images;
+    hidden files and folders (names starting with ``.``) are left out.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The folder to list.
+    recursive : bool, default=False
+        Also list the images in its sub-folders, at any depth.
+
+    Returns
+    -------
+    paths : list of str
+        The image files, sorted by their path below ``folder`` (so ``a/1.png`` comes
+        before ``b/0.png``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` is not a folder, or holds no image file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from sk_padim.images import list_images
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / "b").mkdir()
+    >>> for name in ["b/0.png", "1.JPG", "notes.txt"]:
+    ...     _ = (folder / name).write_bytes(b"")
+    >>> [Path(path).name for path in list_images(folder)]
+    ['1.JPG']
+    >>> [Path(path).relative_to(folder).as_posix() for path in list_images(folder, True)]
+    ['1.JPG', 'b/0.png']
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Folder not found: {folder}.")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    paths = sorted(
+        path
+        for path in candidates
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+    if not paths:
+        where = f"{folder} or its sub-folders" if recursive else str(folder)
+        raise FileNotFoundError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {where}.")
+    return [str(path) for path in paths]
 
 
 def _check_image_tensor(X: torch.Tensor) -> torch.Tensor:
@@ -332,3 +389,23 @@ def iter_batches(
             ready, pending = pending, pool.submit(load, start)
             yield ready.result()
         yield pending.result()
+
+
+def size_pair(size, name: str) -> tuple[int, int]:
+    """An ``int`` or ``(height, width)`` size parameter as ``(height, width)``, checked.
+
+    Examples
+    --------
+    >>> from sk_padim.images import size_pair
+    >>> size_pair(224, "image_size"), size_pair((64, 128), "map_size")
+    ((224, 224), (64, 128))
+    """
+    if isinstance(size, Integral) and not isinstance(size, bool) and size > 0:
+        return (int(size), int(size))
+    if (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
+        return (int(size[0]), int(size[1]))
+    raise ValueError(f"{name} must be a positive int or (height, width); got {size!r}.")

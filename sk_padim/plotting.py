@@ -9,12 +9,16 @@ never imports it.
 - :class:`ImageScoreDisplay`: the image-level ROC curve and the histograms of the
   image scores of normal and anomalous images.
 - :func:`save_heatmaps`: an :class:`AnomalyMapDisplay` PNG file per image.
+- :func:`heatmap_writer`: pictures of each category that
+  :func:`sk_padim.evaluation.evaluate` scores.
+
+The pictures are written whole or not at all (:func:`sk_padim.files.atomic_file`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 
 from sk_padim._checks import image_labels
+from sk_padim.calibration import f1_optimal_threshold
+from sk_padim.evaluation import Category
+from sk_padim.files import atomic_file
 from sk_padim.images import check_images, read_image
 from sk_padim.metrics import image_auroc
 
@@ -30,6 +37,7 @@ __all__ = [
     "AnomalyMapDisplay",
     "ImageScoreDisplay",
     "check_matplotlib",
+    "heatmap_writer",
     "picture_names",
     "save_heatmaps",
 ]
@@ -747,5 +755,66 @@ def save_heatmaps(
             ax=axes,
         )
         paths.append(folder / f"{name}.png")
-        display.figure_.savefig(paths[-1], dpi=dpi)
+        with atomic_file(paths[-1]) as file:
+            display.figure_.savefig(file, dpi=dpi, format="png")
     return paths
+
+
+def heatmap_writer(
+    folder: str | os.PathLike, n_per_type: int = 2
+) -> Callable[[Category, np.ndarray, np.ndarray], list[Path]]:
+    """Pictures of each evaluated category: ``evaluate(..., on_scored=heatmap_writer(...))``.
+
+    For each category that :func:`sk_padim.evaluation.evaluate` scores, the returned
+    function writes :func:`save_heatmaps` pictures of the first ``n_per_type`` test
+    images of each defect type (``good`` included) to ``<folder>/<category>/``, named
+    ``<type>_000.png``, ``<type>_001.png``, ... The predicted-defect panel and the
+    verdicts use the pixel threshold with the best F1 on that category's test images
+    (:func:`~sk_padim.f1_optimal_threshold`).
+
+    Parameters
+    ----------
+    folder : str or path-like
+        Where the categories' folders go.
+    n_per_type : int, default=2
+        Pictures per defect type and category.
+
+    Returns
+    -------
+    on_scored : callable
+        ``on_scored(category, maps, masks) -> paths``, the pictures written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from sk_padim.evaluation import Category
+    >>> from sk_padim.plotting import heatmap_writer
+    >>> maps = np.zeros((3, 16, 16))
+    >>> masks = np.zeros((3, 16, 16), dtype=bool)
+    >>> maps[2, 4:8, 4:8] = masks[2, 4:8, 4:8] = 1
+    >>> kinds = np.array(["good", "good", "hole"])
+    >>> category = Category("tile", maps, maps, kinds != "good", masks, kinds)
+    >>> paths = heatmap_writer(tempfile.mkdtemp(), 1)(category, maps, masks)
+    >>> [path.relative_to(path.parents[1]).as_posix() for path in paths]
+    ['tile/good_000.png', 'tile/hole_000.png']
+    """
+
+    def on_scored(category: Category, maps: np.ndarray, masks: np.ndarray) -> list[Path]:
+        types = np.asarray(category.defect_types_test)
+        selected, names = [], []
+        for kind in np.unique(types):
+            indices = np.flatnonzero(types == kind)[:n_per_type]
+            selected += indices.tolist()
+            names += [f"{kind}_{i:03d}" for i in range(len(indices))]
+        return save_heatmaps(
+            [category.X_test[i] for i in selected],
+            maps[selected],
+            Path(folder) / category.name,
+            masks=[category.masks_test[i] for i in selected],
+            threshold=f1_optimal_threshold(masks, maps),
+            threshold_source="best pixel F1 on tests",
+            names=names,
+        )
+
+    return on_scored

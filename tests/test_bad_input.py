@@ -383,12 +383,14 @@ def detector(train):
 
 
 def detector_state(detector):
+    """The fitted state through the public API: counts, shapes, threshold, and the maps
+    of a fixed probe (which the Gaussians of every position decide)."""
+    probe = np.random.default_rng(2).normal(size=(2, *detector.feature_shape_))
     return {
         "n_samples_seen_": detector.n_samples_seen_,
         "feature_shape_": detector.feature_shape_,
-        "mean_": detector.mean_.copy(),
-        "packed_covariance_": detector.packed_covariance_.copy(),
         "threshold_": getattr(detector, "threshold_", None),
+        "probe_maps": detector.score_samples(probe.astype(np.float32)),
     }
 
 

@@ -226,8 +226,16 @@ def test_a_single_class_is_refused(level):
 
 def test_unknown_level_is_refused():
     X, masks, _ = validation_set()
-    with pytest.raises(ValueError, match="level must be one of"):
+    with pytest.raises(
+        ValueError, match=r"'level' parameter .* among \{'(image|pixel)', '(image|pixel)'\}"
+    ):
         F1ThresholdCalibrator(MapsFromInput(), level="region").fit(X, masks)
+
+
+def test_an_estimator_without_anomaly_scores_is_refused():
+    X, masks, _ = validation_set()
+    with pytest.raises(TypeError, match="'estimator' parameter .* 'decision_function'"):
+        F1ThresholdCalibrator(object()).fit(X, masks)
 
 
 def test_pixel_level_refuses_image_labels():

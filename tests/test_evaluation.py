@@ -9,6 +9,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import roc_auc_score
 
 from sk_padim import make_defect_textures, write_mvtec_layout
+from sk_padim.datasets import load_mvtec_category
 from sk_padim.evaluation import (
     Category,
     CategoryResult,
@@ -18,6 +19,7 @@ from sk_padim.evaluation import (
     results_table,
     write_results,
 )
+from sk_padim.plotting import heatmap_writer
 
 
 class MapIsImage(BaseEstimator):
@@ -83,7 +85,18 @@ def test_evaluate_measures_each_category_like_scikit_learn(categories, tmp_path)
 
 
 def test_evaluate_writes_results_and_one_picture_per_defect_type(categories, tmp_path):
-    results = evaluate(MapIsImage(), ["a"], categories.__getitem__, output=tmp_path, n_heatmaps=1)
+    results = evaluate(
+        MapIsImage(),
+        ["a"],
+        categories.__getitem__,
+        output=tmp_path,
+        on_scored=heatmap_writer(tmp_path / "heatmaps", 1),
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "heatmaps",
+        "results.csv",
+        "results.md",
+    ]  # no temporary file left
     with open(tmp_path / "results.csv") as file:
         (row,) = csv.DictReader(file)
     assert float(row["image_auroc"]) == results[0].image_auroc
@@ -92,6 +105,21 @@ def test_evaluate_writes_results_and_one_picture_per_defect_type(categories, tmp
     assert pictures == ["crack_000.png", "good_000.png"]
     with Image.open(tmp_path / "heatmaps" / "a" / "crack_000.png") as png:
         assert png.size == (900, 360)  # three panels: the F1 threshold is drawn
+
+
+def test_on_scored_gets_each_category_its_maps_and_masks_at_the_maps_size(categories):
+    seen = []
+    evaluate(MapIsImage(), ["b", "a"], categories.__getitem__, on_scored=lambda *a: seen.append(a))
+    assert [category.name for category, _, _ in seen] == ["b", "a"]
+    for category, maps, masks in seen:
+        np.testing.assert_array_equal(maps, category.X_test)
+        np.testing.assert_array_equal(masks, category.masks_test)
+
+
+def test_deprecated_n_heatmaps_still_writes_the_pictures(categories, tmp_path):
+    with pytest.warns(FutureWarning, match="on_scored=sk_padim.plotting.heatmap_writer"):
+        evaluate(MapIsImage(), ["a"], categories.__getitem__, output=tmp_path, n_heatmaps=1)
+    assert len(list((tmp_path / "heatmaps" / "a").iterdir())) == 2
 
 
 def test_results_table_adds_a_mean_row_with_totals():
@@ -124,14 +152,18 @@ def test_padim_pipeline_puts_both_steps_on_the_device():
     assert params["feat__n_features"] == 20 and params["feat__weights"] is None
 
 
-def test_category_from_mvtec_reads_masks_with_another_suffix(tmp_path):
+def test_load_mvtec_category_reads_masks_with_another_suffix(tmp_path):
     data = make_defect_textures(
         "grass", image_size=32, n_train=2, n_test_good=1, n_test_defective=2, random_state=0
     )
     root = write_mvtec_layout(data, tmp_path)
     for mask in (root / "grass" / "ground_truth").rglob("*_mask.png"):
         mask.rename(mask.with_name(mask.name.replace("_mask", "")))
-    category = Category.from_mvtec(root, "grass", mask_suffix=".png")
+    category = load_mvtec_category(root, "grass", mask_suffix=".png")
     np.testing.assert_array_equal(category.masks_test, data.grass.masks_test)
     np.testing.assert_array_equal(category.y_test, data.grass.y_test)
     assert len(category.X_train) == 2
+    with pytest.warns(FutureWarning, match="load_mvtec_category"):
+        alias = Category.from_mvtec(root, "grass", mask_suffix=".png")
+    np.testing.assert_array_equal(alias.masks_test, category.masks_test)
+    assert alias.X_test == category.X_test
