@@ -9,7 +9,7 @@ from numbers import Integral
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
@@ -424,6 +424,93 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             )
         return self.n_features
 
+    def fitted_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The fitted state as NumPy arrays and a JSON-able record (for file formats).
+
+        Returns
+        -------
+        arrays : dict of str to ndarray
+            ``"channel_indices"`` or ``"projection"``, and the truncated backbone's
+            weights under ``"backbone.<state dict key>"`` (float32), so that the model
+            reloads offline whatever its ``weights`` were.
+        record : dict
+            The fitted shapes, layers and sizes.
+
+        Raises
+        ------
+        TypeError
+            If the backbone is an ``nn.Module``: a module is Python code, which arrays
+            cannot hold.
+
+        See Also
+        --------
+        from_fitted_state : The inverse.
+        """
+        check_is_fitted(self)
+        if not isinstance(self.backbone, str):
+            raise TypeError(
+                f"Cannot store a PatchFeatureTransformer whose backbone is an nn.Module "
+                f"({type(self.backbone).__name__}) as arrays: a module is Python code. "
+                "Export the detector alone (save_npz(pipeline[-1], path)) and rebuild the "
+                "transformer in your code, or use save_model (joblib) for trusted storage."
+            )
+        arrays = {}
+        if hasattr(self, "projection_"):
+            arrays["projection"] = np.asarray(self.projection_, dtype=np.float32)
+        else:
+            arrays["channel_indices"] = np.asarray(self.channel_indices_, dtype=np.int64)
+        for key, tensor in self.backbone_.state_dict().items():
+            arrays["backbone." + key] = tensor.detach().cpu().float().contiguous().numpy()
+        record = {
+            "layers_": list(self.layers_),
+            "layer_channels_": [int(c) for c in self.layer_channels_],
+            "n_features_": int(self.n_features_),
+            "feature_shape_": [int(s) for s in self.feature_shape_],
+            "backbone_digest": self._backbone_digest,
+        }
+        return arrays, record
+
+    @classmethod
+    def from_fitted_state(cls, params: dict, arrays: dict, record: dict) -> PatchFeatureTransformer:
+        """The transformer of :meth:`fitted_state`'s arrays and record, with ``params``.
+
+        The backbone's architecture is built without its weights (no download, no file)
+        and the stored weights are loaded into it.
+
+        Raises
+        ------
+        ValueError
+            If the arrays and record do not fit the rebuilt architecture (e.g. another
+            torchvision version's), or the channel indices or projection are invalid.
+        """
+        feat = cls(**params)
+        # A fixed seed, so that the unused channel draw leaves NumPy's global state alone.
+        shell = clone(feat).set_params(weights=None, random_state=0).fit()
+        for name in ("layers_", "layer_channels_", "n_features_", "feature_shape_"):
+            if np.ravel(getattr(shell, name)).tolist() != np.ravel(record[name]).tolist():
+                raise ValueError(
+                    f"{name} of the rebuilt backbone is {getattr(shell, name)}, the record "
+                    f"says {record[name]} (another torchvision version's architecture?)"
+                )
+        state = {
+            key.removeprefix("backbone."): torch.from_numpy(np.array(value))
+            for key, value in arrays.items()
+            if key.startswith("backbone.")
+        }
+        try:
+            shell.backbone_.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"the stored backbone weights do not fit: {error}") from None
+        for name in ("backbone_", "layers_", "layer_channels_", "n_features_"):
+            setattr(feat, name, getattr(shell, name))
+        for name in ("feature_shape_", "image_size_", "normalization_"):
+            setattr(feat, name, getattr(shell, name))
+        name, reduction = _stored_reduction(arrays, sum(feat.layer_channels_), feat.n_features_)
+        setattr(feat, name, reduction)
+        feat._modules_by_device = PerDeviceCache()
+        feat._backbone_digest = record.get("backbone_digest")
+        return feat
+
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_modules_by_device", None)
@@ -434,6 +521,25 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         tags.input_tags.two_d_array = False
         tags.requires_fit = True
         return tags
+
+
+def _stored_reduction(arrays: dict, n_channels: int, n_features: int) -> tuple[str, np.ndarray]:
+    """``(attribute, array)``: the stored channel indices or projection, checked."""
+    if "projection" in arrays:
+        projection = np.asarray(arrays["projection"], dtype=np.float32)
+        if projection.shape != (n_channels, n_features) or not np.isfinite(projection).all():
+            raise ValueError("the projection is not a finite (channels, n_features) matrix")
+        return "projection_", projection
+    indices = np.asarray(arrays["channel_indices"])
+    if (
+        indices.shape != (n_features,)
+        or indices.dtype.kind not in "iu"
+        or len(np.unique(indices)) != len(indices)
+        or indices.min() < 0
+        or indices.max() >= n_channels
+    ):
+        raise ValueError("the channel indices are not distinct valid channel numbers")
+    return "channel_indices_", indices.astype(np.int64)
 
 
 def _copy_to(module: nn.Module, device: torch.device) -> nn.Module:

@@ -19,10 +19,9 @@ from torch import nn
 
 import sk_padim
 from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
-from sk_padim import detector as detector_module
-from sk_padim import features as features_module
-from sk_padim.gaussian import GaussianStatistics
+from sk_padim import statistics as statistics_module
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
+from sk_padim.statistics import PatchStatistics
 from sk_padim.versioning import VersionMismatchWarning
 
 
@@ -73,9 +72,10 @@ def test_pipeline_round_trips_through_npz_bit_for_bit(fitted, data, tmp_path):
     detector, original = loaded.named_steps["padim"], fitted.named_steps["padim"]
     for name in ("n_samples_seen_", "n_features_in_", "feature_shape_", "threshold_"):
         assert getattr(detector, name) == getattr(original, name)
-    for name in ("mean_", "packed_covariance_"):
-        assert getattr(detector, name).dtype == getattr(original, name).dtype
-        np.testing.assert_array_equal(getattr(detector, name), getattr(original, name))
+    (arrays, _), (expected, _) = detector.fitted_state(), original.fitted_state()
+    for name in ("mean", "scatter"):
+        assert arrays[name].dtype == expected[name].dtype
+        np.testing.assert_array_equal(arrays[name], expected[name])
     np.testing.assert_array_equal(
         loaded.named_steps["feat"].channel_indices_, fitted.named_steps["feat"].channel_indices_
     )
@@ -84,23 +84,39 @@ def test_pipeline_round_trips_through_npz_bit_for_bit(fitted, data, tmp_path):
     np.testing.assert_array_equal(loaded.predict(test), fitted.predict(test))
 
 
-def test_npz_with_unfolded_batch_norms_loads_and_scores_the_same(
-    data, resnet18_weights, tmp_path, monkeypatch
-):
-    # Files written before the batch norms were folded hold their weights unfolded.
-    _, test = data
-    monkeypatch.setattr(features_module, "fold_batch_norms", lambda model, keep: 0)
-    unfolded = make_pipeline(resnet18_weights, map_size=(24, 20)).fit(data[0])
-    save_npz(unfolded, tmp_path / "model.npz")
-    with np.load(tmp_path / "model.npz") as archive:
-        assert any(key.endswith("running_var") for key in archive.files)
-    monkeypatch.undo()
-    loaded = load_npz(tmp_path / "model.npz")
-    modules = loaded.named_steps["feat"].backbone_.modules()
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
-    np.testing.assert_allclose(
-        loaded.score_samples(test), unfolded.score_samples(test), rtol=1e-4, atol=1e-4
+def write_old_format(path, detector):
+    """The layout of the development format 1: attribute-named arrays, format_version 1."""
+    metadata = {
+        "format": "sk-padim-npz",
+        "format_version": 1,
+        "versions": {"sk_padim": sk_padim.__version__, "torch": torch.__version__},
+        "kind": "PadimDetector",
+        "steps": [{"name": None, "class": "PadimDetector", "params": {}, "fitted": {}}],
+    }
+    arrays = detector.fitted_state()[0]
+    np.savez(
+        path,
+        metadata=np.array(json.dumps(metadata)),
+        **{"step0.mean_": arrays["mean"], "step0.packed_covariance_": arrays["scatter"]},
     )
+
+
+def test_files_of_an_earlier_development_format_say_to_refit(small_detector, tmp_path):
+    write_old_format(tmp_path / "old.npz", small_detector)
+    with pytest.raises(ValueError, match=r"earlier development version.*refit it.*old\.npz"):
+        load_npz(tmp_path / "old.npz")
+    # A joblib file of the format 1 detector: fitted attributes, no state format.
+    state = {"reg": 0.01, "mean_": np.zeros((4, 2)), "n_samples_seen_": 3}
+    legacy = PadimDetector.__new__(PadimDetector)
+    with pytest.raises(ValueError, match=r"earlier development version.*refit it") as info:
+        legacy.__setstate__(state)
+    assert "\n" not in str(info.value)
+    joblib.dump(small_detector, tmp_path / "new.joblib")
+    with open(tmp_path / "new.joblib", "rb") as file:
+        data = file.read().replace(b"_state_format", b"_other_format")
+    (tmp_path / "old.joblib").write_bytes(data)
+    with pytest.raises(ValueError, match=r"earlier development version.*old\.joblib"):
+        load_model(tmp_path / "old.joblib")
 
 
 def test_the_archive_holds_only_plain_arrays_and_json(fitted, tmp_path):
@@ -200,14 +216,14 @@ def test_saving_is_atomic_and_keeps_the_exact_name(small_detector, tmp_path, mon
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.v1"]  # no temporary left
     assert path.read_bytes() == saved  # the previous model is intact
-    np.testing.assert_array_equal(load_npz(path).mean_, small_detector.mean_)
+    np.testing.assert_array_equal(load_npz(path).statistics_.mean, small_detector.statistics_.mean)
 
 
 def test_user_module_backbone_cannot_be_exported_and_says_what_to_do(tmp_path):
     feat = PatchFeatureTransformer(
         backbone=nn.Sequential(nn.Conv2d(3, 4, 3)), layers=("0",), n_features=2, image_size=8
     ).fit()
-    with pytest.raises(TypeError, match=r"nn\.Module.*without pickle.*Export the detector alone"):
+    with pytest.raises(TypeError, match=r"nn\.Module.*Python code.*Export the detector alone"):
         save_npz(feat, tmp_path / "module.npz")
     assert not (tmp_path / "module.npz").exists()
 
@@ -290,14 +306,12 @@ def test_broken_npz_files_are_clear_errors_naming_the_file(small_detector, tmp_p
     ("edit", "match"),
     [
         (lambda m, a: m.update(format_version=99), "format_version 99.*upgrade sk-padim"),
-        (lambda m, a: m["steps"][0]["fitted"].update(feature_shape_=[8, 3, 4]), "mean_ has shape"),
+        (lambda m, a: m["steps"][0]["fitted"].update(feature_shape_=[8, 3, 4]), "do not fit"),
         (lambda m, a: m["steps"][0].update({"class": "os.system"}), "unknown class"),
-        (lambda m, a: a.update({"step0.mean_": a["step0.mean_"] * np.nan}), "non-finite"),
+        (lambda m, a: a.update({"step0.mean": a["step0.mean"] * np.nan}), "non-finite"),
         (
-            lambda m, a: a.update(
-                {"step0.packed_covariance_": a["step0.packed_covariance_"][:, :3]}
-            ),
-            "packed_covariance_ has shape",
+            lambda m, a: a.update({"step0.scatter": a["step0.scatter"][:, :3]}),
+            "does not fit",
         ),
     ],
     ids=["newer format", "shape", "class", "NaN statistics", "covariance"],
@@ -370,10 +384,11 @@ def test_load_model_refuses_a_file_that_is_not_joblib(tmp_path):
 
 
 def snapshot(detector):
+    arrays = detector.fitted_state()[0]
     return (
         detector.n_samples_seen_,
-        detector.mean_.copy(),
-        detector.packed_covariance_.copy(),
+        arrays["mean"].copy(),
+        arrays["scatter"].copy(),
         getattr(detector, "threshold_", None),
     )
 
@@ -406,7 +421,7 @@ def test_partial_fit_interrupted_between_batches_keeps_the_last_state(monkeypatc
     before = snapshot(detector)
     probe = rng.normal(size=(2, 3, 2, 2))
     scores = detector.decision_function(probe)
-    interrupt_on_call(monkeypatch, GaussianStatistics, "update", 2)  # between batches 1, 2
+    interrupt_on_call(monkeypatch, PatchStatistics, "update", 2)  # between batches 1, 2
     with pytest.raises(KeyboardInterrupt):
         detector.partial_fit(rng.normal(size=(6, 3, 2, 2)))
     monkeypatch.undo()
@@ -435,7 +450,7 @@ def test_fit_interrupted_while_setting_the_threshold_keeps_the_last_state(monkey
     rng = np.random.default_rng(0)
     detector = PadimDetector().fit(rng.normal(size=(5, 3, 2, 2)))
     before = snapshot(detector)
-    interrupt_on_call(monkeypatch, detector_module, "held_out_distances", 1)
+    interrupt_on_call(monkeypatch, statistics_module, "held_out_distances", 1)
     with pytest.raises(KeyboardInterrupt):
         detector.fit(rng.normal(size=(7, 3, 2, 2)))
     monkeypatch.undo()
