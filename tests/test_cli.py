@@ -451,3 +451,11 @@ def test_model_from_another_version_scores_with_a_one_line_warning(
     warnings = err.splitlines()
     assert warnings and all(line.startswith("sk-padim: warning: ") for line in warnings)
     assert any("saved with sk_padim 0.0.1" in line for line in warnings)
+
+
+def test_a_model_file_appears_whole_or_not_at_all(tmp_path):
+    from sk_padim.cli import _dump
+
+    with pytest.raises(Exception, match="pickle"):
+        _dump(lambda: None, tmp_path / "model.joblib")  # a lambda cannot be pickled
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one

@@ -21,7 +21,6 @@ LAYERS = {
         "backbones",
         "devices",
         "embedding",
-        "feature_cache",
         "images",
         "mahalanobis",
         "model",
@@ -31,7 +30,7 @@ LAYERS = {
         "statistics",
         "whitening",
     },
-    "estimators": {"detector", "features", "pipelines"},
+    "estimators": {"detector", "feature_cache", "features", "pipelines"},
     "evaluation": {"calibration", "evaluation", "metrics", "model_selection"},
     "front": {
         "cli",
@@ -132,11 +131,6 @@ def test_front_and_core_are_apart_in_both_directions():
     assert eager.isdisjoint({"plotting", "datasets"})
 
 
-@pytest.mark.xfail(
-    reason="issue 21 item 6: mahalanobis.py, model.py and feature_cache.py import "
-    "scikit-learn; being removed by their owners (drop this mark then)",
-    strict=False,
-)
 def test_the_torch_core_imports_no_scikit_learn():
     users = []
     for name in sorted(LAYERS["core"]):
