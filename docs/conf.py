@@ -189,7 +189,10 @@ sphinx_gallery_conf = {
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"sk-padim {release}"
-html_static_path: list[str] = []
+# Only the stylesheet: docs/_static/screenshots/ are pictures of the site for the
+# repository, not part of it.
+html_static_path = ["_static/css"]
+html_css_files = ["sk_padim.css"]
 html_theme_options = {
     "navbar_align": "left",
     "show_toc_level": 2,
