@@ -191,18 +191,23 @@ def main() -> None:
         rows.append((n_workers, median, peak))
         traffic.append((n_workers, fit_bytes, score_bytes))
         local, remote = results["local fit"][-1], distributed[-1]
+        local_stats, remote_stats = local.statistics_, remote.statistics_
         checks.append(
             (
                 n_workers,
-                float(np.abs(remote.mean_ - local.mean_).max()),
-                float(np.abs(remote.packed_covariance_ - local.packed_covariance_).max()),
+                float((remote_stats.mean - local_stats.mean).abs().max()),
+                float(
+                    (remote_stats.covariance(slice(None)) - local_stats.covariance(slice(None)))
+                    .abs()
+                    .max()
+                ),
                 abs(remote.threshold_ - local.threshold_) / local.threshold_,
                 float(np.abs(results["distributed scoring"] - results["local scoring"]).max()),
             )
         )
 
     d, h, w = fitted[-1].feature_shape_
-    model_mib = (fitted[-1].mean_.nbytes + fitted[-1].packed_covariance_.nbytes) / 2**20
+    model_mib = sum(array.nbytes for array in fitted[-1].fitted_state()[0].values()) / 2**20
     feat_mib = len(pickle.dumps(fitted[0])) / 2**20
     print(
         f"{args.backbone}, d={args.n_features}, {args.image_size} px, {n} PNG images "

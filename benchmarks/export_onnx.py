@@ -50,7 +50,7 @@ def run(args, folder: str) -> dict:
     train = synthetic_images(args.n_train, args.image_size, seed=0)
     test = synthetic_images(args.n_test, args.image_size, seed=1)
     pipe.fit(train)
-    n_positions, d = pipe[-1].mean_.shape
+    n_positions, d = pipe[-1].statistics_.n_positions, pipe[-1].statistics_.n_features
     sizes, rates, differences = {}, {"python pipeline": []}, {}
     sessions = {}
     for storage in args.storage:

@@ -41,17 +41,16 @@ import numpy as np
 import torch
 from bench_data import synthetic_images
 from PIL import Image
-from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer, image_auroc, pixel_auroc
 from sk_padim.backbones import TruncatedBackbone, load_backbone
 from sk_padim.devices import resolve_device
-from sk_padim.gaussian import GaussianStatistics, factorise_statistics
 from sk_padim.images import iter_batches
-from sk_padim.mahalanobis import PatchGaussians, positions_per_chunk
+from sk_padim.mahalanobis import PatchGaussians
 from sk_padim.model import PatchScorer
 from sk_padim.postprocess import AnomalyMapGenerator
+from sk_padim.statistics import PatchStatistics
 
 
 def with_defects(images: np.ndarray, seed: int):
@@ -118,14 +117,12 @@ def staged_fit(feat, detector, images, timer) -> PatchGaussians:
     """The fit path through the library's stages; returns the fitted Gaussians."""
     d, h, w = feat.feature_shape_
     device = resolve_device(feat.device)
-    stats = GaussianStatistics.empty(h * w, d, device)
-    chunk = positions_per_chunk(device, feat.batch_size + 1, d)
+    stats = PatchStatistics.empty(h * w, d, device)
     for features in _staged_features(feat, images, "fit", timer):
         with torch.inference_mode(), timer("fit: statistics update"):
-            stats.update(features, chunk)
+            stats.update(features)
     with timer("fit: factorisation"):
-        mean = stats.mean
-        return PatchGaussians(mean, factorise_statistics(stats, detector.reg)[1])
+        return stats.gaussians(detector.reg)
 
 
 def staged_score(feat, detector, images, gaussians, timer):
@@ -175,8 +172,7 @@ def peak_rss_mb() -> float:
 
 
 def model_sizes_mb(pipe) -> tuple[float, float]:
-    detector = pipe.named_steps["padim"]
-    arrays = [v for v in vars(detector).values() if isinstance(v, np.ndarray)]
+    arrays = pipe.named_steps["padim"].fitted_state()[0].values()
     params = pipe.named_steps["feat"].backbone_.parameters()
     in_memory = sum(a.nbytes for a in arrays) + sum(p.numel() * 4 for p in params)
     with tempfile.TemporaryDirectory() as folder:
@@ -189,8 +185,9 @@ def model_sizes_mb(pipe) -> tuple[float, float]:
 def float16_copy(pipe) -> Pipeline:
     """The pipeline with ``covariance_dtype="float16"``: what its ``fit`` would store."""
     detector = pipe.named_steps["padim"]
-    half = clone(detector).set_params(covariance_dtype="float16", threshold=detector.threshold_)
-    half.set_statistics(detector.statistics(), detector.feature_shape_)
+    params = {**detector.get_params(), "covariance_dtype": "float16"}
+    params["threshold"] = detector.threshold_
+    half = PadimDetector.from_statistics(detector.statistics_, detector.feature_shape_, **params)
     return Pipeline([pipe.steps[0], ("padim", half)])
 
 

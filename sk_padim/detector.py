@@ -211,6 +211,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         self : PadimDetector
         """
+        self._validate_params()  # scikit-learn skips it once fitted; set_params may have run
         self._check_map_size()
         features = _check_features(X)
         device = resolve_device(self.device)
@@ -646,12 +647,18 @@ def _check_features(X) -> torch.Tensor:
 
 
 def _check_feature_shape_matches(features: torch.Tensor, fitted_shape) -> None:
-    if tuple(features.shape[1:]) != tuple(fitted_shape):
-        raise ValueError(
-            f"Features have shape (d, h, w) = {tuple(features.shape[1:])} but the "
-            f"detector was fitted on {tuple(fitted_shape)}; use the same transformer "
-            "settings (n_features, layers, image_size) as for fitting."
-        )
+    shape = tuple(features.shape[1:])
+    if shape == tuple(fitted_shape):
+        return
+    count = ""
+    if shape[0] != fitted_shape[0]:  # scikit-learn's wording for the feature count
+        count = f"X has {shape[0]} features, but PadimDetector is expecting {fitted_shape[0]} "
+        count += "features as input. "
+    raise ValueError(
+        f"{count}Features have shape (d, h, w) = {shape} but the detector was fitted on "
+        f"{tuple(fitted_shape)}; use the same transformer settings (n_features, layers, "
+        "image_size) as for fitting."
+    )
 
 
 def _check_gaussians_shape(gaussians: PatchGaussians, shape) -> None:

@@ -220,7 +220,7 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -
         backbone = module.model.embedding.backbone.model_name
         raise ValueError(
             f"The model could not be exported to ONNX; its backbone is {backbone}: "
-            f"{type(error).__name__}: {one_line(str(error))}. A custom backbone must be "
+            f"{type(error).__name__}: {one_line(error, limit=300)}. A custom backbone must be "
             "traceable by torch.jit.trace and use operators ONNX has."
         ) from error
 

@@ -95,8 +95,14 @@ class PadimModel(nn.Module):
 
     @classmethod
     def from_pipeline(cls, pipeline, device: str | torch.device = "cpu") -> PadimModel:
-        """The model of a fitted ``Pipeline([transformer, detector])``, on ``device``."""
-        from sk_padim.pipelines import padim_steps  # the estimators build on this module
+        """The model of a fitted ``Pipeline([transformer, detector])``, on ``device``.
 
-        (_, feat), (_, detector) = padim_steps(pipeline, "from_pipeline", fitted=True)
-        return cls(feat.to_module(device), detector.to_module(device)).eval()
+        Each step's ``to_module(device)`` gives its stage.
+        """
+        steps = [step for _, step in getattr(pipeline, "steps", ())]
+        if len(steps) != 2 or not all(hasattr(step, "to_module") for step in steps):
+            raise TypeError(
+                "from_pipeline needs a fitted Pipeline([(name, PatchFeatureTransformer(...)), "
+                f"(name, PadimDetector(...))]); got {type(pipeline).__name__}."
+            )
+        return cls(steps[0].to_module(device), steps[1].to_module(device)).eval()

@@ -124,22 +124,11 @@ NOT_APPLICABLE = {
     "F1ThresholdCalibrator": {**_COMMON, **_DETECTOR},
 }
 
-# check name -> the failure and the fix it waits for (in detector.py / features.py).
-_FEATURE_COUNT = (
-    "features with another d than n_features_in_ get a ValueError without "
-    "scikit-learn's wording; fix: detector.py's check of the feature shape at scoring "
-    "starts its message with f'X has {d} features, but PadimDetector is expecting "
-    "{self.n_features_in_} features as input.' when d differs (then its hint)"
-)
+# check name -> the failure and the fix it waits for (none left).
 EXPECTED_FAILURES: dict[str, dict[str, str]] = {
-    "PadimDetector": {"check_n_features_in_after_fitting": _FEATURE_COUNT},
-    "PatchFeatureTransformer": {
-        "check_transformer_preserve_dtypes": "transform gives float32 features from "
-        "float64 images, as documented, but the tags claim preserves_dtype=['float64']; "
-        "fix: features.py __sklearn_tags__ sets "
-        "tags.transformer_tags.preserves_dtype = ['float32']",
-    },
-    "F1ThresholdCalibrator": {"check_n_features_in_after_fitting": _FEATURE_COUNT},
+    "PadimDetector": {},
+    "PatchFeatureTransformer": {},
+    "F1ThresholdCalibrator": {},
 }
 
 
