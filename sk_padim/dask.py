@@ -177,7 +177,7 @@ def fit_distributed(
     if partition_size is None:
         image_bytes = 4 * math.prod(fitted_feat.feature_shape_)
         partition_size = _fit_partition_size(len(paths), workers, image_bytes)
-    score = detector.threshold is None and len(paths) >= 2
+    score = len(paths) >= 2  # the held-out maps set threshold_ and pixel_threshold_
     statistics, distances = _submit_fit(
         client,
         fitted_feat,
@@ -206,7 +206,7 @@ def fit_distributed(
 
     shape = fitted_feat.feature_shape_
     grids = None
-    if score:  # what PadimDetector.fit sets: the highest held-out image score
+    if score:  # what PadimDetector.fit sets from the held-out maps
         joined = torch.from_numpy(np.concatenate(results[n_ranges:], axis=1))
         # A batch of maps at a time: all n full-size maps at once would not fit for large n.
         grids = joined.view(len(paths), *shape[1:]).split(detector.batch_size)

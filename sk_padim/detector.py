@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from numbers import Integral, Real
 
@@ -78,6 +80,14 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         :meth:`merge` do not score training images and set ``threshold_`` only from an
         explicit ``threshold``. For a threshold tuned on labelled data, use
         :class:`sk_padim.F1ThresholdCalibrator`.
+    pixel_quantile : float, default=0.999
+        :meth:`fit` sets ``pixel_threshold_``, the pixel score that defect regions are
+        cut at, to this quantile of the pixels of the training images' leave-one-out
+        maps (the same maps as ``threshold_``'s). On normal images like the training
+        ones, a fraction ``1 - pixel_quantile`` of pixels (0.1 % by default) is expected
+        at or above it: the false-positive pixel rate it implies. No defect masks are
+        needed; with masks, :class:`sk_padim.F1ThresholdCalibrator` (``level="pixel"``)
+        tunes a pixel threshold instead.
     covariance_dtype : {"float32", "float16"}, default="float32"
         How the fitted Gaussians are stored. ``"float32"``: the statistics
         (``statistics_``), so the model can be merged, trained further with
@@ -108,6 +118,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         ``(d, h, w)`` of the training features.
     threshold_ : float
         See ``threshold``.
+    pixel_threshold_ : float
+        See ``pixel_quantile``.
 
     See Also
     --------
@@ -132,6 +144,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         "truncate": [Interval(Real, 0, None, closed="neither")],
         "map_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "threshold": [Real, None],
+        "pixel_quantile": [Interval(Real, 0, 1, closed="both")],
         "covariance_dtype": [StrOptions({"float32", "float16"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
@@ -144,6 +157,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         truncate: float = 4.0,
         map_size: int | tuple[int, int] | None = None,
         threshold: float | None = None,
+        pixel_quantile: float = 0.999,
         covariance_dtype: str = "float32",
         batch_size: int = 32,
         device: str | torch.device = "auto",
@@ -153,6 +167,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self.truncate = truncate
         self.map_size = map_size
         self.threshold = threshold
+        self.pixel_quantile = pixel_quantile
         self.covariance_dtype = covariance_dtype
         self.batch_size = batch_size
         self.device = device
@@ -183,11 +198,19 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         # interrupt leaves the detector as it was.
         stats = self._accumulate(features, None, device)
         gaussians = stats.gaussians(self.reg, self.covariance_dtype)
-        threshold = self.threshold
-        if threshold is None and stats.count >= 2:
-            threshold = self._held_out_maximum(stats, gaussians, features, device)
+        thresholds = (self.threshold, None)
+        if stats.count >= 2:
+            thresholds = self._held_out_thresholds(stats, gaussians, features, device)
+        else:
+            warnings.warn(
+                "Fitting on one image: its covariances are reg * I and threshold_ and "
+                "pixel_threshold_ stay unset (they need two images or more). Fit on more "
+                "images of good parts.",
+                UserWarning,
+                stacklevel=3,  # the caller of fit, past scikit-learn's _fit_context
+            )
         kept = None if self.covariance_dtype == "float16" else stats
-        self._set_fitted(features.shape[1:], stats.count, kept, gaussians, threshold)
+        self._set_fitted(features.shape[1:], stats.count, kept, gaussians, thresholds)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -220,7 +243,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             previous = self._trainable_statistics("train further").to(device).copy()
             _check_feature_shape_matches(features, self.feature_shape_)
         stats = self._accumulate(features, previous, device)
-        self._set_fitted(features.shape[1:], stats.count, stats, threshold=self.threshold)
+        self._set_fitted(features.shape[1:], stats.count, stats, thresholds=(self.threshold, None))
         return self
 
     def merge(self, other: PadimDetector) -> PadimDetector:
@@ -307,14 +330,16 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 f"Statistics of {statistics.n_positions} positions and "
                 f"{statistics.n_features} features do not fit feature_shape={feature_shape}."
             )
-        threshold = detector.threshold
-        if threshold is None and held_out_distances is not None:
+        thresholds = (detector.threshold, None)
+        if held_out_distances is not None:
             device = resolve_device(detector.device)
-            threshold = detector._highest_score(held_out_distances, (d, h, w), device)
+            thresholds = detector._thresholds_of(
+                held_out_distances, (d, h, w), statistics.count, device
+            )
         half = detector.covariance_dtype == "float16"
         gaussians = statistics.gaussians(detector.reg, "float16") if half else None
         kept = None if half else statistics
-        detector._set_fitted((d, h, w), statistics.count, kept, gaussians, threshold)
+        detector._set_fitted((d, h, w), statistics.count, kept, gaussians, thresholds)
         return detector
 
     def score_samples(self, X) -> np.ndarray | torch.Tensor:
@@ -418,8 +443,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             "n_samples_seen_": int(self.n_samples_seen_),
             "feature_shape_": [int(size) for size in self.feature_shape_],
         }
-        if hasattr(self, "threshold_"):
-            record["threshold_"] = float(self.threshold_)
+        for name in ("threshold_", "pixel_threshold_"):
+            if hasattr(self, name):
+                record[name] = float(getattr(self, name))
         if self.statistics_ is not None:
             return self.statistics_.arrays(), record
         gaussians = self._stored_gaussians
@@ -466,8 +492,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             if (stats.n_positions, stats.n_features) != (shape[1] * shape[2], shape[0]):
                 raise ValueError(f"the statistics do not fit feature_shape_={shape}")
             detector._set_fitted(shape, count, stats)
-        if "threshold_" in record:
-            detector.threshold_ = float(record["threshold_"])
+        for name in ("threshold_", "pixel_threshold_"):
+            if name in record:
+                setattr(detector, name, float(record[name]))
         return detector
 
     def _trainable_statistics(self, action: str) -> PatchStatistics:
@@ -491,8 +518,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             raise FloatingPointError(_OVERFLOW)
         return stats
 
-    def _held_out_maximum(self, stats, gaussians, features, device) -> float:
-        """The highest image score of a training image under the model without it.
+    def _held_out_thresholds(self, stats, gaussians, features, device) -> tuple[float, float]:
+        """``threshold_`` and ``pixel_threshold_`` from the training images' held-out maps.
 
         Scores of the training images under the model fitted on all of them are far too
         low (with fewer images than ``d``, each one lies almost in its own Gaussian's
@@ -505,25 +532,52 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 stats.held_out_distances(gaussians, batch)
                 for batch in self._batches(features, device)
             )
-            return self._highest_score(grids, features.shape[1:], device)
+            return self._thresholds_of(grids, features.shape[1:], len(features), device)
 
-    def _highest_score(self, grids, shape, device) -> float:
-        """The highest image score of the maps of distance grids (an iterable of batches)."""
+    def _thresholds_of(self, grids, shape, n_images: int, device) -> tuple[float, float]:
+        """The explicit ``threshold`` or the highest image score of the maps of held-out
+        distance grids (an iterable of batches), and the ``pixel_quantile`` of their pixels.
+
+        The quantile is exact (NumPy's linear interpolation) from the largest pixel
+        values alone, so memory does not grow with the images.
+        """
         maps = self._map_generator(shape, device)
+        height, width = self._map_size(shape)
+        total = n_images * height * width
+        rank = self.pixel_quantile * (total - 1)
+        keep = total - math.floor(rank)  # the values from rank's lower neighbour up
+        highest, top = -math.inf, torch.empty(0, device=device)
         with torch.inference_mode():
-            return max(float(maps.maps_and_scores(batch.to(device))[1].max()) for batch in grids)
+            for batch in grids:
+                batch_maps, scores = maps.maps_and_scores(batch.to(device))
+                highest = max(highest, float(scores.max()))
+                values = torch.cat([top, batch_maps.flatten()])
+                top = torch.topk(values, min(keep, len(values)), sorted=False).values
+        ascending = np.sort(top.double().cpu().numpy())
+        fraction = rank - math.floor(rank)
+        pixel = ascending[0] + fraction * (ascending[min(1, len(ascending) - 1)] - ascending[0])
+        threshold = highest if self.threshold is None else self.threshold
+        return float(threshold), float(pixel)
 
     def _set_fitted(
-        self, shape, count: int, statistics, gaussians=None, threshold=None, factor_reg=None
+        self,
+        shape,
+        count: int,
+        statistics,
+        gaussians=None,
+        thresholds=(None, None),
+        factor_reg=None,
     ) -> None:
         """Replace the fitted state at once.
 
         ``statistics`` (None for float16 models) and/or ``gaussians``, factorised with
         ``factor_reg`` (default: ``reg``); without statistics the Gaussians are the model,
-        with them they are kept only to score with.
+        with them they are kept only to score with. ``thresholds``: ``threshold_`` and
+        ``pixel_threshold_``, each set unless None.
         """
         d, h, w = (int(size) for size in shape)
         vars(self).pop("threshold_", None)
+        vars(self).pop("pixel_threshold_", None)
         self.n_samples_seen_ = int(count)
         self.n_features_in_ = d
         self.feature_shape_ = (d, h, w)
@@ -534,8 +588,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             self._factor_reg = float(self.reg if factor_reg is None else factor_reg)
         elif gaussians is not None:
             self._gaussians_by_device.put((gaussians.mean_high.device, self.reg), gaussians)
+        threshold, pixel_threshold = thresholds
         if threshold is not None:
             self.threshold_ = float(threshold)
+        if pixel_threshold is not None:
+            self.pixel_threshold_ = float(pixel_threshold)
 
     def _gaussians(self, device: torch.device) -> PatchGaussians:
         """The fitted Gaussians on ``device``, factorised or moved there once."""

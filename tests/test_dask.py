@@ -208,13 +208,16 @@ def test_range_owners_fit_their_positions_from_every_partitions_features(distrib
     assert not any(_transfers(task) for task in distances.values())
 
 
-def test_with_a_threshold_the_ranges_are_fitted_alike_and_nothing_is_scored(client, image_paths):
+def test_with_a_threshold_the_ranges_are_fitted_alike(client, image_paths):
     train, _ = image_paths
     with distributed.get_task_stream(client) as stream:
         pipe = fit_distributed(make_pipeline(threshold=1.0), train, client, partition_size=6)
     assert_same_model(pipe[-1], local_detector(pipe, train, threshold=1.0))
+    assert pipe[-1].threshold_ == 1.0
+    expected = local_detector(pipe, train).pixel_threshold_
+    assert pipe[-1].pixel_threshold_ == pytest.approx(expected, rel=1e-4)
     by_kind = _tasks_by_kind(stream.data)
-    assert sorted(by_kind["range"]) == ["0", "1"] and "distances" not in by_kind
+    assert sorted(by_kind["range"]) == ["0", "1"] == sorted(by_kind["distances"])
 
 
 def test_default_partitions_are_sized_from_the_cluster(client, image_paths, local_fit):

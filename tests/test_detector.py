@@ -371,6 +371,39 @@ def test_fit_with_only_anomalous_labels_is_an_error(features):
         PadimDetector().fit(features[0], np.ones(len(features[0])))
 
 
+def test_pixel_threshold_is_the_quantile_of_the_held_out_maps(features):
+    train, _ = features
+    detector = PadimDetector(pixel_quantile=0.97, batch_size=7).fit(train)
+    stats = detector.statistics_
+    distances = stats.held_out_distances(stats.gaussians(0.01), torch.from_numpy(train))
+    maps = detector.to_module("cpu").maps(distances).numpy()
+    assert detector.pixel_threshold_ == pytest.approx(np.quantile(maps, 0.97), rel=1e-6)
+    assert detector.threshold_ == pytest.approx(maps.max(), rel=1e-6)
+    explicit = PadimDetector(threshold=1.0, pixel_quantile=1.0).fit(train)
+    assert explicit.threshold_ == 1.0
+    assert explicit.pixel_threshold_ == pytest.approx(maps.max(), rel=1e-6)
+
+
+def test_pixel_threshold_flags_the_requested_share_of_new_normal_pixels():
+    rng = np.random.default_rng(3)
+    mixing = rng.normal(size=(4, 4))
+    train, test = (
+        np.einsum("nkhw,kd->ndhw", rng.normal(size=(n, 4, 6, 6)), mixing).astype(np.float32)
+        for n in (300, 300)
+    )
+    detector = PadimDetector(pixel_quantile=0.99, sigma=1.0).fit(train)
+    flagged = (detector.score_samples(test) >= detector.pixel_threshold_).mean()
+    assert 0.005 <= flagged <= 0.02  # the requested 1 %, within sampling noise
+
+
+def test_fitting_one_image_warns_and_sets_no_threshold(features):
+    with pytest.warns(UserWarning, match="one image.*two images or more"):
+        detector = PadimDetector().fit(features[0][:1])
+    assert not hasattr(detector, "threshold_") and not hasattr(detector, "pixel_threshold_")
+    with pytest.raises(NotFittedError, match="fit on two or more images"):
+        detector.predict(features[1])
+
+
 def test_held_out_distances_and_scores_are_under_the_model_without_each_image():
     X = np.random.default_rng(0).normal(size=(12, 3, 2, 2)).astype(np.float32)
     detector = PadimDetector(sigma=0, map_size=(2, 2)).fit(X)  # maps are the distances
