@@ -205,6 +205,9 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -
             # The TorchScript exporter is deprecated in favour of one that needs
             # onnxscript; it exports these graphs exactly, so its notices are muted.
             warnings.simplefilter("ignore", DeprecationWarning)
+            # Notes that a Slice of step > 1 is not constant-folded: folding is off anyway
+            # (it would unpack the factors into the file).
+            warnings.filterwarnings("ignore", "Constant folding", UserWarning)
             torch.onnx.export(
                 module,
                 (example,),
