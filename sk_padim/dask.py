@@ -87,25 +87,25 @@ def fit_distributed(
     model hub). Each worker gets a contiguous share of ``paths`` (in proportion to its
     threads), cut into partitions. A task per partition extracts its features, which
     stay on that worker. The positions of the feature grid are cut into one range per
-    worker, and a range's owner makes the range's model (the factorisation is shared
-    out, not repeated): from every partition's features of the range, which it
-    receives, or, with an explicit ``threshold``, from every worker's statistics of it
-    (each worker folds its partitions into its own statistics,
-    :meth:`PadimDetector.accumulate`, and ships one partial, in pieces). The ranges'
-    models come back and are joined (:meth:`PadimDetector.join_positions`); no
-    model-sized object is sent to every worker. The fitted pipeline equals
-    ``pipeline.fit`` on the same images to float32 rounding, ``threshold_`` included,
-    whatever the partitions and the number of workers; the order of accumulation is
-    fixed by the order of ``paths`` and the workers, so reruns on the same cluster give
-    the same model.
+    worker, and a range's owner accumulates the range's statistics
+    (:class:`~sk_padim.statistics.PatchStatistics`) from every partition's features of
+    the range, which it receives, in the order of ``paths``. The ranges' statistics come
+    back and are joined (:meth:`PatchStatistics.join
+    <sk_padim.statistics.PatchStatistics.join>`) into the model
+    (:meth:`PadimDetector.from_statistics`); no model-sized object is sent to every
+    worker. The statistics equal those of ``pipeline.fit`` on the same images to the
+    float32 rounding of the features, which the backbone computes in other batches (and
+    threads) here than in one process; the order of accumulation is fixed by the order
+    of ``paths`` and the workers, so reruns on the same cluster give the same model.
 
-    **Threshold**: with ``threshold=None`` the detector's ``threshold_`` is, as after
-    :meth:`PadimDetector.fit`, the highest leave-one-out score of a training image
-    (:meth:`PadimDetector.held_out_scores`): each range's owner computes the held-out
-    distances of its range's features (:meth:`PadimDetector.held_out_distances`; the
-    backbone runs once per image) while its model travels to the client, which makes
-    the maps. An explicit ``threshold`` is used as it is, and each partition's features
-    are released once folded.
+    **Thresholds**: ``threshold_`` (unless ``threshold`` is given) and
+    ``pixel_threshold_`` are, as after :meth:`PadimDetector.fit`, the highest
+    leave-one-out image score and the ``pixel_quantile`` of the leave-one-out maps:
+    each range's owner factorises its range and computes the held-out distances of its
+    range's features (the backbone runs once per image) while its statistics travel to
+    the client, which makes the maps. With fewer images than ``d``, the leave-one-out
+    distances amplify the features' rounding differences, so ``threshold_`` may differ
+    from a local fit's by more than the statistics do (see ``docs/scale_out.md``).
 
     **Failures**: a task that raises is retried up to ``retries`` times (tasks are
     deterministic, so a retried fit gives the same model); a worker that dies has its
@@ -309,14 +309,14 @@ def score_distributed(
 ) -> da.Array:
     """Image anomaly scores of many image files, computed on a Dask cluster.
 
-    The fitted transformer and detector are broadcast to the workers, the detector with
-    its whitening factors (:meth:`PadimDetector.scoring_copy`: factorised once, on the
-    client, and cached there for the next calls); each task scores one partition of
-    ``paths``, a batch at a time (the next batch is decoded while the backbone runs on
-    this one), so a task's memory does not grow with its partition. The tasks are
-    submitted at once and run in the background, wherever a thread is free; the
-    returned Dask array is backed by their results, in the order of ``paths``. Scores
-    equal ``pipeline.decision_function(paths)`` (higher means more anomalous).
+    The fitted transformer and the detector's scoring module are broadcast to the
+    workers, the module with its whitening factors (:meth:`PadimDetector.to_module`:
+    factorised once, on the client, and kept there for the next calls); each task scores
+    one partition of ``paths``, a batch at a time (the next batch is decoded while the
+    backbone runs on this one), so a task's memory does not grow with its partition. The
+    tasks are submitted at once and run in the background, wherever a thread is free;
+    the returned Dask array is backed by their results, in the order of ``paths``.
+    Scores equal ``pipeline.decision_function(paths)`` (higher means more anomalous).
 
     The model is sent with every call; to score many sets of images with one model,
     send it once with :class:`DistributedScorer`.
@@ -374,8 +374,7 @@ def score_distributed(
 
 
 class DistributedScorer:
-    """A fitted pipeline kept on a Dask cluster's workers, to score images there call
-    after call.
+    """A fitted pipeline kept on a Dask cluster's workers, to score images call after call.
 
     :func:`score_distributed` sends the model from the client at each call: the
     transformer's weights and the detector's whitening factors, 74 MiB for ResNet-18
@@ -428,12 +427,21 @@ class DistributedScorer:
 
         Parameters
         ----------
-        paths, partition_size, heatmap_dir, torch_threads, retries
-            As in :func:`score_distributed`.
+        paths : sequence of str or os.PathLike
+            Image files, readable by the workers at these paths.
+        partition_size : int or None, default=None
+            Images per task, as in :func:`score_distributed`.
+        heatmap_dir : str, os.PathLike or None, default=None
+            Where to write the anomaly maps, as in :func:`score_distributed`.
+        torch_threads : int or None, default=None
+            Torch threads per task, as in :func:`score_distributed`.
+        retries : int, default=0
+            Times Dask reruns a task that raised.
 
         Returns
         -------
         scores : dask.array.Array of shape (n,), float32
+            Chunked by partition, in the order of ``paths``.
         """
         model = self._model  # read once: another thread may close the scorer
         if model is None:

@@ -188,6 +188,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Returns
         -------
         self : PadimDetector
+            The fitted detector.
         """
         self._check_map_size()
         features = _check_features(X)
@@ -228,11 +229,13 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         ----------
         X : array-like or Tensor of shape (n, d, h, w)
             Features of normal images.
-        y : ignored
+        y : None
+            Ignored; present for scikit-learn's API.
 
         Returns
         -------
         self : PadimDetector
+            The detector, with the images added.
         """
         self._validate_params()  # scikit-learn skips it once fitted; set_params may have run
         self._check_map_size()
@@ -263,6 +266,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Returns
         -------
         merged : PadimDetector
+            A new detector fitted on both operands' images.
         """
         if not isinstance(other, PadimDetector):
             raise TypeError(f"Can only merge a PadimDetector; got {type(other).__name__}.")
@@ -380,10 +384,12 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like, Tensor or DeviceFeatures of shape (n, d, h, w)
+            Features of the images to label.
 
         Returns
         -------
         labels : ndarray or Tensor of shape (n,), int
+            +1 for normal images, -1 for anomalous ones.
         """
         check_is_fitted(self)
         if not hasattr(self, "threshold_"):
@@ -415,6 +421,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Returns
         -------
         scorer : sk_padim.model.PatchScorer
+            The Gaussians and the map generator, on ``device``.
         """
         check_is_fitted(self)
         self._validate_params()  # set_params may have run since fit
@@ -424,7 +431,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         return PatchScorer(self._gaussians(device), maps)
 
     def fitted_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """The fitted state as NumPy arrays and a JSON-able record (for file formats).
+        """Give the fitted state as NumPy arrays and a JSON-able record (for file formats).
 
         Returns
         -------
@@ -458,7 +465,21 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     @classmethod
     def from_fitted_state(cls, params: dict, arrays: dict, record: dict) -> PadimDetector:
-        """The detector of :meth:`fitted_state`'s arrays and record, with ``params``.
+        """Rebuild a detector from :meth:`fitted_state`'s arrays and record.
+
+        Parameters
+        ----------
+        params : dict
+            The detector's parameters (``get_params()``).
+        arrays : dict of str to ndarray
+            The arrays of :meth:`fitted_state`.
+        record : dict
+            The record of :meth:`fitted_state`.
+
+        Returns
+        -------
+        detector : PadimDetector
+            Fitted, scoring as the detector the state came from.
 
         Raises
         ------

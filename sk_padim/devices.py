@@ -48,6 +48,7 @@ class DeviceFeatures:
     Parameters
     ----------
     tensor : Tensor of shape (n, d, h, w), float32
+        The features, on their device.
 
     Attributes
     ----------
@@ -69,18 +70,22 @@ class DeviceFeatures:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """``(n, d, h, w)``."""
         return tuple(self.tensor.shape)
 
     @property
     def ndim(self) -> int:
+        """4."""
         return self.tensor.ndim
 
     @property
     def dtype(self) -> np.dtype:
+        """The NumPy dtype of the features."""
         return np.dtype(str(self.tensor.dtype).removeprefix("torch."))
 
     @property
     def device(self) -> torch.device:
+        """Where the features are."""
         return self.tensor.device
 
     def __len__(self) -> int:
@@ -96,7 +101,13 @@ class DeviceFeatures:
         return DeviceFeatures(result) if result.ndim == self.tensor.ndim else result.cpu().numpy()
 
     def numpy(self) -> np.ndarray:
-        """The features copied to a NumPy array in host memory."""
+        """Copy the features to host memory.
+
+        Returns
+        -------
+        features : ndarray of shape (n, d, h, w)
+            A NumPy array of the features.
+        """
         return self.tensor.detach().cpu().numpy()
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

@@ -164,8 +164,7 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
             (_, feat), (_, detector) = padim_steps(model, "export_onnx", fitted=True)
         except TypeError as error:
             raise TypeError(
-                f"{error} An F1ThresholdCalibrator around one, or a PadimModel, "
-                "is exported too."
+                f"{error} An F1ThresholdCalibrator around one, or a PadimModel, is exported too."
             ) from None
         if threshold is None and hasattr(detector, "threshold_"):
             threshold, source = float(detector.threshold_), "the detector's threshold_"

@@ -85,6 +85,14 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     random_state : int, RandomState instance or None, default=None
         Seeds the draw of the channel indices and, with ``weights=None``, the random
         initialisation of the backbone.
+    autocast : {"bfloat16", "float16"} or None, default=None
+        Run the backbone under ``torch.autocast`` with this dtype (features are still
+        returned as float32). Faster on GPUs and on CPUs with native bfloat16 support,
+        but much slower on others (on this project's 2-core AVX2 test machine it slowed
+        both ResNet-18 and EfficientNet-Lite0): measure first. Features then differ from
+        float32 ones by about 1e-2 relative.
+    verbose : bool, default=False
+        Show a progress bar over batches.
     memory : str, path, joblib.Memory or None, default=None
         Where to cache the backbone's layer outputs, as ``Pipeline(memory=...)``: a
         folder or a ``joblib.Memory``; ``None`` caches nothing. Each image's output of
@@ -104,14 +112,6 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         :func:`sk_padim.clear_feature_cache` deletes them. Nothing is kept in the
         process's memory between fits: each fit builds its backbone, and with memory
         fingerprints its weights (a few tens of ms for ResNet-18).
-    autocast : {"bfloat16", "float16"} or None, default=None
-        Run the backbone under ``torch.autocast`` with this dtype (features are still
-        returned as float32). Faster on GPUs and on CPUs with native bfloat16 support,
-        but much slower on others (on this project's 2-core AVX2 test machine it slowed
-        both ResNet-18 and EfficientNet-Lite0): measure first. Features then differ from
-        float32 ones by about 1e-2 relative.
-    verbose : bool, default=False
-        Show a progress bar over batches.
     projection : {"channels", "semi_orthogonal"}, default="channels"
         How the layers' ``F`` concatenated channels become ``d``. ``"channels"``:
         PaDiM's ``d`` channels drawn at random (``channel_indices_``). ``"semi_orthogonal"``:
@@ -125,12 +125,12 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     backbone_ : sk_padim.backbones.TruncatedBackbone
         The truncated backbone, on the CPU: batch norms folded into the convolutions
         before them where the order is known (see
-        :func:`sk_padim.backbones.fold_batch_norms`), run up to the deepest layer.
+        ``sk_padim.backbones.fold_batch_norms``), run up to the deepest layer.
     layers_ : tuple of str
         The layers used.
     layer_channels_ : tuple of int
         Channels of each layer.
-    channel_indices_ : ndarray of shape (n_features_,)
+    channel_indices_ : ndarray of shape (``n_features_``,)
         Sorted indices of the kept channels in the concatenation of the layers (with
         ``projection="channels"``).
     projection_ : ndarray of shape (F, n_features_), float32
@@ -213,11 +213,14 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         Parameters
         ----------
         X : images or None, default=None
-        y : ignored
+            Images, only checked.
+        y : None
+            Ignored; present for scikit-learn's API.
 
         Returns
         -------
         self : PatchFeatureTransformer
+            The fitted transformer.
         """
         if X is not None:
             check_images(X)
@@ -365,6 +368,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         Returns
         -------
         embedding : sk_padim.embedding.PatchEmbedding
+            Pixels -> features, on ``device``.
         """
         check_is_fitted(self)
         device = resolve_device(self.device if device is None else device)
@@ -425,7 +429,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         return self.n_features
 
     def fitted_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """The fitted state as NumPy arrays and a JSON-able record (for file formats).
+        """Give the fitted state as NumPy arrays and a JSON-able record (for file formats).
 
         Returns
         -------
@@ -472,10 +476,24 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     @classmethod
     def from_fitted_state(cls, params: dict, arrays: dict, record: dict) -> PatchFeatureTransformer:
-        """The transformer of :meth:`fitted_state`'s arrays and record, with ``params``.
+        """Rebuild a transformer from :meth:`fitted_state`'s arrays and record.
 
         The backbone's architecture is built without its weights (no download, no file)
         and the stored weights are loaded into it.
+
+        Parameters
+        ----------
+        params : dict
+            The transformer's parameters (``get_params()``).
+        arrays : dict of str to ndarray
+            The arrays of :meth:`fitted_state`.
+        record : dict
+            The record of :meth:`fitted_state`.
+
+        Returns
+        -------
+        feat : PatchFeatureTransformer
+            Fitted, transforming as the transformer the state came from.
 
         Raises
         ------

@@ -1,6 +1,6 @@
 """The torch core: pixels -> ``(maps, scores)`` in one module, on any device.
 
-:class:`PatchScorer` is the fitted detector as a module (features -> maps and image
+``PatchScorer`` is the fitted detector as a module (features -> maps and image
 scores); :class:`PadimModel` puts the patch embedding in front of it. Both are plain
 tensor programs with no per-image Python control flow, so they run batched on a GPU,
 are shared by any number of threads, and export (``torch.onnx``) as they are. The
@@ -87,17 +87,38 @@ class PadimModel(nn.Module):
         self.scorer = scorer
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(maps, scores)`` of images ``(B, 3, H, W)``: uint8 0-255 or float 0-1.
+        """Score images.
 
-        The images must already have the transformer's ``image_size``.
+        Parameters
+        ----------
+        pixels : Tensor of shape (B, 3, H, W)
+            Pixels, uint8 0-255 or float 0-1, already at the transformer's ``image_size``.
+
+        Returns
+        -------
+        maps : Tensor of shape (B, H_map, W_map)
+            Pixel anomaly maps.
+        scores : Tensor of shape (B,)
+            Image anomaly scores, the maximum of each map.
         """
         return self.scorer(self.embedding(pixels))
 
     @classmethod
     def from_pipeline(cls, pipeline, device: str | torch.device = "cpu") -> PadimModel:
-        """The model of a fitted ``Pipeline([transformer, detector])``, on ``device``.
+        """Make the model of a fitted ``Pipeline([transformer, detector])``.
 
-        Each step's ``to_module(device)`` gives its stage.
+        Parameters
+        ----------
+        pipeline : Pipeline
+            A fitted ``[PatchFeatureTransformer, PadimDetector]`` pipeline; each step's
+            ``to_module(device)`` gives its stage.
+        device : str or torch.device, default="cpu"
+            Where the model runs.
+
+        Returns
+        -------
+        model : PadimModel
+            In eval mode, on ``device``.
         """
         steps = [step for _, step in getattr(pipeline, "steps", ())]
         if len(steps) != 2 or not all(hasattr(step, "to_module") for step in steps):

@@ -79,12 +79,11 @@ class NormalTrainSplit(BaseCrossValidator):
         groups : None
             Ignored; present for API compatibility.
 
-        Yields
-        ------
-        train : ndarray
-            Indices of the normal images to fit on.
-        test : ndarray
-            Indices of the held-out normal images and all anomalous images.
+        Returns
+        -------
+        splits : iterator of (ndarray, ndarray)
+            Per split, ``(train, test)``: the indices of the normal images to fit on,
+            and of the held-out normal images and all anomalous images.
         """
         if y is None:
             raise ValueError(

@@ -3,11 +3,12 @@
 :class:`PatchStatistics` holds, at each of ``P`` positions, the count ``n`` of training
 vectors, their mean (float64) and their scatter matrix
 ``S = sum_i (x_i - mean)(x_i - mean)^T`` (float32), packed to its lower triangle. It is
-the seam every way of fitting goes through: a fit folds batches in (:meth:`update`),
-streaming and Dask merge the statistics of separate shards (:meth:`merge`), positions
-are cut into ranges and joined back (:meth:`positions`, :meth:`join`) so that ranges
-are fitted on different machines, and :meth:`gaussians` factorises them into the
-Gaussians that score. Memory is ``O(P d^2)`` whatever the number of images.
+the seam every way of fitting goes through: a fit folds batches in
+(:meth:`PatchStatistics.update`), streaming and Dask merge the statistics of separate
+shards (:meth:`PatchStatistics.merge`), positions are cut into ranges and joined back
+(:meth:`PatchStatistics.positions`, :meth:`PatchStatistics.join`) so that ranges are
+fitted on different machines, and :meth:`PatchStatistics.gaussians` factorises them into
+the Gaussians that score. Memory is ``O(P d^2)`` whatever the number of images.
 
 Batches are folded in with the pairwise update of Chan, Golub and LeVeque: the batch is
 centred on its own mean (taken in two float32 passes: the rough mean, then the mean of
@@ -44,7 +45,7 @@ class PatchStatistics:
         Per-position mean, positions in row-major order of the ``(h, w)`` grid.
     scatter : Tensor of shape (P, d (d + 1) / 2), float32
         Per-position scatter matrix, its lower triangle packed row by row
-        (``torch.tril_indices`` order; see :func:`sk_padim.packing.pack_lower`).
+        (``torch.tril_indices`` order, as ``sk_padim.packing.pack_lower`` packs it).
 
     Examples
     --------
@@ -72,7 +73,22 @@ class PatchStatistics:
     def empty(
         cls, n_positions: int, n_features: int, device: str | torch.device = "cpu"
     ) -> PatchStatistics:
-        """Statistics of no samples, on ``device``."""
+        """Make the statistics of no samples.
+
+        Parameters
+        ----------
+        n_positions : int
+            Positions ``P`` of the feature grid (``h * w``).
+        n_features : int
+            Features ``d`` per position.
+        device : str or torch.device, default="cpu"
+            Where the tensors are.
+
+        Returns
+        -------
+        stats : PatchStatistics
+            A count of 0, zero means and scatter.
+        """
         return cls(
             0,
             torch.zeros(n_positions, n_features, dtype=torch.float64, device=device),
@@ -81,22 +97,31 @@ class PatchStatistics:
 
     @property
     def n_positions(self) -> int:
+        """Positions ``P`` of the feature grid."""
         return self.mean.shape[0]
 
     @property
     def n_features(self) -> int:
+        """Features ``d`` per position."""
         return self.mean.shape[1]
 
     @property
     def device(self) -> torch.device:
+        """The device of the tensors."""
         return self.mean.device
 
     def update(self, features: torch.Tensor) -> PatchStatistics:
-        """Fold in a batch of feature maps ``(B, d, h, w)`` (float32, on this device), in place.
+        """Fold a batch of feature maps into these statistics, in place.
+
+        Parameters
+        ----------
+        features : Tensor of shape (B, d, h, w), float32
+            On the statistics' device, ``h * w`` equal to ``n_positions``.
 
         Returns
         -------
         self : PatchStatistics
+            These statistics, updated.
         """
         n_batch, n_features = features.shape[:2]
         flat = features.reshape(n_batch, n_features, -1)
@@ -129,7 +154,18 @@ class PatchStatistics:
         return self
 
     def merge(self, other: PatchStatistics) -> PatchStatistics:
-        """Statistics of the union of both operands' samples (operands unchanged)."""
+        """Combine with the statistics of other samples; both operands are left unchanged.
+
+        Parameters
+        ----------
+        other : PatchStatistics
+            Statistics of the same positions and features (of other images).
+
+        Returns
+        -------
+        merged : PatchStatistics
+            The statistics of the union of both operands' samples.
+        """
         if (other.n_positions, other.n_features) != (self.n_positions, self.n_features):
             raise ValueError(
                 f"Cannot merge statistics of {self.n_positions} positions x "
@@ -145,13 +181,32 @@ class PatchStatistics:
         return PatchStatistics(total, self.mean + shift * (other.count / total), scatter)
 
     def positions(self, rows: slice) -> PatchStatistics:
-        """The statistics of a range of positions (views of these)."""
+        """Take a range of positions.
+
+        Parameters
+        ----------
+        rows : slice
+            The positions, in row-major order of the grid.
+
+        Returns
+        -------
+        part : PatchStatistics
+            The statistics of those positions, views of these.
+        """
         return PatchStatistics(self.count, self.mean[rows], self.scatter[rows])
 
     def split(self, n_parts: int) -> list[PatchStatistics]:
-        """The positions cut into ``n_parts`` contiguous ranges of near-equal size (views).
+        """Cut the positions into contiguous ranges of near-equal size.
 
-        Ranges are as ``np.array_split`` cuts them; :meth:`join` puts them back.
+        Parameters
+        ----------
+        n_parts : int
+            From 1 to ``n_positions``; the ranges are those of ``np.array_split``.
+
+        Returns
+        -------
+        parts : list of PatchStatistics
+            Views of these statistics; :meth:`join` puts them back together.
         """
         if not 1 <= n_parts <= self.n_positions:
             raise ValueError(f"n_parts must be from 1 to {self.n_positions}; got {n_parts!r}.")
@@ -159,23 +214,43 @@ class PatchStatistics:
 
     @classmethod
     def join(cls, parts: list[PatchStatistics]) -> PatchStatistics:
-        """One set of statistics from ranges of positions of the same samples, in order."""
+        """Put ranges of positions of the same samples back together.
+
+        Parameters
+        ----------
+        parts : list of PatchStatistics
+            Ranges of positions, in order, all of the same count and features.
+
+        Returns
+        -------
+        stats : PatchStatistics
+            The statistics of all their positions.
+        """
         parts = list(parts)
         if not parts:
             raise ValueError("join needs at least one part.")
         if len({(part.count, part.n_features) for part in parts}) != 1:
             raise ValueError(
-                "Cannot join statistics of different counts or features: join the parts "
-                "of one fit."
+                "Cannot join statistics of different counts or features: join the parts of one fit."
             )
         mean = torch.cat([part.mean for part in parts])
         return cls(parts[0].count, mean, torch.cat([part.scatter for part in parts]))
 
     def covariance(self, rows: slice) -> torch.Tensor:
-        """Packed covariances ``S / (n - 1)`` of a range of positions (float32).
+        """Compute the packed covariances ``S / (n - 1)`` of a range of positions.
 
         With a single sample the unbiased estimate does not exist; the scatter is then
         zero, and so is this covariance.
+
+        Parameters
+        ----------
+        rows : slice
+            The positions.
+
+        Returns
+        -------
+        covariance : Tensor of shape (len(rows), d (d + 1) / 2), float32
+            Packed as the scatter is, without any regularisation.
         """
         return self.scatter[rows] / max(self.count - 1, 1)
 
@@ -194,6 +269,7 @@ class PatchStatistics:
         Returns
         -------
         gaussians : PatchGaussians
+            The Gaussians' means and whitening factors, on this device.
         """
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}; got {storage!r}.")
@@ -201,32 +277,77 @@ class PatchStatistics:
         gaussians = PatchGaussians(self.mean, factor)
         return gaussians.stored_as(storage)
 
-    def held_out_distances(
-        self, gaussians: PatchGaussians, features: torch.Tensor
-    ) -> torch.Tensor:
-        """Distances of training features to the Gaussians fitted without each of them.
+    def held_out_distances(self, gaussians: PatchGaussians, features: torch.Tensor) -> torch.Tensor:
+        """Compute training features' distances to the Gaussians fitted without each.
 
-        ``gaussians`` are these statistics' (:meth:`gaussians`), ``features`` a batch
-        ``(B, d, h, w)`` of the training features they were fitted on; the result is
-        ``(B, h, w)``, see :func:`held_out_distances`.
+        Parameters
+        ----------
+        gaussians : PatchGaussians
+            These statistics' Gaussians (:meth:`gaussians`).
+        features : Tensor of shape (B, d, h, w)
+            Training features these statistics were accumulated from.
+
+        Returns
+        -------
+        distances : Tensor of shape (B, h, w)
+            Leave-one-out distances, see :func:`held_out_distances`.
         """
         return held_out_distances(gaussians(features), self.count)
 
     def to(self, device: str | torch.device) -> PatchStatistics:
-        """These statistics on ``device`` (a copy, unless already there)."""
+        """Move to a device.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            The target device.
+
+        Returns
+        -------
+        stats : PatchStatistics
+            These statistics on ``device`` (a copy, unless already there).
+        """
         return PatchStatistics(self.count, self.mean.to(device), self.scatter.to(device))
 
     def copy(self) -> PatchStatistics:
-        """A copy that updates independently of this one."""
+        """Copy the statistics.
+
+        Returns
+        -------
+        copy : PatchStatistics
+            A copy that updates independently of this one.
+        """
         return PatchStatistics(self.count, self.mean.clone(), self.scatter.clone())
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """``{"mean": (P, d) float64, "scatter": (P, d (d + 1) / 2) float32}`` in host memory."""
+        """Give the tensors as NumPy arrays in host memory.
+
+        Returns
+        -------
+        arrays : dict of str to ndarray
+            ``"mean"`` ``(P, d)`` float64 and ``"scatter"`` ``(P, d (d + 1) / 2)``
+            float32.
+        """
         return {"mean": self.mean.cpu().numpy(), "scatter": self.scatter.cpu().numpy()}
 
     @classmethod
     def from_arrays(cls, count: int, mean: np.ndarray, scatter: np.ndarray) -> PatchStatistics:
-        """Statistics from :meth:`arrays` and the count, as CPU tensors, checked."""
+        """Make statistics from :meth:`arrays` and the count, checked.
+
+        Parameters
+        ----------
+        count : int
+            Number of samples, at least 1.
+        mean : ndarray of shape (P, d), float64
+            Per-position means.
+        scatter : ndarray of shape (P, d (d + 1) / 2), float32
+            Packed scatter matrices.
+
+        Returns
+        -------
+        stats : PatchStatistics
+            On the CPU, sharing the arrays' memory where they are writable.
+        """
         mean, scatter = np.asarray(mean), np.asarray(scatter)
         if mean.dtype != np.float64 or scatter.dtype != np.float32:
             raise ValueError(
@@ -267,7 +388,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def held_out_distances(distances: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """Distances of training vectors to the Gaussian fitted without each of them.
+    """Compute training vectors' distances to the Gaussian fitted without each of them.
 
     ``distances`` are the training vectors' own distances to the Gaussian fitted on all
     ``n`` of them (covariance ``C = S / (n - 1) + reg I``). Leaving vector ``x`` out
@@ -284,12 +405,24 @@ def held_out_distances(distances: torch.Tensor, n_samples: int) -> torch.Tensor:
     ``1 - c q`` is the determinant ratio of the two covariances, positive in exact
     arithmetic; it is floored at 1e-12 against rounding.
 
+    Parameters
+    ----------
+    distances : Tensor
+        Training vectors' distances to the Gaussians fitted on all of them.
+    n_samples : int
+        Number of training vectors ``n``, at least 2.
+
+    Returns
+    -------
+    held_out : Tensor
+        The distances under the Gaussians fitted without each vector, same shape.
+
     Examples
     --------
     >>> import torch
     >>> from sk_padim.statistics import held_out_distances
     >>> held_out_distances(torch.tensor([0.0, 1.0]), n_samples=5)
-    tensor([0.0000, 1.4434])
+    tensor([0.0000, 1.5076])
     """
     if n_samples < 2:
         raise ValueError("Held-out distances need at least two training samples.")
