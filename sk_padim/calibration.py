@@ -1,4 +1,6 @@
-"""Decision thresholds that maximise F1 on labelled validation data."""
+"""Decision thresholds: the best F1 on labelled data, or a quantile of good images' pixels."""
+
+from numbers import Real
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -6,12 +8,18 @@ from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import precision_recall_curve
 from sklearn.utils import _safe_indexing
-from sklearn.utils._param_validation import HasMethods, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 
 from sk_padim._checks import check_both_classes, image_labels, pixel_masks, truth_and_scores
+from sk_padim.regions import Region, defect_regions, pixel_threshold_of
 
-__all__ = ["F1ThresholdCalibrator", "f1_optimal_threshold"]
+__all__ = [
+    "F1ThresholdCalibrator",
+    "QuantileThresholdCalibrator",
+    "f1_optimal_threshold",
+    "good_pixel_threshold",
+]
 
 # The estimator method giving the scores that each level thresholds.
 _SCORE_METHODS = {"image": "decision_function", "pixel": "score_samples"}
@@ -222,6 +230,46 @@ class F1ThresholdCalibrator(BaseEstimator):
             )
         return self.estimator_.score_samples(X) >= self.threshold_
 
+    @property
+    def pixel_threshold_(self) -> float | None:
+        """The pixel threshold that :meth:`regions` cuts maps at.
+
+        ``threshold_`` at ``level="pixel"``; at ``level="image"``, the wrapped
+        detector's own ``pixel_threshold_`` (set by ``PadimDetector.fit`` from the
+        training images), or None if it has none.
+        """
+        check_is_fitted(self)
+        if self.level == "pixel":
+            return self.threshold_
+        try:
+            return pixel_threshold_of(self.estimator_)
+        except ValueError:
+            return None
+
+    def regions(self, X, *, min_area: int = 1) -> list[list[Region]]:
+        """The defect regions of images: their maps cut at ``pixel_threshold_``.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features), whatever ``estimator`` takes.
+        min_area : int, default=1
+            Regions of fewer map pixels are left out.
+
+        Returns
+        -------
+        regions : list of list of sk_padim.regions.Region
+            One list per image (:func:`sk_padim.regions.defect_regions`).
+        """
+        threshold = self.pixel_threshold_
+        if threshold is None:
+            raise ValueError(
+                "This calibrator has an image-level threshold and its detector has no "
+                "pixel_threshold_; fit it with level='pixel' and masks, or calibrate a pixel "
+                "threshold on good images with QuantileThresholdCalibrator."
+            )
+        return defect_regions(self.score_samples(X), threshold, min_area=min_area)
+
     def score_samples(self, X) -> NDArray:
         """Pixel anomaly maps of the wrapped detector, higher = more anomalous.
 
@@ -292,6 +340,209 @@ class F1ThresholdCalibrator(BaseEstimator):
                 "fitted estimator, or add normal images to X."
             )
         return clone(self.estimator).fit(_safe_indexing(X, normal))
+
+
+def good_pixel_threshold(maps: ArrayLike, quantile: float = 0.999) -> float:
+    """A pixel threshold from the anomaly maps of good images alone: their ``quantile``.
+
+    On new good images like these, a fraction of about ``1 - quantile`` of the pixels
+    is at or above the threshold (0.1 % at the default 0.999): the false-positive pixel
+    rate it implies. The maps must be of images the model was not fitted on (held out):
+    training images score lower than new ones, which would put the threshold too low.
+
+    Parameters
+    ----------
+    maps : array-like of shape (n, H, W)
+        Anomaly maps of good (defect-free) held-out images, e.g. ``score_samples(X)``.
+    quantile : float, default=0.999
+        In (0, 1); NumPy's linear interpolation between pixel values.
+
+    Returns
+    -------
+    float
+        The threshold; a pixel ``>=`` it is anomalous.
+
+    See Also
+    --------
+    QuantileThresholdCalibrator : The same, as an estimator wrapping a fitted model.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_padim.calibration import good_pixel_threshold
+    >>> maps = np.arange(1000.0).reshape(10, 10, 10)
+    >>> good_pixel_threshold(maps, 0.99)
+    989.01
+    """
+    quantile = _check_quantile(quantile)
+    values = np.asarray(maps, dtype=np.float64)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError("maps must be a non-empty array of finite anomaly scores.")
+    return float(np.quantile(values, quantile))
+
+
+def _check_quantile(quantile) -> float:
+    value = float(quantile)
+    if not 0 < value < 1:
+        raise ValueError(f"quantile must be in (0, 1), e.g. 0.999; got {quantile!r}.")
+    return value
+
+
+class QuantileThresholdCalibrator(BaseEstimator):
+    """A fitted detector with a pixel threshold calibrated on good held-out images alone.
+
+    No defect masks are needed: ``fit`` scores good (defect-free) images that the
+    detector was not fitted on and sets ``pixel_threshold_`` to the ``quantile`` of
+    their map pixels (:func:`good_pixel_threshold`). On new good images like them, a
+    fraction of about ``1 - quantile`` of the pixels is at or above it (0.1 % at the
+    default 0.999): the false-positive pixel rate it implies; the rate measured on the
+    calibration images is ``false_positive_rate_``. With masks of defects, use
+    :class:`F1ThresholdCalibrator` with ``level="pixel"`` instead.
+
+    ``PadimDetector.fit`` already sets such a threshold (``pixel_threshold_``, from
+    the training images' leave-one-out maps); this calibrator replaces it with one from
+    images closer to those the model will see (another day, another camera setting).
+
+    Parameters
+    ----------
+    estimator : fitted estimator
+        A fitted Pipeline of ``PatchFeatureTransformer`` and ``PadimDetector`` (or a
+        fitted ``PadimDetector``). It is never refitted.
+    quantile : float, default=0.999
+        The quantile of the good pixels' scores, in (0, 1).
+
+    Attributes
+    ----------
+    estimator_ : estimator object
+        ``estimator``.
+    pixel_threshold_ : float
+        The calibrated pixel threshold; a pixel ``>=`` it is anomalous.
+    false_positive_rate_ : float
+        The fraction of the calibration images' pixels ``>= pixel_threshold_``.
+    threshold_ : float or None
+        The image threshold of :meth:`predict`: the detector's own ``threshold_``
+        (unchanged by this calibration), or None if it has none.
+    n_images_ : int
+        Number of calibration images.
+
+    See Also
+    --------
+    good_pixel_threshold : The threshold from maps alone.
+    sk_padim.regions.defect_regions : Regions of maps cut at a threshold.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_padim import PadimDetector
+    >>> from sk_padim.calibration import QuantileThresholdCalibrator
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(50, 4, 8, 8)).astype(np.float32)
+    >>> detector = PadimDetector().fit(X[:30])
+    >>> calibrator = QuantileThresholdCalibrator(detector, quantile=0.99).fit(X[30:])
+    >>> bool(calibrator.false_positive_rate_ <= 0.011)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "estimator": [HasMethods(["score_samples"])],
+        "quantile": [Interval(Real, 0, 1, closed="neither")],
+    }
+
+    def __init__(self, estimator, *, quantile: float = 0.999):
+        self.estimator = estimator
+        self.quantile = quantile
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None) -> "QuantileThresholdCalibrator":
+        """Set ``pixel_threshold_`` from the maps of good held-out images.
+
+        Parameters
+        ----------
+        X : array-like
+            Good images (or features) the detector was not fitted on, whatever
+            ``estimator`` takes.
+        y : None
+            Ignored: every image is taken as good.
+
+        Returns
+        -------
+        self : QuantileThresholdCalibrator
+        """
+        if not _is_fitted(self.estimator):
+            raise ValueError(
+                "QuantileThresholdCalibrator needs a fitted estimator: the good images it "
+                "calibrates on must be held out from the fit. Fit the model first."
+            )
+        maps = np.asarray(self.estimator.score_samples(X))
+        self.estimator_ = self.estimator
+        self.pixel_threshold_ = good_pixel_threshold(maps, self.quantile)
+        self.false_positive_rate_ = float(np.mean(maps >= self.pixel_threshold_))
+        self.n_images_ = len(maps)
+        detector = self.estimator[-1] if hasattr(self.estimator, "steps") else self.estimator
+        threshold = getattr(detector, "threshold_", None)
+        self.threshold_ = None if threshold is None else float(threshold)
+        return self
+
+    def predict(self, X) -> NDArray[np.int_]:
+        """+1 normal, -1 anomalous: the image score against ``threshold_`` (the detector's).
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features).
+
+        Returns
+        -------
+        ndarray of shape (n,)
+        """
+        check_is_fitted(self)
+        if self.threshold_ is None:
+            raise ValueError(
+                "The detector has no image threshold (threshold_), so there is no verdict; "
+                "it was fitted on one image, or with partial_fit. Fit on two images or "
+                "more, or calibrate one with F1ThresholdCalibrator."
+            )
+        scores = np.asarray(self.estimator_.decision_function(X))
+        return np.where(scores >= self.threshold_, -1, 1)
+
+    def predict_masks(self, X) -> NDArray[np.bool_]:
+        """Boolean anomaly masks, ``score_samples(X) >= pixel_threshold_``."""
+        check_is_fitted(self)
+        return np.asarray(self.estimator_.score_samples(X)) >= self.pixel_threshold_
+
+    def regions(self, X, *, min_area: int = 1) -> list[list[Region]]:
+        """The defect regions of images, their maps cut at ``pixel_threshold_``.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features).
+        min_area : int, default=1
+            Regions of fewer map pixels are left out.
+
+        Returns
+        -------
+        regions : list of list of sk_padim.regions.Region
+            One list per image (:func:`sk_padim.regions.defect_regions`).
+        """
+        check_is_fitted(self)
+        maps = self.estimator_.score_samples(X)
+        return defect_regions(maps, self.pixel_threshold_, min_area=min_area)
+
+    def score_samples(self, X) -> NDArray:
+        """Pixel anomaly maps of the wrapped detector, higher = more anomalous."""
+        check_is_fitted(self)
+        return self.estimator_.score_samples(X)
+
+    def decision_function(self, X) -> NDArray:
+        """Image anomaly scores of the wrapped detector, higher = more anomalous."""
+        check_is_fitted(self)
+        return self.estimator_.decision_function(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        return tags
 
 
 def _is_fitted(estimator) -> bool:

@@ -10,8 +10,14 @@ command line; 130 interrupted. An image is anomalous when its score is ``>=`` th
 threshold, as for ``PadimDetector.predict`` and ``F1ThresholdCalibrator``.
 
 The command calls the library's public functions only: image discovery
-(:func:`~sk_padim.datasets.list_images`), the MVTec AD scan, the evaluation harness and
-the pictures all live in the library.
+(:func:`~sk_padim.datasets.list_images`), the MVTec AD scan, the evaluation harness,
+the regions and the pictures all live in the library. The library (torch, scikit-learn)
+is imported inside the commands, so that ``sk-padim --help`` answers at once.
+
+``sk-padim score -o DIR`` writes each result as it is made: a row of ``scores.csv`` per
+image once its chunk is scored (flushed), its picture and its regions first, each
+picture written to a temporary name and renamed into place. An interrupted run keeps
+every completed row; ``--resume`` scores only the images not yet in ``scores.csv``.
 """
 
 from __future__ import annotations
@@ -20,44 +26,42 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-import joblib
-import numpy as np
-from sklearn.pipeline import Pipeline
-from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
 from sk_padim._checks import one_line
 from sk_padim._version import __version__
-from sk_padim.calibration import F1ThresholdCalibrator
-from sk_padim.datasets import (
-    find_mvtec_categories,
-    list_images,
-    load_masks,
-    load_mvtec_ad,
-    load_mvtec_category,
-)
-from sk_padim.demo import DEMO_BACKBONE, run_demo
-from sk_padim.evaluation import evaluate, maps_and_scores, padim_pipeline, results_table
-from sk_padim.export import export_onnx
-from sk_padim.features import PatchFeatureTransformer
-from sk_padim.files import atomic_file
-from sk_padim.persistence import load_model
-from sk_padim.plotting import check_matplotlib, heatmap_writer, picture_names, save_heatmaps
+
+# The library is imported inside the commands (torch takes seconds to import), so that
+# ``sk-padim --help`` and usage errors answer at once.
 
 # Errors that come from the user's inputs; they are reported on one line. Anything
 # else is a bug and keeps its traceback.
 _USER_ERRORS = (OSError, ValueError, TypeError, ImportError, RuntimeError)
-_SCORE_CHUNK = 256  # images scored at once: bounds the memory of features and maps
-_FEATURE_DEFAULTS = PatchFeatureTransformer().get_params()
+_SCORE_CHUNK = 256  # at most this many images scored at once: bounds features and maps
+# PatchFeatureTransformer's defaults, for the help text without importing torch
+# (tests/test_cli.py checks them against the class).
+_FEATURE_DEFAULTS = {
+    "backbone": "resnet18",
+    "weights": "DEFAULT",
+    "layers": None,
+    "n_features": None,
+    "image_size": 224,
+    "batch_size": 32,
+    "device": "auto",
+}
+DEMO_BACKBONE = "efficientnet_lite0"  # sk_padim.demo.DEMO_BACKBONE (checked by the tests)
+_CSV_HEADER = ["image", "score", "relative", "normalized", "label"]
 _MASK_SUFFIX = "_mask.png"
 # A library parameter in an error message, ``name=value``: the command line says
 # ``--name value`` instead (see _command_line_spelling).
@@ -86,18 +90,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     progress = args.verbose or (not args.quiet and sys.stderr.isatty())
+    args.interrupted = lambda: ""  # what a command has saved, said when interrupted
     try:
         args.run(args, progress)
     except KeyboardInterrupt:
-        print(f"sk-padim {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+        print(f"sk-padim {args.command}: interrupted{args.interrupted()}", file=sys.stderr)
     except _USER_ERRORS as error:
         if args.verbose:
             traceback.print_exc()
         message = _command_line_spelling(one_line(error), args)
         print(f"sk-padim {args.command}: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    else:
+        code = 0
+    if argv is None:  # the command itself, not a call from Python
+        _exit_quietly_on_interrupt(args.command)
+    return code
+
+
+def _exit_quietly_on_interrupt(command: str) -> None:
+    """From here to the end of the process, Ctrl-C exits with 130 and one line.
+
+    An interrupt while Python shuts down (threads joined, objects finalised) would
+    otherwise print ``Exception ignored in ...`` and exit with 0. The outputs are
+    closed by now, so leaving at once loses nothing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+    def leave(signum, frame):
+        with contextlib.suppress(OSError, ValueError):
+            os.write(2, f"sk-padim {command}: interrupted\n".encode())
+        os._exit(130)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, leave)
 
 
 def _command_line_spelling(message: str, args: argparse.Namespace) -> str:
@@ -247,8 +275,11 @@ def _add_score(commands, parents) -> None:
         help="score images with a fitted model",
         description="Score images with a model from 'sk-padim fit' or 'sk-padim calibrate'. "
         "Writes a CSV with one row per image: image, score (higher = more anomalous, 6 "
-        "significant digits) and, when there is a threshold, label: 'anomalous' when "
-        "score >= threshold, else 'normal'.",
+        "significant digits), relative = score / threshold (1 = on the line), normalized = "
+        "score / (score + threshold) (0.5 = on the line; not a probability) and label: "
+        "'anomalous' when score >= threshold, else 'normal' (empty when the model has no "
+        "threshold). With -o, each row is written as soon as its image is scored: an "
+        "interrupted run keeps them, and --resume finishes it.",
     )
     parser.add_argument("model", help="model file written by 'sk-padim fit' or 'calibrate'")
     parser.add_argument(
@@ -268,11 +299,36 @@ def _add_score(commands, parents) -> None:
         help="also write a heat-map PNG per image to OUTPUT/heatmaps (needs sk-padim[plot])",
     )
     parser.add_argument(
+        "--regions",
+        action="store_true",
+        help="also write OUTPUT/regions.jsonl, one JSON record per defect region (connected "
+        "pixels of the map >= the pixel threshold): image, box, area, centroid, peak and "
+        "mean score; the pictures draw the boxes",
+    )
+    parser.add_argument(
+        "--min-area",
+        type=_positive_int,
+        default=1,
+        help="with --regions, leave out regions of fewer pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of an existing OUTPUT/scores.csv (an interrupted run) and score "
+        "only the images not in it, appending; run with the same options",
+    )
+    parser.add_argument(
         "--threshold",
         type=float,
         help="label images whose score is >= THRESHOLD 'anomalous', others 'normal' "
         "(default: the model's threshold: calibrated by 'sk-padim calibrate', else the "
         "one 'fit' sets from the training images)",
+    )
+    parser.add_argument(
+        "--pixel-threshold",
+        type=float,
+        help="cut the regions and the pictures' red panel at this pixel score (default: the "
+        "model's: calibrated by 'sk-padim calibrate', else the one 'fit' sets)",
     )
     parser.add_argument(
         "--device", help="run on this device instead of the model's (auto, cpu, cuda)"
@@ -284,27 +340,41 @@ def _add_calibrate(commands, parents) -> None:
     parser = commands.add_parser(
         "calibrate",
         parents=parents,
-        help="choose a model's threshold for the best F1 on labelled images",
-        description="Choose the threshold with the best F1 on images of normal and of "
-        "defective parts (F1ThresholdCalibrator) and save the calibrated model, which "
-        "'sk-padim score' then labels with. Images are labelled per image, or per pixel "
-        "with --masks. Prints the threshold and its F1, precision and recall; these are "
-        "measured on the images that chose the threshold, so expect less on new images.",
+        help="choose a model's threshold: best F1 on labelled images, or from good images",
+        description="Two routes. With --good and --bad: choose the threshold with the best "
+        "F1 on images of normal and of defective parts (F1ThresholdCalibrator), per image, "
+        "or per pixel with --masks; prints the threshold and its F1, precision and recall, "
+        "measured on the images that chose it, so expect less on new images. With --good "
+        "only: a pixel threshold (for regions) from good images the model was not fitted "
+        "on, the --quantile of their pixels' scores (QuantileThresholdCalibrator): about "
+        "1 - QUANTILE of good pixels are at or above it; the image threshold stays the "
+        "model's. Saves the calibrated model, which 'sk-padim score' then uses.",
     )
     parser.add_argument("model", help="model file written by 'sk-padim fit'")
     parser.add_argument(
-        "--good", nargs="+", required=True, help="images of normal parts: files and/or folders"
+        "--good",
+        nargs="+",
+        required=True,
+        help="images of normal parts, not used to fit the model: files and/or folders",
     )
     parser.add_argument(
         "--bad",
         nargs="+",
-        required=True,
-        help="images of defective parts: files and/or folders (sub-folders included)",
+        help="images of defective parts: files and/or folders (sub-folders included); "
+        "without them, a pixel threshold is set from the --good images alone",
     )
     parser.add_argument(
         "--masks",
         help="folder of the defect masks of the --bad images, mirroring their folders below "
         "the folder common to them (an MVTec AD ground_truth/); calibrates on pixels",
+    )
+    parser.add_argument(
+        "--quantile",
+        type=float,
+        default=0.999,
+        help="without --bad: the quantile of the good pixels' scores taken as the pixel "
+        "threshold, in (0, 1); 1 - QUANTILE is the false-positive pixel rate it implies "
+        "(default: %(default)s)",
     )
     _add_mask_suffix(parser)
     parser.add_argument("-o", "--output", required=True, help="calibrated model file to write")
@@ -452,93 +522,359 @@ def _fit(args: argparse.Namespace, progress: bool) -> None:
     images, source = _training_images(Path(args.images).resolve())
     pipeline = _pipeline(args, progress)
     start = time.perf_counter()
-    pipeline.fit(images)
+    with _warnings_on_one_line(args):
+        pipeline.fit(images)
     seconds = time.perf_counter() - start
     pipeline.set_params(feat__verbose=False)  # the saved model stays quiet
     output = _dump(pipeline, Path(args.output))
     _info(args, f"Fitted on {len(images)} images from {source} in {seconds:.1f} s; wrote {output}.")
 
 
+@dataclass
+class _Thresholds:
+    """A loaded model's image threshold, its pixel threshold, and where they came from."""
+
+    image: float | None
+    image_source: str | None
+    pixel: float | None
+    pixel_source: str | None
+
+
 def _score(args: argparse.Namespace, progress: bool) -> None:
-    if args.heatmaps and args.output is None:
-        args.parser.error("--heatmaps needs -o/--output DIR to write the pictures to")
+    for flag in ("heatmaps", "regions", "resume"):
+        if getattr(args, flag) and args.output is None:
+            args.parser.error(f"--{flag} needs -o/--output DIR to write to")
     if args.heatmaps:
+        from sk_padim.plotting import check_matplotlib
+
         check_matplotlib("sk-padim score --heatmaps")
-    pipeline, threshold, source = _scoring_model(_load_model(Path(args.model)))
+    pipeline, thresholds = _scoring_model(_load_model(Path(args.model)))
     if args.threshold is not None:
-        threshold, source = args.threshold, "given (--threshold)"
+        thresholds.image, thresholds.image_source = args.threshold, "given (--threshold)"
+    if args.pixel_threshold is not None:
+        thresholds.pixel, thresholds.pixel_source = args.pixel_threshold, "given"
+    for value, flag in ((thresholds.image, "--threshold"), (thresholds.pixel, "--pixel-threshold")):
+        if value is not None and not value > 0:
+            raise ValueError(f"The threshold must be positive; got {flag} {value}.")
+    if args.regions and thresholds.pixel is None:
+        raise ValueError(
+            "--regions needs a pixel threshold, and the model has none (fit sets one from "
+            "two training images or more). Pass --pixel-threshold, or calibrate one on good "
+            f"images: sk-padim calibrate {args.model} --good <folder> -o <calibrated model>"
+        )
+    if thresholds.image is None:
+        _warn(
+            args,
+            "the model has no threshold (fit sets one from two training images or more), so "
+            "the label, relative and normalized columns are left empty. Pass --threshold, "
+            f"or calibrate one: sk-padim calibrate {args.model} --good <folder> --bad <folder> "
+            "-o <calibrated model>",
+        )
     if args.device is not None:
         _set_device(pipeline, args.device)
     paths = _image_files(args.images)
-    header = ["image", "score"] + ([] if threshold is None else ["label"])
-    chunks = _scored_chunks(pipeline, paths, threshold, progress)
-    if args.output is None:
-        _write_csv(lambda: sys.stdout, header, chunks)
-        return
-    output = Path(args.output)
-    csv_path = output / "scores.csv"
-    if args.heatmaps:
-        chunks = _with_heatmaps(chunks, paths, output / "heatmaps", threshold, source)
-    with contextlib.ExitStack() as files:
-        output.mkdir(parents=True, exist_ok=True)
-        _write_csv(lambda: files.enter_context(_atomic_text(csv_path)), header, chunks)
-    _info(args, f"Scored {len(paths)} images; wrote {csv_path}.")
+    header = _CSV_HEADER + (["regions"] if args.regions else [])
+    run = _ScoreRun(args, pipeline, thresholds, paths, header)
+    args.interrupted = run.interrupted
+    run.start()
+    failures = run.score(progress)
+    run.finish(failures)
 
 
-def _scored_chunks(pipeline, paths: list[str], threshold: float | None, progress: bool):
-    """Score the images a chunk at a time; yield ``(chunk, maps, rows)`` for the CSV."""
-    with tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), _SCORE_CHUNK):
-            chunk = paths[start : start + _SCORE_CHUNK]
-            maps, scores = maps_and_scores(pipeline, chunk)
-            rows = [[path, f"{score:.6g}"] for path, score in zip(chunk, scores, strict=True)]
-            if threshold is not None:
-                for row, score in zip(rows, scores, strict=True):
-                    row.append("anomalous" if score >= threshold else "normal")
-            yield chunk, maps, rows
-            bar.update(len(chunk))
+class _ScoreRun:
+    """One ``sk-padim score``: its outputs, written as the images are scored."""
 
+    def __init__(self, args, pipeline, thresholds: _Thresholds, paths: list[str], header):
+        self.args, self.pipeline, self.thresholds = args, pipeline, thresholds
+        self.paths, self.header = paths, header
+        self.output = None if args.output is None else Path(args.output)
+        self.csv = self.regions = self.names = None
+        self.done: set[str] = set()
+        self.written = 0  # rows written by this run
+        self.scale = None  # the pictures' colour scale
 
-def _with_heatmaps(chunks, paths, folder: Path, threshold, source):
-    """Pass the chunks on after writing their pictures, named by ``picture_names``.
+    @property
+    def csv_path(self) -> Path:
+        return self.output / "scores.csv"
 
-    The pictures share one colour scale, from the median to the maximum of the first
-    chunk's maps.
-    """
-    names = iter(picture_names(paths))
-    scale = None
-    for chunk, maps, rows in chunks:
-        scale = scale or (float(np.median(maps)), float(maps.max()))
+    @property
+    def regions_path(self) -> Path:
+        return self.output / "regions.jsonl"
+
+    def start(self) -> None:
+        """Open the outputs (the CSV itself once a first row is ready)."""
+        if self.output is None:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        if self.args.resume:
+            self.done = _completed_images(self.csv_path, self.header)
+            if self.args.regions:
+                _keep_regions_of(self.regions_path, self.done)
+        if self.args.heatmaps:
+            from sk_padim.plotting import picture_names
+
+            self.names = dict(zip(self.paths, picture_names(self.paths), strict=True))
+        if self.args.regions:
+            self.regions = open(self.regions_path, "a" if self.done else "w", encoding="utf-8")
+
+    def interrupted(self) -> str:
+        if self.output is None:
+            return f"; {self.written} rows were printed"
+        left = len(self.paths) - len(self.done) - self.written
+        return (
+            f"; {len(self.done) + self.written} of {len(self.paths)} images are in "
+            f"{self.csv_path} ({self.written} scored by this run, {left} left); finish "
+            "with the same command and --resume"
+        )
+
+    def score(self, progress: bool) -> list[tuple[str, str]]:
+        """Score the images not done yet, writing each chunk's results; the failures."""
+        from tqdm.auto import tqdm
+
+        todo = [path for path in self.paths if path not in self.done]
+        if self.done:
+            _info(self.args, f"Resuming: {len(self.done)} images already in {self.csv_path}.")
+        failures: list[tuple[str, str]] = []
+        size = max(1, min(_SCORE_CHUNK, getattr(self.pipeline[0], "batch_size", 32) or 32))
+        bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=not progress, leave=False)
+        try:
+            for start in range(0, len(todo), size):
+                for chunk, maps, scores in _scored(
+                    self.pipeline, todo[start : start + size], failures
+                ):
+                    self.write(chunk, maps, scores)
+                bar.update(len(todo[start : start + size]))
+        finally:
+            bar.close()
+            if self.regions is not None:
+                self.regions.close()
+            if self.csv is not None and self.output is not None:
+                self.csv.close()
+        return failures
+
+    def write(self, chunk: list[str], maps, scores) -> None:
+        """The pictures (renamed into place), then the regions and the rows together."""
+        from sk_padim.regions import defect_regions, normalized_score, relative_score
+
+        regions = None
+        if self.args.regions:
+            regions = defect_regions(maps, self.thresholds.pixel, min_area=self.args.min_area)
+        if self.args.heatmaps:
+            self.save_pictures(chunk, maps, regions)
+        image = self.thresholds.image
+        rows = []
+        for i, (path, score) in enumerate(zip(chunk, scores, strict=True)):
+            row = [path, f"{score:.6g}"]
+            if image is None:
+                row += ["", "", ""]
+            else:
+                row += [
+                    f"{float(relative_score(score, image)):.4f}",
+                    f"{float(normalized_score(score, image)):.4f}",
+                    "anomalous" if score >= image else "normal",
+                ]
+            if regions is not None:
+                row.append(str(len(regions[i])))
+            rows.append(row)
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        records = ""
+        if regions is not None:
+            records = "".join(
+                json.dumps(_region_record(chunk[r.image], r)) + "\n"
+                for image_regions in regions
+                for r in image_regions
+            )
+        with _deferred_interrupt():  # the regions and the rows of a chunk go together
+            if self.regions is not None:
+                self.regions.write(records)
+                self.regions.flush()
+            csv_file = self.open_csv()
+            csv_file.write(text.getvalue())
+            csv_file.flush()
+            self.written += len(rows)
+
+    def open_csv(self):
+        if self.csv is None:
+            if self.output is None:
+                self.csv = sys.stdout
+                self.csv.write(",".join(self.header) + "\n")
+            else:
+                appending = bool(self.done)
+                self.csv = open(
+                    self.csv_path, "a" if appending else "w", newline="", encoding="utf-8"
+                )
+                if not appending:
+                    self.csv.write(",".join(self.header) + "\n")
+        return self.csv
+
+    def save_pictures(self, chunk, maps, regions) -> None:
+        import numpy as np
+
+        from sk_padim.plotting import save_heatmaps
+
+        self.scale = self.scale or (float(np.median(maps)), float(maps.max()))
         save_heatmaps(
             chunk,
             maps,
-            folder,
-            threshold=threshold,
-            threshold_source=source,
-            names=[next(names) for _ in chunk],
-            vmin=scale[0],
-            vmax=scale[1],
+            self.output / "heatmaps",
+            threshold=self.thresholds.image,
+            threshold_source=self.thresholds.image_source,
+            pixel_threshold=self.thresholds.pixel,
+            regions=regions,
+            names=[self.names[path] for path in chunk],
+            vmin=self.scale[0],
+            vmax=self.scale[1],
         )
-        yield chunk, maps, rows
+
+    def finish(self, failures: list[tuple[str, str]]) -> None:
+        total = len(self.done) + self.written
+        if failures and not total:
+            raise ValueError(failures[0][1])  # nothing could be scored: the first reason
+        if self.output is not None:
+            outputs = [str(self.csv_path)]
+            if self.args.regions:
+                outputs.append(str(self.regions_path))
+            if self.args.heatmaps:
+                outputs.append(f"pictures in {self.output / 'heatmaps'}")
+            resumed = f" ({len(self.done)} from before)" if self.done else ""
+            _info(self.args, f"Scored {total} images{resumed}; wrote {', '.join(outputs)}.")
+        if failures:
+            for path, reason in failures:
+                _warn(self.args, f"not scored: {reason if path in reason else f'{path}: {reason}'}")
+            raise ValueError(
+                f"{len(failures)} of {len(self.paths)} images could not be scored (see the "
+                "warnings above); the others were."
+            )
 
 
-def _write_csv(open_file, header: list[str], chunks) -> None:
-    """Write the rows of the chunks; the file is opened and the header written once the
-    first chunk is scored, so that nothing is written when nothing could be scored."""
-    writer = None
-    for _, _, rows in chunks:
-        if writer is None:
-            writer = csv.writer(open_file(), lineterminator="\n")
-            writer.writerow(header)
-        writer.writerows(rows)
+def _scored(pipeline, chunk: list[str], failures: list):
+    """``(paths, maps, scores)`` of the images of a chunk that can be scored.
+
+    A chunk that fails on an unreadable image is scored again image by image, so that
+    the others are scored and each bad file is recorded in ``failures`` with the reason.
+    """
+    from sk_padim.evaluation import maps_and_scores
+
+    try:
+        yield chunk, *maps_and_scores(pipeline, chunk)
+        return
+    except (OSError, ValueError) as error:
+        if len(chunk) == 1:
+            failures.append((chunk[0], one_line(error)))
+            return
+    for path in chunk:
+        try:
+            maps, scores = maps_and_scores(pipeline, [path])
+        except (OSError, ValueError) as error:
+            failures.append((path, one_line(error)))
+        else:
+            yield [path], maps, scores
+
+
+def _region_record(path: str, region) -> dict:
+    """One line of regions.jsonl: the image's path, then the region's fields."""
+    record = {"image": path}
+    for name, value in region.as_dict().items():
+        if name == "image":
+            continue
+        record["region" if name == "label" else name] = (
+            float(f"{value:.6g}") if isinstance(value, float) else value
+        )
+    return record
+
+
+def _completed_images(csv_path: Path, header: list[str]) -> set[str]:
+    """The images already in an interrupted run's CSV (a cut last line is dropped)."""
+    if not csv_path.is_file():
+        return set()
+    _drop_partial_line(csv_path)
+    with open(csv_path, newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    if not rows:
+        return set()
+    if rows[0] != header:
+        raise ValueError(
+            f"{csv_path} has the columns {','.join(rows[0])}, not {','.join(header)}: it was "
+            "written with other options. Resume with the options it was written with, or "
+            "leave out --resume to start again."
+        )
+    bad = [i + 2 for i, row in enumerate(rows[1:]) if len(row) != len(header)]
+    if bad:
+        raise ValueError(f"{csv_path} line {bad[0]} is not a complete row; fix or remove it.")
+    return {row[0] for row in rows[1:]}
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a file after its last newline (a line cut by a crash)."""
+    with open(path, "rb+") as file:
+        data = file.read()
+        if data and not data.endswith(b"\n"):
+            file.truncate(data.rfind(b"\n") + 1)
+
+
+def _keep_regions_of(path: Path, images: set[str]) -> None:
+    """Keep only the region records of ``images`` (those whose rows were written)."""
+    if not path.is_file():
+        return
+    _drop_partial_line(path)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["image"] in images]
+    if len(kept) != len(lines):
+        from sk_padim.files import atomic_file
+
+        with atomic_file(path) as file:
+            file.write("".join(kept).encode())
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Hold a Ctrl-C back until the block ends, so that the block's writes are whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and previous is not signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 def _calibrate(args: argparse.Namespace, progress: bool) -> None:
-    pipeline, _, _ = _scoring_model(_load_model(Path(args.model)))
+    from sk_padim.calibration import F1ThresholdCalibrator, QuantileThresholdCalibrator
+
+    pipeline, _ = _scoring_model(_load_model(Path(args.model)))
     if args.device is not None:
         _set_device(pipeline, args.device)
-    good, bad = _image_files(args.good), _image_files(args.bad)
+    good = _image_files(args.good)
+    if args.bad is None:
+        if args.masks is not None:
+            raise ValueError("--masks are the masks of the --bad images; pass --bad too.")
+        if not 0 < args.quantile < 1:
+            raise ValueError(f"--quantile must be in (0, 1), e.g. 0.999; got {args.quantile}.")
+        calibrator = QuantileThresholdCalibrator(pipeline, quantile=args.quantile).fit(good)
+        output = _dump(calibrator, Path(args.output))
+        print(
+            f"pixel threshold {calibrator.pixel_threshold_:.6g} (the {args.quantile:g} "
+            f"quantile of the pixels of {len(good)} good images: about "
+            f"{100 * (1 - args.quantile):.3g} % of good pixels are at or above it; "
+            f"{100 * calibrator.false_positive_rate_:.3g} % of these)\nimage threshold "
+            + (
+                "unset (the model has none)"
+                if calibrator.threshold_ is None
+                else f"{calibrator.threshold_:.6g} (the model's own, unchanged)"
+            )
+        )
+        _info(args, f"Wrote {output}; score with: sk-padim score {output} <images> --regions")
+        return
+    bad = _image_files(args.bad)
+    _check_apart(good, bad)
     if args.masks is None:
+        import numpy as np
+
         level, truth = "image", np.repeat([0, 1], [len(good), len(bad)])
     else:
         level, truth = "pixel", _calibration_masks(good, bad, args)
@@ -554,7 +890,21 @@ def _calibrate(args: argparse.Namespace, progress: bool) -> None:
     _info(args, f"Wrote {output}; score with: sk-padim score {output} <images>")
 
 
+def _check_apart(good: list[str], bad: list[str]) -> None:
+    """Refuse files given as both classes."""
+    both = set(map(os.path.realpath, good)) & set(map(os.path.realpath, bad))
+    if both:
+        example = sorted(both)[0]
+        raise ValueError(
+            f"{len(both)} image files are given both as --good and as --bad (e.g. {example}); "
+            "each image must be in one class. Pass the folders of normal and of defective "
+            "images."
+        )
+
+
 def _export(args: argparse.Namespace, progress: bool) -> None:
+    from sk_padim.export import export_onnx
+
     path = export_onnx(_load_model(Path(args.model)), args.output, float16=args.float16)
     size = path.stat().st_size + sum(
         extra.stat().st_size for extra in path.parent.glob(path.name + ".data")
@@ -562,8 +912,12 @@ def _export(args: argparse.Namespace, progress: bool) -> None:
     print(f"Wrote {path} ({size / 2**20:.1f} MiB)")
 
 
-def _calibration_masks(good: list[str], bad: list[str], args: argparse.Namespace) -> np.ndarray:
+def _calibration_masks(good: list[str], bad: list[str], args: argparse.Namespace):
     """Pixel masks of the good (all False) and bad images, one array."""
+    import numpy as np
+
+    from sk_padim.datasets import load_masks
+
     bad_masks = load_masks(bad, args.masks, mask_suffix=args.mask_suffix)
     if isinstance(bad_masks, list):
         raise ValueError(
@@ -575,6 +929,10 @@ def _calibration_masks(good: list[str], bad: list[str], args: argparse.Namespace
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> None:
+    from sk_padim.datasets import load_mvtec_category
+    from sk_padim.evaluation import evaluate, results_table
+    from sk_padim.plotting import check_matplotlib, heatmap_writer
+
     root, found = _mvtec_categories(Path(args.root))
     names = _evaluable(args, root, args.categories or found, explicit=bool(args.categories))
     if args.n_heatmaps:
@@ -598,6 +956,8 @@ def _evaluable(args: argparse.Namespace, root: Path, names, explicit: bool) -> l
     A category the user named must be complete; one found by the scan is skipped with a
     warning if its images or masks are missing.
     """
+    from sk_padim.datasets import load_mvtec_ad
+
     usable = []
     for name in names:
         try:
@@ -615,6 +975,10 @@ def _evaluable(args: argparse.Namespace, root: Path, names, explicit: bool) -> l
 
 
 def _demo(args: argparse.Namespace, progress: bool) -> None:
+    from sk_padim.demo import run_demo
+    from sk_padim.evaluation import results_table
+    from sk_padim.plotting import check_matplotlib
+
     if args.n_heatmaps:
         check_matplotlib("sk-padim demo (pass --n-heatmaps 0 to skip the pictures)")
     print(
@@ -641,7 +1005,9 @@ def _demo(args: argparse.Namespace, progress: bool) -> None:
 # ------------------------------------------------------------------------ helpers
 
 
-def _pipeline(args: argparse.Namespace, progress: bool) -> Pipeline:
+def _pipeline(args: argparse.Namespace, progress: bool):
+    from sk_padim.evaluation import padim_pipeline
+
     return padim_pipeline(
         backbone=args.backbone,
         weights=args.weights,
@@ -657,6 +1023,8 @@ def _pipeline(args: argparse.Namespace, progress: bool) -> Pipeline:
 
 def _training_images(folder: Path) -> tuple[list[str], Path]:
     """The images of a folder, or of ``train/good`` in an MVTec AD category folder."""
+    from sk_padim.datasets import find_mvtec_categories, list_images, load_mvtec_ad
+
     if not folder.is_dir():
         raise FileNotFoundError(
             f"Folder not found: {folder}. Pass a folder of normal images, or an MVTec AD "
@@ -677,6 +1045,8 @@ def _training_images(folder: Path) -> tuple[list[str], Path]:
 def _image_files(inputs: Sequence[str]) -> list[str]:
     """Image files given directly or inside the given folders (sub-folders included), in
     the order given; the paths keep the form they were given in."""
+    from sk_padim.datasets import list_images
+
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -688,15 +1058,12 @@ def _image_files(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
-@contextlib.contextmanager
-def _atomic_text(path: Path):
-    """A text file (for ``csv``) that appears at ``path`` only once fully written."""
-    with atomic_file(path) as file, io.TextIOWrapper(file, newline="") as text:
-        yield text
-
-
 def _dump(model, output: Path) -> Path:
     """Write a model file with joblib, whole or not at all."""
+    import joblib
+
+    from sk_padim.files import atomic_file
+
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output) as file:
         joblib.dump(model, file)
@@ -704,6 +1071,8 @@ def _dump(model, output: Path) -> Path:
 
 
 def _load_model(path: Path):
+    from sk_padim.persistence import load_model
+
     if not path.is_file():
         raise FileNotFoundError(
             f"Model file not found: {path}. Make one with: sk-padim fit <images> -o {path}"
@@ -716,15 +1085,37 @@ def _load_model(path: Path):
     return model
 
 
-def _scoring_model(model) -> tuple[Pipeline, float | None, str | None]:
-    """The fitted image pipeline inside a loaded model, its threshold and where that came
-    from: a calibrator's F1-optimal one, else the detector's own (None if unset)."""
+@contextlib.contextmanager
+def _warnings_on_one_line(args: argparse.Namespace):
+    """The library's warnings during the block, each said on one line at its end."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        _warn(args, one_line(warning.message))
+
+
+def _scoring_model(model):
+    """The fitted image pipeline inside a loaded model, and its thresholds: a
+    calibrator's, else the detector's own (None where unset)."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.utils.validation import check_is_fitted
+
+    from sk_padim.calibration import F1ThresholdCalibrator, QuantileThresholdCalibrator
+
+    thresholds = _Thresholds(None, None, None, None)
     if isinstance(model, F1ThresholdCalibrator):
         check_is_fitted(model)
-        source = f"calibrated, best {model.level} F1"
-        model, threshold = model.estimator_, model.threshold_
-    else:
-        threshold, source = None, None
+        thresholds.image = model.threshold_
+        thresholds.image_source = f"calibrated, best {model.level} F1"
+        if model.level == "pixel":
+            thresholds.pixel, thresholds.pixel_source = model.threshold_, "best pixel F1"
+        model = model.estimator_
+    elif isinstance(model, QuantileThresholdCalibrator):
+        check_is_fitted(model)
+        thresholds.pixel = model.pixel_threshold_
+        thresholds.pixel_source = f"quantile {model.quantile:g} of good pixels"
+        model = model.estimator_
     is_image_model = (
         isinstance(model, Pipeline)
         and len(model.steps) > 1
@@ -734,15 +1125,18 @@ def _scoring_model(model) -> tuple[Pipeline, float | None, str | None]:
         raise TypeError(
             f"The model file holds a {type(model).__name__}, not an image model. Save a "
             "Pipeline of PatchFeatureTransformer and PadimDetector ('sk-padim fit' makes "
-            "one), or an F1ThresholdCalibrator wrapping one ('sk-padim calibrate')."
+            "one), or a calibrator wrapping one ('sk-padim calibrate')."
         )
     check_is_fitted(model[-1])
-    if threshold is None and getattr(model[-1], "threshold_", None) is not None:
-        threshold, source = model[-1].threshold_, "the model's own"
-    return model, threshold, source
+    if thresholds.image is None and getattr(model[-1], "threshold_", None) is not None:
+        thresholds.image, thresholds.image_source = model[-1].threshold_, "the model's own"
+    if thresholds.pixel is None and getattr(model[-1], "pixel_threshold_", None) is not None:
+        thresholds.pixel = model[-1].pixel_threshold_
+        thresholds.pixel_source = "the model's own"
+    return model, thresholds
 
 
-def _set_device(pipeline: Pipeline, device: str) -> None:
+def _set_device(pipeline, device: str) -> None:
     for step in pipeline.named_steps.values():
         if "device" in step.get_params(deep=False):
             step.set_params(device=device)
@@ -750,6 +1144,8 @@ def _set_device(pipeline: Pipeline, device: str) -> None:
 
 def _mvtec_categories(folder: Path) -> tuple[Path, list[str]]:
     """The dataset root and its categories: ``folder``'s, or ``folder`` itself if it is one."""
+    from sk_padim.datasets import find_mvtec_categories
+
     if not folder.is_dir():
         raise FileNotFoundError(f"Dataset folder not found: {folder}.")
     root, names = find_mvtec_categories(folder)

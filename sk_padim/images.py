@@ -87,6 +87,16 @@ def check_images(X) -> np.ndarray | torch.Tensor | list:
         return X
     if isinstance(X, (str, os.PathLike)) and os.path.isdir(X):
         return list_images(X)
+    if isinstance(X, (str, os.PathLike)) and not os.path.exists(X):
+        raise FileNotFoundError(
+            f"Folder not found: {os.fspath(X)}. Pass a folder of images, a list of image "
+            "files, or an array of images."
+        )
+    if isinstance(X, (str, os.PathLike)) and os.path.isfile(X):
+        raise TypeError(
+            f"X is one file, {os.fspath(X)!r}; pass a folder of images or a list of image "
+            "files (wrap a single file as [path])."
+        )
     if isinstance(X, (str, os.PathLike)) or not isinstance(X, Sequence):
         raise TypeError(
             "X must be a NumPy array of images, a folder, or a list of images, file paths "
@@ -253,6 +263,12 @@ def _check_pixels(values: np.ndarray, what: str) -> None:
             "rescale to 8 bits, e.g. (X >> 8).astype(np.uint8) for 16-bit data, or pass "
             "floats in [0, 1], e.g. X / 65535"
         )
+        if what.startswith("image file"):  # a file: what to do with the files
+            fix = (
+                "sk-padim reads 8-bit images: convert the files to 8 bits per channel "
+                "first, e.g. with ImageMagick: mogrify -depth 8 *.png (it rewrites the "
+                "files: run it on a copy of the folder)"
+            )
     if bad:
         raise ValueError(
             f"{what} has pixel values in [{low}, {high}], outside the expected {expected} "

@@ -32,6 +32,7 @@ from sk_padim.evaluation import Category
 from sk_padim.files import atomic_file
 from sk_padim.images import check_images, read_image
 from sk_padim.metrics import image_auroc
+from sk_padim.regions import normalized_score, relative_score
 
 __all__ = [
     "AnomalyMapDisplay",
@@ -54,6 +55,7 @@ _TRUTH_COLOR = "white"
 _TRUTH_OFFSET = 2.5  # image pixels between a defect and its outline, so thin defects show
 _PREDICTION_COLOR = (1.0, 0.1, 0.1)
 _FLAGGED_COLOR = (0.8, 0.0, 0.0)
+_BOX_COLOR = (1.0, 0.85, 0.0)
 
 
 def check_matplotlib(caller: str) -> None:
@@ -187,8 +189,14 @@ class AnomalyMapDisplay:
        where the threshold came from (``threshold_source``);
     2. the anomaly map over the image (higher = more anomalous, hotter colours) and its
        colour bar, with the ground-truth defect outlined;
-    3. the predicted defect, the map ``>= threshold``, in red over the image, with the
-       ground truth outlined (only when ``threshold`` is given).
+    3. the predicted defect, the map ``>= pixel_threshold`` (``threshold`` if not
+       given), in red over the image, with the ground truth outlined and the defect
+       regions boxed (only when a threshold is given).
+
+    With a score and a threshold, the verdict in the first panel's title gives the score
+    beside the threshold as ``relative`` (``score / threshold``, 1 on the line) and
+    ``normalized`` (``score / (score + threshold)``, 0.5 on the line; not a probability),
+    see :mod:`sk_padim.regions`.
 
     The outline is drawn a few pixels outside the defect, dashed, so that it hides
     neither a thin defect nor the heat over it. The map is stretched over the image
@@ -205,8 +213,15 @@ class AnomalyMapDisplay:
     mask : ndarray of shape (H'', W''), default=None
         Ground-truth defect mask (nonzero = defective), outlined in white.
     threshold : float, default=None
-        Pixels whose score is ``>=`` it are predicted defective. ``None`` leaves out
-        the third panel.
+        The image threshold of the verdict (``score >= threshold``), and the pixel
+        threshold of the third panel unless ``pixel_threshold`` is given. ``None``
+        leaves out the verdict and, without ``pixel_threshold``, the third panel.
+    pixel_threshold : float, default=None
+        Pixels whose score is ``>=`` it are predicted defective (third panel).
+    regions : sequence of sk_padim.regions.Region, default=None
+        Defect regions of the map (:func:`sk_padim.regions.defect_regions`), drawn as
+        boxes with their peak's relative score on the third panel (on the map panel
+        without one).
     score : float, default=None
         Image anomaly score, shown in the titles.
     threshold_source : str, default=None
@@ -227,7 +242,9 @@ class AnomalyMapDisplay:
     colorbar_ : matplotlib.colorbar.Colorbar
         Colour scale of the anomaly map.
     prediction_ : matplotlib.image.AxesImage or None
-        The red predicted-defect overlay; None without ``threshold``.
+        The red predicted-defect overlay; None without a threshold.
+    boxes_ : list of matplotlib.patches.Rectangle
+        The regions' boxes; empty without ``regions``.
     contours_ : list of matplotlib.contour.QuadContourSet
         The ground-truth outlines, one per panel that shows them; empty without
         ``mask``.
@@ -259,7 +276,7 @@ class AnomalyMapDisplay:
     >>> display = AnomalyMapDisplay.from_predictions(
     ...     image, anomaly_map, threshold=2.5, score=5.0, threshold_source="the model's own")
     >>> print(display.ax_[0].get_title())
-    FLAGGED: score 5 >= 2.5
+    FLAGGED: score 5 >= 2.5 (2x, 0.67)
     threshold: the model's own
     """
 
@@ -274,11 +291,15 @@ class AnomalyMapDisplay:
         threshold_source: str | None = None,
         vmin: float | None = None,
         vmax: float | None = None,
+        pixel_threshold: float | None = None,
+        regions=None,
     ):
         self.image = image
         self.anomaly_map = anomaly_map
         self.mask = mask
         self.threshold = threshold
+        self.pixel_threshold = pixel_threshold
+        self.regions = regions
         self.score = score
         self.threshold_source = threshold_source
         self.vmin = vmin
@@ -310,7 +331,8 @@ class AnomalyMapDisplay:
                 f"anomaly_map must have shape (H, W); got {anomaly_map.shape}. Pass one "
                 "image's map, e.g. score_samples(X)[i]."
             )
-        n_panels = 2 if self.threshold is None else 3
+        cut = self.threshold if self.pixel_threshold is None else self.pixel_threshold
+        n_panels = 2 if cut is None else 3
         self.ax_ = _check_axes(ax, n_panels, "AnomalyMapDisplay", _map_layout(n_panels))
         self.figure_ = self.ax_[0].figure
         height, width = image.shape[:2]
@@ -329,11 +351,15 @@ class AnomalyMapDisplay:
         self.ax_[1].set_title(title)
 
         self.prediction_ = None
-        if self.threshold is not None:
-            self.prediction_ = self._plot_prediction(self.ax_[2], image, anomaly_map, extent, grey)
+        if cut is not None:
+            self.prediction_ = self._plot_prediction(
+                self.ax_[2], image, anomaly_map, extent, grey, cut
+            )
         self.contours_ = []
         if self.mask is not None:
             self.contours_ = [self._plot_truth(axes, height, width) for axes in self.ax_[1:]]
+        scale = (height / anomaly_map.shape[0], width / anomaly_map.shape[1])
+        self.boxes_ = [self._plot_box(self.ax_[-1], region, scale) for region in self.regions or ()]
         for axes in self.ax_:
             axes.set_axis_off()
         return self
@@ -349,6 +375,10 @@ class AnomalyMapDisplay:
             if flagged
             else f"normal: score {self.score:.4g} < {self.threshold:.4g}"
         )
+        if self.threshold > 0:
+            relative = float(relative_score(self.score, self.threshold))
+            normalized = float(normalized_score(self.score, self.threshold))
+            verdict += f" ({relative:.3g}x, {normalized:.2f})"
         source = f"threshold: {self.threshold_source or 'given'}"
         color = _FLAGGED_COLOR if flagged else "black"
         axes.set_title(f"{verdict}\n{source}", color=color, fontsize=9)
@@ -371,13 +401,40 @@ class AnomalyMapDisplay:
             interpolation="bilinear",
         )
 
-    def _plot_prediction(self, axes, image, anomaly_map, extent, grey):
-        predicted = anomaly_map >= self.threshold
+    def _plot_prediction(self, axes, image, anomaly_map, extent, grey, cut):
+        predicted = anomaly_map >= cut
         overlay = np.zeros((*predicted.shape, 4))
         overlay[predicted] = (*_PREDICTION_COLOR, 0.55)
         axes.imshow(image, **grey)
-        axes.set_title(f"in red: map >= {self.threshold:.4g}")
+        boxed = f", {len(self.regions)} regions" if self.regions is not None else ""
+        axes.set_title(f"in red: map >= {cut:.4g}{boxed}")
         return axes.imshow(overlay, extent=extent, interpolation="nearest")
+
+    def _plot_box(self, axes, region, scale):
+        """A region's box (in image pixels) and its peak's relative score."""
+        from matplotlib.patches import Rectangle
+
+        top = region.row_min * scale[0] - 0.5
+        left = region.col_min * scale[1] - 0.5
+        box = Rectangle(
+            (left, top),
+            (region.col_max - region.col_min) * scale[1],
+            (region.row_max - region.row_min) * scale[0],
+            fill=False,
+            edgecolor=_BOX_COLOR,
+            linewidth=1.2,
+        )
+        axes.add_patch(box)
+        axes.text(
+            left,
+            top - 1,
+            f"{region.peak_relative:.2g}x",
+            color=_BOX_COLOR,
+            fontsize=7,
+            va="bottom",
+            clip_on=True,
+        )
+        return box
 
     def _plot_truth(self, axes, height: int, width: int):
         """The ground-truth outline, ``_TRUTH_OFFSET`` image pixels outside the defect."""
@@ -415,6 +472,8 @@ class AnomalyMapDisplay:
         ax=None,
         cmap: str = "jet",
         alpha: float = 0.7,
+        pixel_threshold: float | None = None,
+        regions=None,
     ) -> AnomalyMapDisplay:
         """Draw an anomaly map that was already computed.
 
@@ -424,7 +483,7 @@ class AnomalyMapDisplay:
             The image.
         anomaly_map : ndarray of shape (H', W')
             Its anomaly map.
-        mask, threshold, score, threshold_source, vmin, vmax
+        mask, threshold, score, threshold_source, vmin, vmax, pixel_threshold, regions
             See :class:`AnomalyMapDisplay`.
         ax, cmap, alpha
             See :meth:`plot`.
@@ -442,6 +501,8 @@ class AnomalyMapDisplay:
             threshold_source=threshold_source,
             vmin=vmin,
             vmax=vmax,
+            pixel_threshold=pixel_threshold,
+            regions=regions,
         )
         return display.plot(ax=ax, cmap=cmap, alpha=alpha)
 
@@ -671,6 +732,8 @@ def save_heatmaps(
     vmin: float | None = None,
     vmax: float | None = None,
     dpi: int = 100,
+    pixel_threshold: float | None = None,
+    regions: Sequence | None = None,
 ) -> list[Path]:
     """Write one :class:`AnomalyMapDisplay` PNG file per image.
 
@@ -705,6 +768,11 @@ def save_heatmaps(
         Colour scale of the maps; by default the median and the maximum of all ``maps``.
     dpi : int, default=100
         Resolution of the PNG files.
+    pixel_threshold : float, default=None
+        The pixel threshold of the predicted-defect panel, when it differs from
+        ``threshold`` (e.g. ``PadimDetector.pixel_threshold_``).
+    regions : sequence of lists of sk_padim.regions.Region, default=None
+        Each image's defect regions (:func:`sk_padim.regions.defect_regions`), boxed.
 
     Returns
     -------
@@ -739,7 +807,7 @@ def save_heatmaps(
     vmax = maps.max() if vmax is None else vmax
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    n_panels = 2 if threshold is None else 3
+    n_panels = 2 if threshold is None and pixel_threshold is None else 3
     paths = []
     for i, (image, anomaly_map, name) in enumerate(zip(images, maps, names, strict=True)):
         axes = _new_axes("save_heatmaps", n_panels, _map_layout(n_panels), pyplot=False)
@@ -753,6 +821,8 @@ def save_heatmaps(
             vmin=vmin,
             vmax=vmax,
             ax=axes,
+            pixel_threshold=pixel_threshold,
+            regions=None if regions is None else regions[i],
         )
         paths.append(folder / f"{name}.png")
         with atomic_file(paths[-1]) as file:

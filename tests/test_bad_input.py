@@ -229,7 +229,8 @@ FILE_CASES = [
         "deep16.png",
         ValueError,
         r"mode I;16\) has pixel values in \[\d+, \d+\]",
-        "rescale to 8 bits",
+        # What a command-line user can do with files, not a NumPy expression.
+        "convert the files to 8 bits per channel first, e.g. with ImageMagick: mogrify",
     ),
     ("wide_float.tif", ValueError, r"mode F\) has pixel values", "divide 0-255 images by 255"),
     ("a_folder", FileNotFoundError, "is a directory", r"list_images\(folder\)"),
@@ -705,3 +706,13 @@ def test_failed_refit_leaves_the_pipeline_scoring_as_before(files, rgb, route):
         else:
             pipe.fit(np.full((2, SIZE, SIZE, 3), 300))
     np.testing.assert_array_equal(pipe.decision_function(rgb[None]), before)
+
+
+def test_a_missing_folder_is_said_to_be_missing(tmp_path):
+    from sk_padim.images import check_images
+
+    with pytest.raises(FileNotFoundError, match="Folder not found: no/such/folder"):
+        check_images("no/such/folder")
+    (tmp_path / "one.png").write_bytes(b"")
+    with pytest.raises(TypeError, match=r"one file.*wrap a single file as \[path\]"):
+        check_images(str(tmp_path / "one.png"))

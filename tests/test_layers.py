@@ -21,6 +21,7 @@ LAYERS = {
         "backbones",
         "devices",
         "embedding",
+        "feature_checks",
         "images",
         "mahalanobis",
         "model",
@@ -31,7 +32,7 @@ LAYERS = {
         "whitening",
     },
     "estimators": {"detector", "feature_cache", "features", "pipelines"},
-    "evaluation": {"calibration", "evaluation", "metrics", "model_selection"},
+    "evaluation": {"calibration", "evaluation", "metrics", "model_selection", "regions"},
     "front": {
         "cli",
         "dask",
@@ -47,7 +48,25 @@ LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in mod
 RANK = {layer: rank for rank, layer in enumerate(LAYERS)}
 
 # (importer, imported) -> why the import sits inside a function.
+_CLI_LAZY = (
+    "sk-padim --help and usage errors answer without importing torch and scikit-learn "
+    "(issue 23, item 11): the command imports the library inside the commands"
+)
 LAZY_IMPORTS = {
+    **{
+        ("cli", module): _CLI_LAZY
+        for module in (
+            "calibration",
+            "datasets",
+            "demo",
+            "evaluation",
+            "export",
+            "files",
+            "persistence",
+            "plotting",
+            "regions",
+        )
+    },
     ("evaluation", "datasets"): "Category.from_mvtec, a deprecated alias of the front's "
     "datasets.load_mvtec_category; goes with the alias",
     ("evaluation", "plotting"): "evaluate(n_heatmaps=...), a deprecated parameter drawing "

@@ -235,7 +235,9 @@ def test_image_panel_states_the_verdict_and_where_the_threshold_came_from(pictur
     )
     verdict, source = display.ax_[0].get_title().splitlines()
     word, sign = ("FLAGGED", ">=") if flagged else ("normal", "<")
-    assert verdict == f"{word}: score {score:g} {sign} 2.5"
+    # Beside the raw score: score / threshold, and score / (score + threshold).
+    readable = {5.0: "(2x, 0.67)", 2.5: "(1x, 0.50)", 2.0: "(0.8x, 0.44)"}[score]
+    assert verdict == f"{word}: score {score:g} {sign} 2.5 {readable}"
     assert source == "threshold: given"
     red = matplotlib.colors.to_rgb(display.ax_[0].title.get_color())[0] > 0.5
     assert red == flagged
@@ -257,3 +259,22 @@ def test_picture_names_are_paths_below_the_common_folder(tmp_path):
         "b",
     ]
     assert picture_names([]) == []
+
+
+def test_regions_are_boxed_on_the_prediction_panel_at_the_pixel_threshold():
+    from sk_padim.regions import defect_regions
+
+    image = np.full((64, 64), 120, dtype=np.uint8)
+    anomaly_map = np.zeros((32, 32))  # half the image's size: boxes are scaled by 2
+    anomaly_map[4:8, 10:16] = 3.0
+    anomaly_map[20:22, 2:4] = 1.5
+    (regions,) = defect_regions(anomaly_map[None], 1.0)
+    display = AnomalyMapDisplay.from_predictions(
+        image, anomaly_map, threshold=10.0, score=3.0, pixel_threshold=1.0, regions=regions
+    )
+    assert len(display.ax_) == 3
+    assert display.ax_[2].get_title() == "in red: map >= 1, 2 regions"
+    boxes = [(b.get_x(), b.get_y(), b.get_width(), b.get_height()) for b in display.boxes_]
+    assert boxes == [(19.5, 7.5, 12.0, 8.0), (3.5, 39.5, 4.0, 4.0)]
+    assert [b.axes for b in display.boxes_] == [display.ax_[2]] * 2
+    plt.close("all")
