@@ -161,3 +161,16 @@ def _nearest_indices(size_in: int, size_out: int) -> NDArray[np.intp]:
     That is ``floor((i + 1/2) * size_in / size_out)``, in exact integer arithmetic.
     """
     return (2 * np.arange(size_out) + 1) * size_in // (2 * size_out)
+
+
+def normal_rows(y: ArrayLike, n_samples: int) -> NDArray[np.bool_]:
+    """The rows of ``n_samples`` images that ``y`` (labels or masks) says are normal.
+
+    Raises a ``ValueError`` when ``y`` has another number of entries or no normal image.
+    """
+    anomalous = image_labels(y)
+    if len(anomalous) != n_samples:
+        raise ValueError(f"y has {len(anomalous)} entries but X has {n_samples} images.")
+    if anomalous.all():
+        raise ValueError("Every image in y is anomalous; fit needs normal images (label 0).")
+    return ~anomalous

@@ -106,7 +106,7 @@ class PatchGaussians(nn.Module):
             return self
         if storage != "float16":
             raise ValueError(f"storage must be 'float32' or 'float16'; got {storage!r}.")
-        return PatchGaussians.from_packed(self.mean64(), self.packed_factor_values().half())
+        return PatchGaussians.from_arrays(self.mean64(), self.packed_factor_values().half())
 
     def mean64(self) -> torch.Tensor:
         """The means ``(P, d)`` in float64."""
@@ -118,12 +118,23 @@ class PatchGaussians(nn.Module):
         return packed.to(torch.float16 if self.storage == "float16" else torch.float32)
 
     @classmethod
-    def from_packed(
+    def from_arrays(
         cls, mean: torch.Tensor | np.ndarray, packed_factor: torch.Tensor | np.ndarray
     ) -> PatchGaussians:
-        """Gaussians from means ``(P, d)`` float64 and :meth:`packed_factor_values`.
+        """Make Gaussians from means and packed factors, as :meth:`arrays` gives them.
 
-        A float16 ``packed_factor`` gives Gaussians whose ``storage`` is ``"float16"``.
+        Parameters
+        ----------
+        mean : ndarray or Tensor of shape (P, d), float64
+            Per-position means.
+        packed_factor : ndarray or Tensor of shape (P, d (d + 1) / 2)
+            Packed whitening factors (:meth:`packed_factor_values`); float16 ones give
+            Gaussians whose ``storage`` is ``"float16"``.
+
+        Returns
+        -------
+        gaussians : PatchGaussians
+            On the arrays' device (the CPU for NumPy arrays).
         """
         mean, packed = torch.as_tensor(mean), torch.as_tensor(packed_factor)
         if mean.dtype != torch.float64 or packed.dtype not in (torch.float32, torch.float16):
@@ -140,6 +151,20 @@ class PatchGaussians(nn.Module):
         gaussians.storage = "float16" if packed.dtype == torch.float16 else "float32"
         return gaussians
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Give the means and the stored factors as NumPy arrays in host memory.
+
+        Returns
+        -------
+        arrays : dict of str to ndarray
+            ``"mean"`` ``(P, d)`` float64 and ``"packed_factor"`` (see
+            :meth:`packed_factor_values`), the arguments of :meth:`from_arrays`.
+        """
+        return {
+            "mean": self.mean64().cpu().numpy(),
+            "packed_factor": self.packed_factor_values().cpu().numpy(),
+        }
+
     def as_packed(self) -> PatchGaussians:
         """A copy that keeps its factors packed (for export), on the same device."""
         copy = PatchGaussians(self.mean64(), self.whole_factor(), packed=True)
@@ -149,8 +174,7 @@ class PatchGaussians(nn.Module):
     def __reduce__(self):
         # Means and packed factors as NumPy arrays: half the bytes of the whole factors,
         # and loadable on a machine without the device they were made on.
-        arrays = (self.mean64().cpu().numpy(), self.packed_factor_values().cpu().numpy())
-        return (_unpickle_gaussians, (*arrays, self.packed))
+        return (_unpickle_gaussians, (*self.arrays().values(), self.packed))
 
     def __deepcopy__(self, memo) -> PatchGaussians:
         return _unpickle_gaussians(*self.__reduce__()[1]).to(self.mean_high.device)
@@ -175,7 +199,7 @@ class PatchGaussians(nn.Module):
 
 
 def _unpickle_gaussians(mean: np.ndarray, packed_factor: np.ndarray, packed: bool):
-    gaussians = PatchGaussians.from_packed(mean, packed_factor)
+    gaussians = PatchGaussians.from_arrays(mean, packed_factor)
     return gaussians.as_packed() if packed else gaussians
 
 

@@ -51,6 +51,41 @@ class PatchScorer(nn.Module):
         """Maps and image scores (the maximum of each map) of distance grids ``(B, h, w)``."""
         return self.maps.maps_and_scores(distances)
 
+    def score_batches(
+        self, batches, n_images: int, device: torch.device, keep_maps: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Score feature batches, gathering the results on ``device``.
+
+        Parameters
+        ----------
+        batches : iterable of Tensor of shape (B, d, h, w)
+            ``n_images`` feature maps in all, on the module's device.
+        n_images : int
+            Number of images in all the batches.
+        device : torch.device
+            Where the results are gathered.
+        keep_maps : bool, default=True
+            Gather the maps too; otherwise each batch's maps are dropped once scored.
+
+        Returns
+        -------
+        maps : Tensor of shape (n_images, H, W) or None
+            The anomaly maps (None unless ``keep_maps``).
+        scores : Tensor of shape (n_images,)
+            The image scores.
+        """
+        scores = torch.empty(n_images, device=device)
+        maps = torch.empty((n_images, *self.maps.size), device=device) if keep_maps else None
+        start = 0
+        for batch in batches:
+            with torch.inference_mode():
+                batch_maps, batch_scores = self(batch)
+            if keep_maps:
+                maps[start : start + len(batch)] = batch_maps
+            scores[start : start + len(batch)] = batch_scores
+            start += len(batch)
+        return maps, scores
+
 
 class PadimModel(nn.Module):
     """A fitted PaDiM pipeline as one module: pixels -> ``(maps, scores)``.

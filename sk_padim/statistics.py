@@ -153,6 +153,21 @@ class PatchStatistics:
         self.count = total
         return self
 
+    def check_finite(self) -> PatchStatistics:
+        """Raise ``FloatingPointError`` if the scatter overflowed float32.
+
+        Returns
+        -------
+        self : PatchStatistics
+            These statistics, when finite.
+        """
+        if not all_finite(self.scatter):
+            raise FloatingPointError(
+                "The features are too large for float32 statistics (their squares "
+                "overflow); scale them down, e.g. by a constant factor."
+            )
+        return self
+
     def merge(self, other: PatchStatistics) -> PatchStatistics:
         """Combine with the statistics of other samples; both operands are left unchanged.
 

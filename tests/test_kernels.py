@@ -142,9 +142,9 @@ def test_pack_and_unpack_round_trip():
 def test_gaussians_check_what_they_are_built_from():
     mean = torch.zeros(4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64 mean"):
-        PatchGaussians.from_packed(mean.float(), torch.zeros(4, 6))
+        PatchGaussians.from_arrays(mean.float(), torch.zeros(4, 6))
     with pytest.raises(ValueError, match="do not fit"):
-        PatchGaussians.from_packed(mean, torch.zeros(4, 10))
+        PatchGaussians.from_arrays(mean, torch.zeros(4, 10))
 
 
 def test_factorisation_threads_each_run_lapack_on_one_thread(monkeypatch):
