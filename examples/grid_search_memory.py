@@ -66,5 +66,10 @@ with tempfile.TemporaryDirectory() as folder:
 
 print(f"without memory {plain_seconds:.1f} s, with memory {cached_seconds:.1f} s")
 print(f"best {cached.best_params_}, pixel AUROC {cached.best_score_:.3f}")
+# Layer outputs read back from the cache equal the backbone's to float32 rounding (oneDNN
+# may round an image's convolutions differently in a batch of another size), so the
+# scores agree to that rounding, not bit for bit: 5e-9 apart at the default size.
 assert cached.best_params_ == plain.best_params_
-assert np.array_equal(cached.cv_results_["mean_test_score"], plain.cv_results_["mean_test_score"])
+np.testing.assert_allclose(
+    cached.cv_results_["mean_test_score"], plain.cv_results_["mean_test_score"], atol=1e-6
+)
