@@ -128,9 +128,8 @@ def fit_distributed(
         Images per task. ``None``: each worker's share in as few partitions as keep a
         partition's features under 256 MiB (about 200 images for ResNet-18, d=100 at
         224 px; ``d * h * w * 4`` bytes per image), and at least one per worker thread.
-        Smaller partitions cost more small tasks (with an explicit ``threshold``, one
-        merge of statistics each on their worker: about 0.1 s on one thread at that
-        size), never more bytes.
+        Smaller partitions cost more small tasks (a slice per range each), never more
+        bytes.
     torch_threads : int or None, default=None
         Torch threads per task. ``None``: the worker's share of its machine's cores,
         ``dask.system.CPU_COUNT`` divided by the Dask threads of all the workers on
@@ -503,6 +502,12 @@ def _score_options(paths, partition_size, heatmap_dir, torch_threads, retries) -
         root = os.fspath(heatmap_dir)
         targets = [os.path.join(root, name) for name in _heatmap_names(paths)]
     return paths, partition_size, targets, torch_threads, retries
+
+
+@sizeof.register(PatchStatistics)
+def _sizeof_statistics(stats: PatchStatistics) -> int:
+    """Bytes of the statistics' tensors: Dask weighs transfers and spills memory by this."""
+    return stats.mean.nbytes + stats.scatter.nbytes
 
 
 @sizeof.register(PatchScorer)

@@ -133,7 +133,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     channel_indices_ : ndarray of shape (``n_features_``,)
         Sorted indices of the kept channels in the concatenation of the layers (with
         ``projection="channels"``).
-    projection_ : ndarray of shape (F, n_features_), float32
+    projection_ : ndarray of shape (F, ``n_features_``), float32
         The semi-orthogonal ``W`` (with ``projection="semi_orthogonal"``).
     n_features_ : int
         Number of channels kept, ``d``.
