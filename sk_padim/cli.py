@@ -124,7 +124,8 @@ def _exit_quietly_on_interrupt(command: str) -> None:
             os.write(2, f"sk-padim {command}: interrupted\n".encode())
         os._exit(130)
 
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, leave)
 
 
@@ -861,7 +862,8 @@ def _calibrate(args: argparse.Namespace, progress: bool) -> None:
             f"pixel threshold {calibrator.pixel_threshold_:.6g} (the {args.quantile:g} "
             f"quantile of the pixels of {len(good)} good images: about "
             f"{100 * (1 - args.quantile):.3g} % of good pixels are at or above it; "
-            f"{100 * calibrator.false_positive_rate_:.3g} % of these)\nimage threshold "
+            f"{100 * calibrator.false_positive_rate_:.3g} % of these images' pixels)\n"
+            "image threshold "
             + (
                 "unset (the model has none)"
                 if calibrator.threshold_ is None

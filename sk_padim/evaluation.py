@@ -314,7 +314,7 @@ def evaluate(
     if n_heatmaps is not None:
         on_scored = _deprecated_heatmaps(output, n_heatmaps, on_scored)
     results = []
-    bar = tqdm(names, desc="categories", unit="category", disable=not progress)
+    bar = tqdm(names, desc="categories", unit="category", disable=not progress, leave=False)
     for name in bar:
         bar.set_postfix_str(name)
         category = load(name)
@@ -477,15 +477,19 @@ def write_results(
     return csv_path, markdown_path
 
 
-def padim_pipeline(*, device: str = "auto", **feature_params) -> Pipeline:
+def padim_pipeline(*, device: str = "auto", random_state=0, **feature_params) -> Pipeline:
     """An unfitted ``Pipeline([("feat", PatchFeatureTransformer), ("padim", PadimDetector)])``.
 
     Parameters
     ----------
     device : str, default="auto"
         Where both steps run.
+    random_state : int, RandomState or None, default=0
+        Seed of the transformer's random channel choice. Fixed by default, unlike
+        ``PatchFeatureTransformer``'s ``None`` (scikit-learn's convention), so that the
+        same call gives the same model and the same scores; None draws anew each fit.
     **feature_params
-        Parameters of :class:`~sk_padim.PatchFeatureTransformer`.
+        Other parameters of :class:`~sk_padim.PatchFeatureTransformer`.
 
     Returns
     -------
@@ -497,6 +501,8 @@ def padim_pipeline(*, device: str = "auto", **feature_params) -> Pipeline:
     >>> pipe = padim_pipeline(backbone="resnet18", weights=None, device="cpu")
     >>> list(pipe.named_steps), pipe.get_params()["padim__device"]
     (['feat', 'padim'], 'cpu')
+    >>> pipe.get_params()["feat__random_state"]
+    0
     """
-    features = PatchFeatureTransformer(device=device, **feature_params)
+    features = PatchFeatureTransformer(device=device, random_state=random_state, **feature_params)
     return Pipeline([("feat", features), ("padim", PadimDetector(device=device))])

@@ -17,6 +17,7 @@ The pictures are written whole or not at all (:func:`sk_padim.files.atomic_file`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from sk_padim.evaluation import Category
 from sk_padim.files import atomic_file
 from sk_padim.images import check_images, read_image
 from sk_padim.metrics import image_auroc
-from sk_padim.regions import normalized_score, relative_score
+from sk_padim.regions import defect_regions, normalized_score, relative_score
 
 __all__ = [
     "AnomalyMapDisplay",
@@ -276,7 +277,8 @@ class AnomalyMapDisplay:
     >>> display = AnomalyMapDisplay.from_predictions(
     ...     image, anomaly_map, threshold=2.5, score=5.0, threshold_source="the model's own")
     >>> print(display.ax_[0].get_title())
-    FLAGGED: score 5 >= 2.5 (2x, 0.67)
+    FLAGGED: score 5 >= 2.5
+    2x the threshold, normalized 0.67
     threshold: the model's own
     """
 
@@ -378,7 +380,7 @@ class AnomalyMapDisplay:
         if self.threshold > 0:
             relative = float(relative_score(self.score, self.threshold))
             normalized = float(normalized_score(self.score, self.threshold))
-            verdict += f" ({relative:.3g}x, {normalized:.2f})"
+            verdict += f"\n{relative:.3g}x the threshold, normalized {normalized:.2f}"
         source = f"threshold: {self.threshold_source or 'given'}"
         color = _FLAGGED_COLOR if flagged else "black"
         axes.set_title(f"{verdict}\n{source}", color=color, fontsize=9)
@@ -406,7 +408,9 @@ class AnomalyMapDisplay:
         overlay = np.zeros((*predicted.shape, 4))
         overlay[predicted] = (*_PREDICTION_COLOR, 0.55)
         axes.imshow(image, **grey)
-        boxed = f", {len(self.regions)} regions" if self.regions is not None else ""
+        boxed = ""
+        if self.regions is not None:
+            boxed = f", {len(self.regions)} region{'' if len(self.regions) == 1 else 's'}"
         axes.set_title(f"in red: map >= {cut:.4g}{boxed}")
         return axes.imshow(overlay, extent=extent, interpolation="nearest")
 
@@ -840,7 +844,10 @@ def heatmap_writer(
     images of each defect type (``good`` included) to ``<folder>/<category>/``, named
     ``<type>_000.png``, ``<type>_001.png``, ... The predicted-defect panel and the
     verdicts use the pixel threshold with the best F1 on that category's test images
-    (:func:`~sk_padim.f1_optimal_threshold`).
+    (:func:`~sk_padim.f1_optimal_threshold`); the pictures box the defect regions at
+    that threshold (:func:`sk_padim.regions.defect_regions`), and the regions of every
+    test image go to ``<folder>/<category>/regions.jsonl``, one JSON record per region,
+    its image named ``<type>_<i>`` as the pictures are.
 
     Parameters
     ----------
@@ -872,19 +879,43 @@ def heatmap_writer(
 
     def on_scored(category: Category, maps: np.ndarray, masks: np.ndarray) -> list[Path]:
         types = np.asarray(category.defect_types_test)
+        all_names = [""] * len(types)
         selected, names = [], []
         for kind in np.unique(types):
-            indices = np.flatnonzero(types == kind)[:n_per_type]
-            selected += indices.tolist()
-            names += [f"{kind}_{i:03d}" for i in range(len(indices))]
+            indices = np.flatnonzero(types == kind)
+            for i, index in enumerate(indices):
+                all_names[index] = f"{kind}_{i:03d}"
+            selected += indices[:n_per_type].tolist()
+            names += [all_names[index] for index in indices[:n_per_type]]
+        threshold = f1_optimal_threshold(masks, maps)
+        regions = defect_regions(maps, threshold)
+        category_folder = Path(folder) / category.name
+        category_folder.mkdir(parents=True, exist_ok=True)
+        records = (
+            json.dumps({"image": all_names[region.image], **_rounded(region.as_dict())})
+            for image_regions in regions
+            for region in image_regions
+        )
+        with atomic_file(category_folder / "regions.jsonl") as file:
+            file.write("".join(record + "\n" for record in records).encode())
         return save_heatmaps(
             [category.X_test[i] for i in selected],
             maps[selected],
-            Path(folder) / category.name,
+            category_folder,
             masks=[category.masks_test[i] for i in selected],
-            threshold=f1_optimal_threshold(masks, maps),
+            threshold=threshold,
             threshold_source="best pixel F1 on tests",
             names=names,
+            regions=[regions[i] for i in selected],
         )
 
     return on_scored
+
+
+def _rounded(record: dict) -> dict:
+    """The region's fields for a JSON record: ``image`` (an index) as ``index``, ``label``
+    as ``region`` (as ``sk-padim score --regions`` writes them), floats to 6 digits."""
+    rounded = {"index": record.pop("image"), "region": record.pop("label")}
+    for name, value in record.items():
+        rounded[name] = float(f"{value:.6g}") if isinstance(value, float) else value
+    return rounded

@@ -233,11 +233,12 @@ def test_image_panel_states_the_verdict_and_where_the_threshold_came_from(pictur
     display = AnomalyMapDisplay.from_predictions(
         image, anomaly_map, threshold=2.5, score=score, threshold_source="given"
     )
-    verdict, source = display.ax_[0].get_title().splitlines()
+    verdict, readable, source = display.ax_[0].get_title().splitlines()
     word, sign = ("FLAGGED", ">=") if flagged else ("normal", "<")
+    assert verdict == f"{word}: score {score:g} {sign} 2.5"
     # Beside the raw score: score / threshold, and score / (score + threshold).
-    readable = {5.0: "(2x, 0.67)", 2.5: "(1x, 0.50)", 2.0: "(0.8x, 0.44)"}[score]
-    assert verdict == f"{word}: score {score:g} {sign} 2.5 {readable}"
+    relative, normalized = {5.0: ("2", "0.67"), 2.5: ("1", "0.50"), 2.0: ("0.8", "0.44")}[score]
+    assert readable == f"{relative}x the threshold, normalized {normalized}"
     assert source == "threshold: given"
     red = matplotlib.colors.to_rgb(display.ax_[0].title.get_color())[0] > 0.5
     assert red == flagged
@@ -277,4 +278,27 @@ def test_regions_are_boxed_on_the_prediction_panel_at_the_pixel_threshold():
     boxes = [(b.get_x(), b.get_y(), b.get_width(), b.get_height()) for b in display.boxes_]
     assert boxes == [(19.5, 7.5, 12.0, 8.0), (3.5, 39.5, 4.0, 4.0)]
     assert [b.axes for b in display.boxes_] == [display.ax_[2]] * 2
+    plt.close("all")
+
+
+def test_heatmap_writer_writes_the_regions_of_every_test_image(tmp_path):
+    import json
+
+    from sk_padim.evaluation import Category
+    from sk_padim.plotting import heatmap_writer
+
+    maps = np.zeros((4, 16, 16))
+    masks = np.zeros((4, 16, 16), dtype=bool)
+    maps[2, 2:5, 3:7] = masks[2, 2:5, 3:7] = 1  # one 3 x 4 defect
+    maps[3, 10:12, 10:12] = masks[3, 10:12, 10:12] = 1  # one 2 x 2 defect
+    kinds = np.array(["good", "good", "hole", "hole"])
+    category = Category("tile", maps, maps, kinds != "good", masks, kinds)
+    paths = heatmap_writer(tmp_path, 1)(category, maps, masks)
+    assert [path.name for path in paths] == ["good_000.png", "hole_000.png"]
+    lines = (tmp_path / "tile" / "regions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    got = [(r["image"], r["index"], r["region"], r["area"]) for r in records]
+    assert got == [("hole_000", 2, 1, 12), ("hole_001", 3, 1, 4)]
+    box = [records[0][k] for k in ("row_min", "col_min", "row_max", "col_max")]
+    assert box == [2, 3, 5, 7]
     plt.close("all")
