@@ -92,11 +92,12 @@ def fit_distributed(
     the range, which it receives, in the order of ``paths``. The ranges' statistics come
     back and are joined (:meth:`PatchStatistics.join
     <sk_padim.statistics.PatchStatistics.join>`) into the model
-    (:meth:`PadimDetector.from_statistics`); no model-sized object is sent to every
-    worker. The statistics equal those of ``pipeline.fit`` on the same images to the
-    float32 rounding of the features, which the backbone computes in other batches (and
-    threads) here than in one process; the order of accumulation is fixed by the order
-    of ``paths`` and the workers, so reruns on the same cluster give the same model.
+    (:meth:`~sk_padim.PadimDetector.from_statistics`); no model-sized object is sent to
+    every worker. The statistics equal those of ``pipeline.fit`` on the same images to
+    the float32 rounding of the features, which the backbone computes in other batches
+    (and threads) here than in one process; the order of accumulation is fixed by the
+    order of ``paths`` and the workers, so reruns on the same cluster give the same
+    model.
 
     **Thresholds**: ``threshold_`` (unless ``threshold`` is given) and
     ``pixel_threshold_`` are, as after :meth:`PadimDetector.fit`, the highest
