@@ -110,11 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit_quietly_on_interrupt(command: str) -> None:
-    """From here to the end of the process, Ctrl-C exits with 130 and one line.
+    """From here to the end of the process, Ctrl-C ends it with one line, by SIGINT.
 
     An interrupt while Python shuts down (threads joined, objects finalised) would
     otherwise print ``Exception ignored in ...`` and exit with 0. The outputs are
-    closed by now, so leaving at once loses nothing.
+    closed by now, so leaving at once loses nothing; the shell reports 130.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -122,7 +122,10 @@ def _exit_quietly_on_interrupt(command: str) -> None:
     def leave(signum, frame):
         with contextlib.suppress(OSError, ValueError):
             os.write(2, f"sk-padim {command}: interrupted\n".encode())
-        os._exit(130)
+        # End by the signal itself, as a program without a handler would: the shell
+        # reports 130 (128 + SIGINT), and a calling script sees the interrupt.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
 
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:

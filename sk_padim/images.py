@@ -87,15 +87,19 @@ def check_images(X) -> np.ndarray | torch.Tensor | list:
         return X
     if isinstance(X, (str, os.PathLike)) and os.path.isdir(X):
         return list_images(X)
-    if isinstance(X, (str, os.PathLike)) and not os.path.exists(X):
-        raise FileNotFoundError(
-            f"Folder not found: {os.fspath(X)}. Pass a folder of images, a list of image "
-            "files, or an array of images."
-        )
-    if isinstance(X, (str, os.PathLike)) and os.path.isfile(X):
+    if isinstance(X, (str, os.PathLike)):
+        path = os.fspath(X)
+        exists = os.path.exists(path)
+        if not exists and not path.lower().endswith(IMAGE_SUFFIXES):
+            raise FileNotFoundError(
+                f"Folder not found: {path}. Pass a folder of images, a list of image files, "
+                "or an array of images."
+            )
         raise TypeError(
-            f"X is one file, {os.fspath(X)!r}; pass a folder of images or a list of image "
-            "files (wrap a single file as [path])."
+            f"X is a single path, {path!r}, not a folder"
+            + ("" if exists else " (and no such file exists)")
+            + ". Pass a folder of images or a list of image files: wrap a single path as "
+            "[path]."
         )
     if isinstance(X, (str, os.PathLike)) or not isinstance(X, Sequence):
         raise TypeError(

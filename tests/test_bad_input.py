@@ -714,5 +714,5 @@ def test_a_missing_folder_is_said_to_be_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="Folder not found: no/such/folder"):
         check_images("no/such/folder")
     (tmp_path / "one.png").write_bytes(b"")
-    with pytest.raises(TypeError, match=r"one file.*wrap a single file as \[path\]"):
+    with pytest.raises(TypeError, match=r"single path.*not a folder.*wrap a single path as"):
         check_images(str(tmp_path / "one.png"))

@@ -308,7 +308,9 @@ def test_demo_runs_at_small_size(tmp_path):
     assert len(table) == 3 and table[2].startswith("| brick ")
     rows = read_csv(tmp_path / "demo" / "results.csv")
     assert len(rows) == 1 and rows[0]["n_train"] == "8"
-    pictures = sorted(p.name for p in (tmp_path / "demo" / "heatmaps" / "brick").iterdir())
+    folder = tmp_path / "demo" / "heatmaps" / "brick"
+    assert (folder / "regions.jsonl").is_file()  # the regions of every test image
+    pictures = sorted(p.name for p in folder.glob("*.png"))
     kinds = ["good", "hole", "patch", "scratch", "stain"]  # one picture per defect type
     assert pictures == [f"{kind}_000.png" for kind in kinds]
 
