@@ -593,7 +593,8 @@ class _ScoreRun:
         self.paths, self.header = paths, header
         self.output = None if args.output is None else Path(args.output)
         self.csv = self.regions = self.names = None
-        self.done: set[str] = set()
+        self.kept: set[str] = set()  # the images of the CSV being resumed
+        self.done: set[str] = set()  # those of them among the images to score
         self.written = 0  # rows written by this run
         self.scale = None  # the pictures' colour scale
 
@@ -611,15 +612,16 @@ class _ScoreRun:
             return
         self.output.mkdir(parents=True, exist_ok=True)
         if self.args.resume:
-            self.done = _completed_images(self.csv_path, self.header)
+            self.kept = _completed_images(self.csv_path, self.header)
+            self.done = self.kept & set(self.paths)
             if self.args.regions:
-                _keep_regions_of(self.regions_path, self.done)
+                _keep_regions_of(self.regions_path, self.kept)
         if self.args.heatmaps:
             from sk_padim.plotting import picture_names
 
             self.names = dict(zip(self.paths, picture_names(self.paths), strict=True))
         if self.args.regions:
-            self.regions = open(self.regions_path, "a" if self.done else "w", encoding="utf-8")
+            self.regions = open(self.regions_path, "a" if self.kept else "w", encoding="utf-8")
 
     def interrupted(self) -> str:
         if self.output is None:
@@ -704,7 +706,7 @@ class _ScoreRun:
                 self.csv = sys.stdout
                 self.csv.write(",".join(self.header) + "\n")
             else:
-                appending = bool(self.done)
+                appending = bool(self.kept)
                 self.csv = open(
                     self.csv_path, "a" if appending else "w", newline="", encoding="utf-8"
                 )

@@ -50,7 +50,9 @@ def run_demo(
     n_train : int, default=40
         Normal training images per category.
     n_heatmaps : int, default=2
-        Heat-map PNGs per defect type and category (needs matplotlib); 0 for none.
+        Heat-map PNGs per defect type and category (needs matplotlib), with the defect
+        regions boxed, and each category's ``regions.jsonl``
+        (:func:`sk_padim.plotting.heatmap_writer`); 0 for none.
     random_state : int, default=0
         Seeds the dataset and the channel draw.
     device : str, default="auto"
