@@ -5,6 +5,7 @@
   (:func:`skimage.measure.label` and :func:`skimage.measure.regionprops`).
 - :func:`predict_regions`: the same from a fitted model and images, cut at the model's
   pixel threshold (``PadimDetector.pixel_threshold_`` set by ``fit``, or a calibrator's).
+- :func:`pixel_threshold_of`: the pixel threshold of a fitted model or calibrator.
 - :func:`relative_score` and :func:`normalized_score`: a score beside its threshold.
 
 Readable scores
@@ -40,6 +41,7 @@ __all__ = [
     "Region",
     "defect_regions",
     "normalized_score",
+    "pixel_threshold_of",
     "predict_regions",
     "relative_score",
 ]

@@ -23,7 +23,7 @@ from sk_padim.regions import defect_regions, normalized_score, relative_score
 from tests.synthetic import smooth_texture
 
 SIZE = 32
-N_IMAGES = 24
+N_IMAGES = 32
 ROOT = Path(__file__).resolve().parents[1]
 
 
