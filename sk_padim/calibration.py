@@ -467,6 +467,7 @@ class QuantileThresholdCalibrator(BaseEstimator):
         Returns
         -------
         self : QuantileThresholdCalibrator
+            The fitted calibrator.
         """
         if not _is_fitted(self.estimator):
             raise ValueError(
@@ -494,6 +495,7 @@ class QuantileThresholdCalibrator(BaseEstimator):
         Returns
         -------
         ndarray of shape (n,)
+            +1 (normal) or -1 (anomalous), scikit-learn's outlier convention.
         """
         check_is_fitted(self)
         if self.threshold_ is None:
@@ -506,7 +508,18 @@ class QuantileThresholdCalibrator(BaseEstimator):
         return np.where(scores >= self.threshold_, -1, 1)
 
     def predict_masks(self, X) -> NDArray[np.bool_]:
-        """Boolean anomaly masks, ``score_samples(X) >= pixel_threshold_``."""
+        """Predict boolean anomaly masks, ``score_samples(X) >= pixel_threshold_``.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features), whatever ``estimator`` takes.
+
+        Returns
+        -------
+        ndarray of shape (n, H, W)
+            True where a pixel is predicted anomalous.
+        """
         check_is_fitted(self)
         return np.asarray(self.estimator_.score_samples(X)) >= self.pixel_threshold_
 
@@ -530,12 +543,34 @@ class QuantileThresholdCalibrator(BaseEstimator):
         return defect_regions(maps, self.pixel_threshold_, min_area=min_area)
 
     def score_samples(self, X) -> NDArray:
-        """Pixel anomaly maps of the wrapped detector, higher = more anomalous."""
+        """Pixel anomaly maps of the wrapped detector, higher = more anomalous.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features), whatever ``estimator`` takes.
+
+        Returns
+        -------
+        ndarray of shape (n, H, W)
+            ``estimator_.score_samples(X)``.
+        """
         check_is_fitted(self)
         return self.estimator_.score_samples(X)
 
     def decision_function(self, X) -> NDArray:
-        """Image anomaly scores of the wrapped detector, higher = more anomalous."""
+        """Image anomaly scores of the wrapped detector, higher = more anomalous.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features), whatever ``estimator`` takes.
+
+        Returns
+        -------
+        ndarray of shape (n,)
+            ``estimator_.decision_function(X)``.
+        """
         check_is_fitted(self)
         return self.estimator_.decision_function(X)
 

@@ -63,6 +63,7 @@ def run_demo(
     Returns
     -------
     results : list of CategoryResult
+        One per category: image AUROC, pixel AUROC, AUPRO and times.
 
     Examples
     --------

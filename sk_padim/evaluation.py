@@ -385,10 +385,12 @@ def results_table(results: Sequence[CategoryResult]) -> str:
     Parameters
     ----------
     results : sequence of CategoryResult
+        The results of :func:`evaluate`, one per category.
 
     Returns
     -------
     table : str
+        A Markdown table, one row per category (and a ``mean`` row for several).
 
     Examples
     --------
@@ -448,12 +450,14 @@ def write_results(
     Parameters
     ----------
     results : sequence of CategoryResult
+        The results of :func:`evaluate`, one per category.
     folder : str or path-like
         Created if needed; existing results files are replaced.
 
     Returns
     -------
     csv_path, markdown_path : pathlib.Path
+        The files written: ``results.csv`` (full precision) and ``results.md``.
 
     Examples
     --------
@@ -494,6 +498,7 @@ def padim_pipeline(*, device: str = "auto", random_state=0, **feature_params) ->
     Returns
     -------
     pipeline : Pipeline
+        Unfitted; fit it on images of normal parts.
 
     Examples
     --------

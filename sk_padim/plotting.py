@@ -289,12 +289,12 @@ class AnomalyMapDisplay:
         *,
         mask: ArrayLike | None = None,
         threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        regions=None,
         score: float | None = None,
         threshold_source: str | None = None,
         vmin: float | None = None,
         vmax: float | None = None,
-        pixel_threshold: float | None = None,
-        regions=None,
     ):
         self.image = image
         self.anomaly_map = anomaly_map
@@ -473,11 +473,11 @@ class AnomalyMapDisplay:
         threshold_source: str | None = None,
         vmin: float | None = None,
         vmax: float | None = None,
+        pixel_threshold: float | None = None,
+        regions=None,
         ax=None,
         cmap: str = "jet",
         alpha: float = 0.7,
-        pixel_threshold: float | None = None,
-        regions=None,
     ) -> AnomalyMapDisplay:
         """Draw an anomaly map that was already computed.
 
@@ -837,7 +837,7 @@ def save_heatmaps(
 def heatmap_writer(
     folder: str | os.PathLike, n_per_type: int = 2
 ) -> Callable[[Category, np.ndarray, np.ndarray], list[Path]]:
-    """Pictures of each evaluated category: ``evaluate(..., on_scored=heatmap_writer(...))``.
+    """Draw each evaluated category: ``evaluate(..., on_scored=heatmap_writer(...))``.
 
     For each category that :func:`sk_padim.evaluation.evaluate` scores, the returned
     function writes :func:`save_heatmaps` pictures of the first ``n_per_type`` test

@@ -8,11 +8,9 @@
 - :func:`pixel_threshold_of`: the pixel threshold of a fitted model or calibrator.
 - :func:`relative_score` and :func:`normalized_score`: a score beside its threshold.
 
-Readable scores
----------------
-A raw PaDiM score is a Mahalanobis distance: its scale depends on the backbone, the
-features and the data (420-660 on one dataset, 12-27 on another), so a number alone says
-little. Two readings put it beside the threshold it is judged against:
+**Readable scores.** A raw PaDiM score is a Mahalanobis distance: its scale depends on
+the backbone, the features and the data (420-660 on one dataset, 12-27 on another), so a
+number alone says little. Two readings put it beside the threshold it is judged against:
 
 - ``relative = score / threshold``: 1.0 is on the line, 2.0 twice the threshold, 0.5
   half of it.
@@ -48,7 +46,7 @@ __all__ = [
 
 
 def relative_score(scores: ArrayLike, threshold: float) -> NDArray[np.float64]:
-    """Scores relative to their threshold, ``score / threshold``: 1.0 is on the line.
+    """Divide scores by their threshold, ``score / threshold``: 1.0 is on the line.
 
     Parameters
     ----------
@@ -74,7 +72,7 @@ def relative_score(scores: ArrayLike, threshold: float) -> NDArray[np.float64]:
 
 
 def normalized_score(scores: ArrayLike, threshold: float) -> NDArray[np.float64]:
-    """Scores mapped to ``[0, 1)`` with the threshold at 0.5: ``score / (score + threshold)``.
+    """Map scores to ``[0, 1)`` with the threshold at 0.5: ``score / (score + threshold)``.
 
     Equal to ``relative / (1 + relative)`` with ``relative = score / threshold``: 0 for
     a score of 0, 0.5 on the threshold, 2/3 at twice it, towards 1 far past it;
@@ -122,7 +120,7 @@ def _check_threshold(threshold) -> float:
 class Region:
     """One connected defect region of an anomaly map.
 
-    Attributes
+    Parameters
     ----------
     image : int
         Index of the image (its map) in the batch.
@@ -165,7 +163,13 @@ class Region:
     peak_normalized: float
 
     def as_dict(self) -> dict:
-        """The fields as a dict of plain Python numbers (for JSON and CSV)."""
+        """Give the fields as a dict of plain Python numbers (for JSON and CSV).
+
+        Returns
+        -------
+        dict
+            Field name to value, in the order of the fields.
+        """
         return asdict(self)
 
 
@@ -267,12 +271,23 @@ def defect_regions(
 
 
 def pixel_threshold_of(model) -> float:
-    """The pixel threshold a fitted model cuts regions at.
+    """Find the pixel threshold a fitted model cuts regions at.
 
     A calibrator's ``pixel_threshold_`` (:class:`~sk_padim.calibration.
     QuantileThresholdCalibrator`, or :class:`~sk_padim.F1ThresholdCalibrator`), else
     the detector's (``PadimDetector.pixel_threshold_``, set by ``fit``), the last step
     of a Pipeline.
+
+    Parameters
+    ----------
+    model : fitted estimator
+        A Pipeline ending in a ``PadimDetector``, a ``PadimDetector``, or a fitted
+        calibrator.
+
+    Returns
+    -------
+    float
+        The pixel threshold.
 
     Raises
     ------
@@ -312,7 +327,9 @@ def predict_regions(
         Whatever ``model.score_samples`` takes: an array, a list of files, a folder.
     threshold : float, default=None
         A pixel threshold to use instead of the model's.
-    min_area, connectivity
+    min_area : int, default=1
+        Regions of fewer pixels are left out.
+    connectivity : {1, 2}, default=2
         See :func:`defect_regions`.
 
     Returns
