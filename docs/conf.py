@@ -135,11 +135,14 @@ numpydoc_validation_checks = {
     "EX01",
 }
 # Objects not validated: scikit-learn's metadata-routing methods, generated on every
-# estimator with scikit-learn's own docstrings; private names.
+# estimator with scikit-learn's own docstrings; private names; constants.
 numpydoc_validation_exclude = {
     r"\.set_\w+_request$",
     r"\.get_metadata_routing$",
     r"\._[a-z]\w*$",
+    # A constant (a tuple): numpydoc validates the tuple type's own docstring, not the
+    # attribute's, which autodoc shows.
+    r"\.IMAGE_SUFFIXES$",
 }
 
 # -- Gallery (sphinx-gallery) ----------------------------------------------------------

@@ -1,49 +1,53 @@
 """PaDiM image anomaly detection and localisation as scikit-learn estimators."""
 
-from sk_padim._version import __version__
-from sk_padim.calibration import F1ThresholdCalibrator, f1_optimal_threshold
-from sk_padim.datasets import load_mvtec_ad, make_defect_textures, write_mvtec_layout
-from sk_padim.detector import PadimDetector
-from sk_padim.devices import DeviceFeatures
-from sk_padim.export import export_onnx
-from sk_padim.feature_cache import clear_feature_cache
-from sk_padim.features import PatchFeatureTransformer
-from sk_padim.metrics import (
-    aupro,
-    aupro_scorer,
-    image_auroc,
-    image_auroc_scorer,
-    pixel_auroc,
-    pixel_auroc_scorer,
-)
-from sk_padim.model import PadimModel
-from sk_padim.model_selection import NormalTrainSplit
-from sk_padim.persistence import load_model, load_npz, save_model, save_npz
-from sk_padim.streaming import fit_streaming
+# The public names are imported on first use (PEP 562), so that ``import sk_padim.cli``
+# (``sk-padim --help``) does not import torch; ``from sk_padim import X`` works as before.
+import importlib
 
-__all__ = [
-    "DeviceFeatures",
-    "F1ThresholdCalibrator",
-    "NormalTrainSplit",
-    "PadimDetector",
-    "PadimModel",
-    "PatchFeatureTransformer",
-    "__version__",
-    "aupro",
-    "aupro_scorer",
-    "clear_feature_cache",
-    "export_onnx",
-    "f1_optimal_threshold",
-    "fit_streaming",
-    "image_auroc",
-    "image_auroc_scorer",
-    "pixel_auroc",
-    "pixel_auroc_scorer",
-    "load_mvtec_ad",
-    "make_defect_textures",
-    "write_mvtec_layout",
-    "load_model",
-    "load_npz",
-    "save_model",
-    "save_npz",
-]
+from sk_padim._version import __version__
+
+_SOURCES = {
+    "DeviceFeatures": "devices",
+    "F1ThresholdCalibrator": "calibration",
+    "NormalTrainSplit": "model_selection",
+    "PadimDetector": "detector",
+    "PadimModel": "model",
+    "PatchFeatureTransformer": "features",
+    "QuantileThresholdCalibrator": "calibration",
+    "aupro": "metrics",
+    "aupro_scorer": "metrics",
+    "clear_feature_cache": "feature_cache",
+    "defect_regions": "regions",
+    "export_onnx": "export",
+    "f1_optimal_threshold": "calibration",
+    "fit_streaming": "streaming",
+    "good_pixel_threshold": "calibration",
+    "image_auroc": "metrics",
+    "image_auroc_scorer": "metrics",
+    "load_model": "persistence",
+    "load_mvtec_ad": "datasets",
+    "load_npz": "persistence",
+    "make_defect_textures": "datasets",
+    "normalized_score": "regions",
+    "pixel_auroc": "metrics",
+    "pixel_auroc_scorer": "metrics",
+    "predict_regions": "regions",
+    "relative_score": "regions",
+    "save_model": "persistence",
+    "save_npz": "persistence",
+    "write_mvtec_layout": "datasets",
+}
+
+__all__ = ["__version__", *sorted(_SOURCES)]
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'sk_padim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sk_padim.{_SOURCES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))

@@ -295,7 +295,6 @@ def evaluate(
     See Also
     --------
     results_table : The results as a table.
-    sk_padim.demo.run_demo : This, on the built-in textures.
 
     Examples
     --------

@@ -74,10 +74,11 @@ def export_onnx(
 
     Parameters
     ----------
-    model : Pipeline, F1ThresholdCalibrator or PadimModel
+    model : Pipeline, F1ThresholdCalibrator, QuantileThresholdCalibrator or PadimModel
         A fitted ``Pipeline([PatchFeatureTransformer, PadimDetector])``, a fitted
-        :class:`~sk_padim.F1ThresholdCalibrator` around one (its calibrated threshold
-        is used), or a :class:`~sk_padim.model.PadimModel` (no threshold).
+        calibrator around one (:class:`~sk_padim.F1ThresholdCalibrator` or
+        :class:`~sk_padim.QuantileThresholdCalibrator`: its thresholds are used), or a
+        :class:`~sk_padim.model.PadimModel` (no threshold).
     path : str or path-like
         The ``.onnx`` file to write. A model larger than 2 GiB also writes its weights
         next to it, in ``<path>.data`` (ONNX external data); keep the two together.
@@ -117,7 +118,8 @@ def export_onnx(
     Metadata properties: ``sk_padim_version``, ``backbone``, ``layers`` (pipelines),
     ``n_features``, ``image_size`` (``"H,W"``), ``map_size``, ``normalization_mean``,
     ``normalization_std`` (applied to RGB in [0, 1] inside the graph), ``threshold``
-    (empty when there is none), ``threshold_source``, ``storage`` (float32 or float16).
+    (empty when there is none), ``threshold_source``, ``pixel_threshold`` (the pixel score
+    defect regions are cut at; empty when there is none), ``storage`` (float32 or float16).
     The graph is the Python scoring model itself (:class:`~sk_padim.model.PadimModel`,
     its factors packed), the means kept as float32 high + low pairs, so the file scores
     as Python does, float16 models included.
@@ -159,10 +161,12 @@ def export_onnx(
 
 def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, int]]:
     """The module to export, its metadata and its input size."""
-    threshold, source, feat = None, "", None
-    if hasattr(model, "estimator_") and hasattr(model, "level"):  # a calibrator
+    threshold, source, feat, pixel_threshold = None, "", None, None
+    if hasattr(model, "estimator") and hasattr(model, "predict_masks"):  # a calibrator
         check_is_fitted(model)
-        threshold, source = float(model.threshold_), f"calibrated ({model.level} F1)"
+        threshold, pixel_threshold = float(model.threshold_), model.pixel_threshold_
+        level = getattr(model, "level", None)
+        source = f"calibrated ({level} F1)" if level else f"{type(model).__name__}"
         model = model.estimator_
     if isinstance(model, PadimModel):
         embedding, scorer = model.embedding, model.scorer
@@ -171,10 +175,13 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
             (_, feat), (_, detector) = padim_steps(model, "export_onnx", fitted=True)
         except TypeError as error:
             raise TypeError(
-                f"{error} An F1ThresholdCalibrator around one, or a PadimModel, is exported too."
+                f"{error} A calibrator (F1ThresholdCalibrator, QuantileThresholdCalibrator) "
+                "around one, or a PadimModel, is exported too."
             ) from None
         if threshold is None and hasattr(detector, "threshold_"):
             threshold, source = float(detector.threshold_), "the detector's threshold_"
+        if pixel_threshold is None:
+            pixel_threshold = getattr(detector, "pixel_threshold_", None)
         embedding, scorer = feat.to_module("cpu"), detector.to_module("cpu")
     gaussians = scorer.gaussians.as_packed().cpu()
     packed_scorer = PatchScorer(gaussians, copy.deepcopy(scorer.maps).cpu())
@@ -191,6 +198,7 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
         "normalization_std": ",".join(map(str, normalization_std)),
         "threshold": "" if threshold is None else repr(threshold),
         "threshold_source": source,
+        "pixel_threshold": "" if pixel_threshold is None else repr(float(pixel_threshold)),
         "storage": "float16" if float16 or gaussians.storage == "float16" else "float32",
     }
     if feat is not None:

@@ -7,7 +7,7 @@ layer's own grid) as a ``.npy`` file in the folder of a ``joblib.Memory`` (under
 ``sk_padim/layers``), so that every transformer sharing the memory runs the backbone once
 per image; the kept channels are selected and upsampled from the stored outputs, as they
 would be from fresh ones. Files are written whole or not at all
-(:func:`sk_padim.files.atomic_file`), so processes sharing the folder never read half
+(``sk_padim.files.atomic_file``), so processes sharing the folder never read half
 an entry.
 
 An entry's key covers everything its values depend on: a digest of the backbone's

@@ -330,6 +330,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             total=-(-len(out) // self.batch_size),
             desc="features",
             unit="batch",
+            leave=False,
         ):
             stop = start + len(batch)
             with torch.inference_mode(), self._autocast(device):

@@ -12,7 +12,7 @@ never imports it.
 - :func:`heatmap_writer`: pictures of each category that
   :func:`sk_padim.evaluation.evaluate` scores.
 
-The pictures are written whole or not at all (:func:`sk_padim.files.atomic_file`).
+The pictures are written whole or not at all (``sk_padim.files.atomic_file``).
 """
 
 from __future__ import annotations
@@ -487,14 +487,31 @@ class AnomalyMapDisplay:
             The image.
         anomaly_map : ndarray of shape (H', W')
             Its anomaly map.
-        mask, threshold, score, threshold_source, vmin, vmax, pixel_threshold, regions
-            See :class:`AnomalyMapDisplay`.
-        ax, cmap, alpha
-            See :meth:`plot`.
+        mask : ndarray of shape (H'', W''), default=None
+            Ground-truth defect mask, outlined (see :class:`AnomalyMapDisplay`).
+        threshold : float, default=None
+            The image threshold of the verdict (see :class:`AnomalyMapDisplay`).
+        score : float, default=None
+            The image anomaly score, shown in the titles.
+        threshold_source : str, default=None
+            Where ``threshold`` came from, shown in the verdict.
+        vmin, vmax : float, default=None
+            Scores mapped to the ends of the colour map (see :class:`AnomalyMapDisplay`).
+        pixel_threshold : float, default=None
+            Pixels scoring ``>=`` it are predicted defective (third panel).
+        regions : sequence of sk_padim.regions.Region, default=None
+            Defect regions, drawn as boxes.
+        ax : sequence of matplotlib Axes, default=None
+            Where to draw (see :meth:`plot`).
+        cmap : str, default="jet"
+            The colour map of the overlay.
+        alpha : float, default=0.7
+            The overlay's opacity at the highest scores.
 
         Returns
         -------
         display : AnomalyMapDisplay
+            The display, drawn.
         """
         display = cls(
             image,
@@ -534,15 +551,25 @@ class AnomalyMapDisplay:
             estimator whose ``score_samples`` maps images to anomaly maps).
         image : ndarray of shape (H, W) or (H, W, 3), file path or PIL image
             The image.
-        mask, threshold, threshold_source, vmin, vmax
-            See :class:`AnomalyMapDisplay`; the image score shown is the map's maximum
-            (PaDiM's image score).
-        ax, cmap, alpha
-            See :meth:`plot`.
+        mask : ndarray of shape (H'', W''), default=None
+            Ground-truth defect mask, outlined (see :class:`AnomalyMapDisplay`).
+        threshold : float, default=None
+            The image threshold of the verdict (see :class:`AnomalyMapDisplay`).
+        threshold_source : str, default=None
+            Where ``threshold`` came from, shown in the verdict.
+        vmin, vmax : float, default=None
+            Scores mapped to the ends of the colour map (see :class:`AnomalyMapDisplay`).
+        ax : sequence of matplotlib Axes, default=None
+            Where to draw (see :meth:`plot`).
+        cmap : str, default="jet"
+            The colour map of the overlay.
+        alpha : float, default=0.7
+            The overlay's opacity at the highest scores.
 
         Returns
         -------
         display : AnomalyMapDisplay
+            The display, drawn; the image score shown is the map's maximum.
         """
         anomaly_map = estimator.score_samples([image])[0]
         return cls.from_predictions(
@@ -678,14 +705,21 @@ class ImageScoreDisplay:
 
         Parameters
         ----------
-        y_true, scores, threshold
-            See :class:`ImageScoreDisplay`.
-        ax, bins
-            See :meth:`plot`.
+        y_true : array-like of shape (n,) or (n, H, W)
+            Image labels (1 = anomalous) or pixel masks.
+        scores : array-like of shape (n,)
+            Image anomaly scores, higher = more anomalous.
+        threshold : float, default=None
+            A decision threshold to draw (see :class:`ImageScoreDisplay`).
+        ax : sequence of two matplotlib Axes, default=None
+            Where to draw (see :meth:`plot`).
+        bins : int, default=20
+            Histogram bins.
 
         Returns
         -------
         display : ImageScoreDisplay
+            The display, drawn.
         """
         return cls(y_true, scores, threshold=threshold).plot(ax=ax, bins=bins)
 
@@ -712,9 +746,11 @@ class ImageScoreDisplay:
         y : array-like of shape (n,) or (n, H, W)
             Image labels or pixel masks.
         threshold : float, default=None
-            See :class:`ImageScoreDisplay`.
-        ax, bins
-            See :meth:`plot`.
+            A decision threshold to draw (see :class:`ImageScoreDisplay`).
+        ax : sequence of two matplotlib Axes, default=None
+            Where to draw (see :meth:`plot`).
+        bins : int, default=20
+            Histogram bins.
 
         Returns
         -------

@@ -19,7 +19,13 @@ from synthetic import textures_with_squares
 from torch import nn
 
 import sk_padim
-from sk_padim import F1ThresholdCalibrator, PadimDetector, PatchFeatureTransformer, export_onnx
+from sk_padim import (
+    F1ThresholdCalibrator,
+    PadimDetector,
+    PatchFeatureTransformer,
+    QuantileThresholdCalibrator,
+    export_onnx,
+)
 from sk_padim import export as export_module
 from sk_padim.cli import main
 from sk_padim.model import PadimModel
@@ -143,6 +149,11 @@ def test_calibrated_threshold_and_torch_core_are_exported(tmp_path):
     anomalous = run(export_onnx(calibrator, tmp_path / "calibrated.onnx"), test)[2]
     scores = pipe.decision_function(test)
     assert_labels_like(anomalous, scores, calibrator.threshold_, calibrator.predict(test))
+    good = QuantileThresholdCalibrator(pipe, quantile=0.99).fit(train)
+    path = export_onnx(good, tmp_path / "quantile.onnx")
+    metadata = {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
+    assert float(metadata["pixel_threshold"]) == pytest.approx(good.pixel_threshold_)
+    assert float(metadata["threshold"]) == pytest.approx(pipe[-1].threshold_)
     outputs = run(export_onnx(PadimModel.from_pipeline(pipe), tmp_path / "core.onnx"), test)
     assert len(outputs) == 2  # no threshold, no verdict
     np.testing.assert_allclose(outputs[1], pipe.decision_function(test), rtol=1e-4)

@@ -31,7 +31,7 @@ LAYERS = {
         "statistics",
         "whitening",
     },
-    "estimators": {"detector", "feature_cache", "feature_checks", "features", "pipelines"},
+    "estimators": {"detector", "feature_cache", "features", "pipelines"},
     "evaluation": {"calibration", "evaluation", "metrics", "model_selection", "regions"},
     "front": {
         "cli",
