@@ -108,6 +108,24 @@ def _load_backbone(backbone, weights) -> nn.Module:
     return model.eval()
 
 
+def weights_key(backbone: str | nn.Module, weights, init_seed: int) -> str | None:
+    """What fixes a named backbone's weights without reading them, or None.
+
+    Random weights are fixed by the seed and a weights name by its name, for given
+    versions of torch and torchvision; a state-dict file or an ``nn.Module`` can change
+    under the same name, so its weights must be read (None).
+
+    Examples
+    --------
+    >>> from sk_padim.backbones import weights_key
+    >>> weights_key("resnet18", None, 7), weights_key("resnet18", "DEFAULT", 7)
+    ('random 7', 'named DEFAULT')
+    """
+    if not isinstance(backbone, str) or _as_existing_path(weights) is not None:
+        return None
+    return f"random {init_seed}" if weights is None else f"named {weights}"
+
+
 def _as_existing_path(weights) -> str | None:
     if isinstance(weights, os.PathLike) or (
         isinstance(weights, str) and (os.sep in weights or weights.endswith((".pt", ".pth")))

@@ -187,6 +187,27 @@ def test_other_weights_miss_the_cache(data, tmp_path):
     np.testing.assert_array_equal(changed, expected)
 
 
+def test_random_weights_are_known_by_their_seed_and_files_by_their_bytes(data, tmp_path):
+    from sk_padim.backbones import weights_key
+
+    # Random weights are fixed by the seed: no need to read them; files are read.
+    assert weights_key("resnet18", None, 3) != weights_key("resnet18", None, 4)
+    path = tmp_path / "w.pt"
+    torch.save(CountingNet().state_dict(), path)
+    assert weights_key("resnet18", str(path), 3) is None
+    assert weights_key(CountingNet(), None, 3) is None
+    X = data[0][:2]
+    feat = PatchFeatureTransformer(
+        weights=None, image_size=32, n_features=8, memory=tmp_path / "cache"
+    )
+    first = clone(feat).set_params(random_state=1).fit_transform(X)
+    other_seed = clone(feat).set_params(random_state=2).fit_transform(X)
+    again = clone(feat).set_params(random_state=1).fit_transform(X)
+    no_memory = clone(feat).set_params(random_state=2, memory=None).fit_transform(X)
+    np.testing.assert_array_equal(other_seed, no_memory)  # not the first seed's outputs
+    np.testing.assert_array_equal(again, first)
+
+
 def test_cleared_cache_recomputes(data, tmp_path):
     X = data[0]
     memory = joblib.Memory(tmp_path, verbose=0)
