@@ -78,7 +78,7 @@ nitpicky = True
 # intersphinx inventory to resolve them with. numpydoc and autodoc produce such
 # references from "See Also" sections and from types written as ``:class:`...```.
 _EXTERNAL = (
-    r"(numpy|np|scipy|sklearn|torch|torchvision|joblib|dask|distributed|PIL|onnx"
+    r"(numpy|np|scipy|sklearn|skimage|torch|torchvision|joblib|dask|distributed|PIL|onnx"
     r"|onnxruntime|matplotlib|pathlib|os|io|collections|typing|concurrent|threading"
     r"|argparse|tempfile)(\..*)?"
 )

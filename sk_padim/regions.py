@@ -190,7 +190,7 @@ def defect_regions(
     threshold : float
         The pixel threshold, > 0: e.g. ``PadimDetector.pixel_threshold_`` (from the
         training images at ``fit``) or a calibrated one
-        (:class:`~sk_padim.calibration.QuantileThresholdCalibrator`,
+        (:class:`~sk_padim.QuantileThresholdCalibrator`,
         :class:`~sk_padim.F1ThresholdCalibrator` with ``level="pixel"``).
     min_area : int, default=1
         Regions of fewer pixels are left out.
@@ -273,9 +273,8 @@ def defect_regions(
 def pixel_threshold_of(model) -> float:
     """Find the pixel threshold a fitted model cuts regions at.
 
-    A calibrator's ``pixel_threshold_`` (:class:`~sk_padim.calibration.
-    QuantileThresholdCalibrator`, or :class:`~sk_padim.F1ThresholdCalibrator`), else
-    the detector's (``PadimDetector.pixel_threshold_``, set by ``fit``), the last step
+    A calibrator's ``pixel_threshold_`` (:class:`~sk_padim.QuantileThresholdCalibrator`
+    or :class:`~sk_padim.F1ThresholdCalibrator`), else the detector's (``PadimDetector.pixel_threshold_``, set by ``fit``), the last step
     of a Pipeline.
 
     Parameters
