@@ -274,8 +274,8 @@ def pixel_threshold_of(model) -> float:
     """Find the pixel threshold a fitted model cuts regions at.
 
     A calibrator's ``pixel_threshold_`` (:class:`~sk_padim.QuantileThresholdCalibrator`
-    or :class:`~sk_padim.F1ThresholdCalibrator`), else the detector's (``PadimDetector.pixel_threshold_``, set by ``fit``), the last step
-    of a Pipeline.
+    or :class:`~sk_padim.F1ThresholdCalibrator`), else the detector's
+    (``PadimDetector.pixel_threshold_``, set by ``fit``), the last step of a Pipeline.
 
     Parameters
     ----------
