@@ -112,8 +112,9 @@ def weights_key(backbone: str | nn.Module, weights, init_seed: int) -> str | Non
     """What fixes a named backbone's weights without reading them, or None.
 
     Random weights are fixed by the seed and a weights name by its name, for given
-    versions of torch and torchvision; a state-dict file or an ``nn.Module`` can change
-    under the same name, so its weights must be read (None).
+    versions of torch and torchvision; a state-dict file by its real path, inode, size
+    and change times (a file saved again, or replaced, reads as new weights: the status
+    change time cannot be set back). An ``nn.Module``'s weights must be read (None).
 
     Examples
     --------
@@ -121,8 +122,13 @@ def weights_key(backbone: str | nn.Module, weights, init_seed: int) -> str | Non
     >>> weights_key("resnet18", None, 7), weights_key("resnet18", "DEFAULT", 7)
     ('random 7', 'named DEFAULT')
     """
-    if not isinstance(backbone, str) or _as_existing_path(weights) is not None:
+    if not isinstance(backbone, str):
         return None
+    path = _as_existing_path(weights)
+    if path is not None:
+        stat = os.stat(path)
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        return f"file {os.path.realpath(path)} {identity}"
     return f"random {init_seed}" if weights is None else f"named {weights}"
 
 

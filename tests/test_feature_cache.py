@@ -187,14 +187,17 @@ def test_other_weights_miss_the_cache(data, tmp_path):
     np.testing.assert_array_equal(changed, expected)
 
 
-def test_random_weights_are_known_by_their_seed_and_files_by_their_bytes(data, tmp_path):
+def test_random_weights_are_known_by_their_seed_and_files_by_their_identity(data, tmp_path):
     from sk_padim.backbones import weights_key
 
-    # Random weights are fixed by the seed: no need to read them; files are read.
+    # Random weights are fixed by the seed and files by their identity: nothing to hash.
     assert weights_key("resnet18", None, 3) != weights_key("resnet18", None, 4)
     path = tmp_path / "w.pt"
     torch.save(CountingNet().state_dict(), path)
-    assert weights_key("resnet18", str(path), 3) is None
+    key = weights_key("resnet18", str(path), 3)
+    assert key == weights_key("resnet18", str(path), 4)  # a file's weights: not the seed's
+    torch.save(CountingNet().state_dict(), path)  # saved again: new weights
+    assert weights_key("resnet18", str(path), 3) != key
     assert weights_key(CountingNet(), None, 3) is None
     X = data[0][:2]
     feat = PatchFeatureTransformer(
