@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import os
 import re
@@ -105,7 +106,7 @@ myst_enable_extensions = ["colon_fence", "deflist"]
 
 autosummary_generate = True
 autosummary_imported_members = False
-autodoc_default_options = {"members": True, "inherited-members": False}
+autodoc_default_options = {"members": True}
 # Types are in the numpydoc "Parameters" and "Returns" sections; signatures stay short
 # and never hold references to other projects' classes.
 autodoc_typehints = "none"
@@ -253,8 +254,13 @@ def write_cli_help(app) -> None:
 
 
 def skip_member(app, what, name, obj, skip, options):
-    """Leave scikit-learn's generated metadata-routing methods out of the pages."""
+    """Leave scikit-learn's generated metadata-routing methods out of the pages, and
+    members inherited from other libraries (scikit-learn's mixins, ``nn.Module``): the
+    class template documents inherited members for those sk-padim's classes share."""
     if re.fullmatch(r"set_\w+_request|get_metadata_routing", name):
+        return True
+    module = getattr(inspect.unwrap(obj), "__module__", None) if callable(obj) else None
+    if what == "class" and module is not None and not module.startswith("sk_padim"):
         return True
     return None
 

@@ -81,7 +81,68 @@ def _best_f1_threshold(
     return float(thresholds[best]), float(f1[best]), float(precision[best]), float(recall[best])
 
 
-class F1ThresholdCalibrator(BaseEstimator):
+class _DetectorWrapper(BaseEstimator):
+    """What both calibrators pass on to the detector they wrap (``estimator_``), and
+    their defect regions at ``pixel_threshold_``."""
+
+    def score_samples(self, X) -> NDArray:
+        """Pixel anomaly maps of the wrapped detector, higher = more anomalous.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features), whatever ``estimator`` takes.
+
+        Returns
+        -------
+        ndarray of shape (n, H, W)
+            ``estimator_.score_samples(X)``.
+        """
+        check_is_fitted(self)
+        return self.estimator_.score_samples(X)
+
+    def decision_function(self, X) -> NDArray:
+        """Image anomaly scores of the wrapped detector, higher = more anomalous.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features), whatever ``estimator`` takes.
+
+        Returns
+        -------
+        ndarray of shape (n,)
+            ``estimator_.decision_function(X)``.
+        """
+        check_is_fitted(self)
+        return self.estimator_.decision_function(X)
+
+    def regions(self, X, *, min_area: int = 1) -> list[list[Region]]:
+        """Find the defect regions of images: their maps cut at ``pixel_threshold_``.
+
+        Parameters
+        ----------
+        X : array-like
+            Images (or features), whatever ``estimator`` takes.
+        min_area : int, default=1
+            Regions of fewer map pixels are left out.
+
+        Returns
+        -------
+        regions : list of list of sk_padim.regions.Region
+            One list per image (:func:`sk_padim.regions.defect_regions`).
+        """
+        threshold = self.pixel_threshold_
+        if threshold is None:
+            raise ValueError(
+                "This calibrator has an image-level threshold and its detector has no "
+                "pixel_threshold_; fit it with level='pixel' and masks, or calibrate a pixel "
+                "threshold on good images with QuantileThresholdCalibrator."
+            )
+        return defect_regions(self.score_samples(X), threshold, min_area=min_area)
+
+
+class F1ThresholdCalibrator(_DetectorWrapper):
     """Anomaly detector with the decision threshold that maximises F1 on validation data.
 
     Wraps a ``PadimDetector`` (or a Pipeline ending in one) and picks, from labelled
@@ -246,62 +307,6 @@ class F1ThresholdCalibrator(BaseEstimator):
         except ValueError:
             return None
 
-    def regions(self, X, *, min_area: int = 1) -> list[list[Region]]:
-        """The defect regions of images: their maps cut at ``pixel_threshold_``.
-
-        Parameters
-        ----------
-        X : array-like
-            Images (or features), whatever ``estimator`` takes.
-        min_area : int, default=1
-            Regions of fewer map pixels are left out.
-
-        Returns
-        -------
-        regions : list of list of sk_padim.regions.Region
-            One list per image (:func:`sk_padim.regions.defect_regions`).
-        """
-        threshold = self.pixel_threshold_
-        if threshold is None:
-            raise ValueError(
-                "This calibrator has an image-level threshold and its detector has no "
-                "pixel_threshold_; fit it with level='pixel' and masks, or calibrate a pixel "
-                "threshold on good images with QuantileThresholdCalibrator."
-            )
-        return defect_regions(self.score_samples(X), threshold, min_area=min_area)
-
-    def score_samples(self, X) -> NDArray:
-        """Pixel anomaly maps of the wrapped detector, higher = more anomalous.
-
-        Parameters
-        ----------
-        X : array-like
-            Images (or features), whatever ``estimator`` takes.
-
-        Returns
-        -------
-        ndarray of shape (n, H, W)
-            ``estimator_.score_samples(X)``.
-        """
-        check_is_fitted(self)
-        return self.estimator_.score_samples(X)
-
-    def decision_function(self, X) -> NDArray:
-        """Image anomaly scores of the wrapped detector, higher = more anomalous.
-
-        Parameters
-        ----------
-        X : array-like
-            Images (or features), whatever ``estimator`` takes.
-
-        Returns
-        -------
-        ndarray of shape (n,)
-            ``estimator_.decision_function(X)``.
-        """
-        check_is_fitted(self)
-        return self.estimator_.decision_function(X)
-
     @property
     def n_features_in_(self) -> int:
         """Number of features seen by the fitted detector (when it records it)."""
@@ -388,7 +393,7 @@ def _check_quantile(quantile) -> float:
     return value
 
 
-class QuantileThresholdCalibrator(BaseEstimator):
+class QuantileThresholdCalibrator(_DetectorWrapper):
     """A fitted detector with a pixel threshold calibrated on good held-out images alone.
 
     No defect masks are needed: ``fit`` scores good (defect-free) images that the
@@ -522,57 +527,6 @@ class QuantileThresholdCalibrator(BaseEstimator):
         """
         check_is_fitted(self)
         return np.asarray(self.estimator_.score_samples(X)) >= self.pixel_threshold_
-
-    def regions(self, X, *, min_area: int = 1) -> list[list[Region]]:
-        """The defect regions of images, their maps cut at ``pixel_threshold_``.
-
-        Parameters
-        ----------
-        X : array-like
-            Images (or features).
-        min_area : int, default=1
-            Regions of fewer map pixels are left out.
-
-        Returns
-        -------
-        regions : list of list of sk_padim.regions.Region
-            One list per image (:func:`sk_padim.regions.defect_regions`).
-        """
-        check_is_fitted(self)
-        maps = self.estimator_.score_samples(X)
-        return defect_regions(maps, self.pixel_threshold_, min_area=min_area)
-
-    def score_samples(self, X) -> NDArray:
-        """Pixel anomaly maps of the wrapped detector, higher = more anomalous.
-
-        Parameters
-        ----------
-        X : array-like
-            Images (or features), whatever ``estimator`` takes.
-
-        Returns
-        -------
-        ndarray of shape (n, H, W)
-            ``estimator_.score_samples(X)``.
-        """
-        check_is_fitted(self)
-        return self.estimator_.score_samples(X)
-
-    def decision_function(self, X) -> NDArray:
-        """Image anomaly scores of the wrapped detector, higher = more anomalous.
-
-        Parameters
-        ----------
-        X : array-like
-            Images (or features), whatever ``estimator`` takes.
-
-        Returns
-        -------
-        ndarray of shape (n,)
-            ``estimator_.decision_function(X)``.
-        """
-        check_is_fitted(self)
-        return self.estimator_.decision_function(X)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
