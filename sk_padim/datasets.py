@@ -7,6 +7,7 @@ A module of the front: it lists image files with :func:`sk_padim.images.list_ima
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,7 @@ from skimage import data as skimage_data
 from sklearn.utils import Bunch, check_random_state
 
 from sk_padim.evaluation import Category
-from sk_padim.images import IMAGE_SUFFIXES, list_images
+from sk_padim.images import IMAGE_SUFFIXES, list_images, size_pair
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -30,6 +31,7 @@ __all__ = [
     "load_mvtec_ad",
     "load_mvtec_category",
     "make_defect_textures",
+    "make_high_resolution_textures",
     "write_mvtec_layout",
 ]
 
@@ -44,6 +46,14 @@ _DEFECT_KINDS = ("hole", "patch", "scratch", "stain")
 _TEST_STRIP_FRACTION = 3 / 8
 _MIN_IMAGE_SIZE = 32
 _MAX_IMAGE_SIZE = 256  # largest size whose train and test strips stay disjoint
+# High-resolution images are mosaics of square crops of this side; it fits in the
+# test strip (192 columns of a 512-px photograph) and in every feature stride.
+_BLOCK = 128
+# Median extent (longer side of the mask's bounding box) of each painter's defect, as a
+# fraction of the side of the crop it paints in: a defect of extent s is painted in a
+# crop of side s / fraction.
+_EXTENT_FRACTION = {"hole": 0.25, "patch": 0.42, "scratch": 0.45, "stain": 0.33}
+_MIN_DEFECT_SIZE = 2
 
 
 # --------------------------------------------------------------------------- loader
@@ -611,6 +621,242 @@ def _ellipse_frame(
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / semi_axes[0]
     v = (dy * np.cos(angle) - dx * np.sin(angle)) / semi_axes[1]
     return u, v
+
+
+# ------------------------------------------------------- high-resolution textures
+
+
+def make_high_resolution_textures(
+    category: str = "brick",
+    *,
+    image_size: int | tuple[int, int] = (2048, 2048),
+    n_train: int = 16,
+    n_test_good: int = 4,
+    n_test_defective: int = 12,
+    defect_size: tuple[int, int] = (4, 9),
+    defect_kinds: str | Iterable[str] = _DEFECT_KINDS,
+    random_state: int | np.random.RandomState | None = None,
+) -> Bunch:
+    """Make high-resolution images with small defects from a real texture photograph.
+
+    The images are larger than the 512 x 512 greyscale photograph they come from
+    (``skimage.data.brick``, ``grass`` or ``gravel``; no download): each is a mosaic of
+    128 x 128 crops of the photograph at its own pixel scale, so the texture keeps its
+    real fine detail at any size. Each crop is taken at a random place, turned by a
+    random multiple of 90 degrees and mirrored at random; the mosaic's grid is the same
+    in every image (crop ``(a, b)`` covers rows ``128 a`` to ``128 (a + 1)`` and columns
+    ``128 b`` to ``128 (b + 1)``, cut at the image's border), like a part whose layout
+    repeats. Training crops come from the left 5/8 of the photograph, test crops from
+    the right 3/8, so no training pixel appears in a test image.
+
+    Each defective test image holds one small defect of the kinds of
+    :func:`make_defect_textures`, whose extent (the longer side of its mask's bounding
+    box) lies in ``defect_size``: scratches a few pixels long and 1-3 px wide, stains,
+    patches of another photograph and holes. A defect changes only the pixels inside
+    its mask.
+
+    Parameters
+    ----------
+    category : {"brick", "grass", "gravel"}, default="brick"
+        The texture photograph.
+    image_size : int or (int, int), default=(2048, 2048)
+        ``(height, width)`` of the images in pixels (an int for a square), each at least
+        32 and at least the crop a defect is painted in (about 4 times ``defect_size``'s
+        upper end).
+    n_train : int, default=16
+        Number of normal training images.
+    n_test_good : int, default=4
+        Number of normal test images.
+    n_test_defective : int, default=12
+        Number of defective test images, shared as evenly as possible among
+        ``defect_kinds`` (the first kinds get one more when it does not divide).
+    defect_size : (int, int), default=(4, 9)
+        Smallest and largest extent of a defect in pixels, from 2 up.
+    defect_kinds : str or iterable of str, default=("hole", "patch", "scratch", "stain")
+        Kinds of defect to make.
+    random_state : int, RandomState instance or None, default=None
+        Controls the mosaics and the defects. Pass an int for reproducible output.
+
+    Returns
+    -------
+    dataset : :class:`~sklearn.utils.Bunch`
+        Dictionary-like object with attributes:
+
+        X_train : ndarray of shape (n_train, height, width, 3), dtype uint8
+            Normal training images (grey, repeated to 3 RGB channels).
+        X_test : ndarray of shape (n_test, height, width, 3), dtype uint8
+            Test images, ``n_test = n_test_good + n_test_defective``, sorted by
+            defect type (as :func:`load_mvtec_ad` orders them).
+        y_test : ndarray of shape (n_test,), dtype int
+            0 for normal test images, 1 for defective ones.
+        masks_test : ndarray of shape (n_test, height, width), dtype bool
+            Defect masks; all False for normal images.
+        defect_types_test : ndarray of shape (n_test,), dtype str
+            ``"good"`` or the defect kind.
+        tiles_train, tiles_test : ndarray of shape (n, rows, columns, 4), dtype int
+            For each image and crop ``(a, b)`` of its mosaic: ``(row, column, turns,
+            mirrored)``. The crop is ``photo[row:row + 128, column:column + 128]``
+            (``photo = getattr(skimage.data, category)()``) passed through
+            ``np.rot90(crop, turns)``, then mirrored left-right if ``mirrored`` is 1.
+
+    Raises
+    ------
+    ValueError
+        If the category or a defect kind is unknown, a size or count is out of range,
+        or no test image is asked for.
+
+    See Also
+    --------
+    make_defect_textures : Small images (up to 256 px) with defects of any size.
+    write_mvtec_layout : Write images as files (``{category: dataset}``).
+
+    Examples
+    --------
+    >>> from sk_padim.datasets import make_high_resolution_textures
+    >>> data = make_high_resolution_textures(
+    ...     "gravel", image_size=(300, 500), n_train=2, n_test_good=1,
+    ...     n_test_defective=2, random_state=0)
+    >>> data.X_train.shape, data.X_test.shape, data.masks_test.shape
+    ((2, 300, 500, 3), (3, 300, 500, 3), (3, 300, 500))
+    >>> data.defect_types_test.tolist()
+    ['good', 'hole', 'patch']
+    >>> data.tiles_train.shape  # a grid of 3 x 4 crops of 128 px
+    (2, 3, 4, 4)
+    """
+    if category not in _TEXTURES:
+        raise ValueError(f"category must be one of {list(_TEXTURES)}, got {category!r}.")
+    defect_kinds = _check_options("defect_kinds", defect_kinds, _DEFECT_KINDS)
+    shape = size_pair(image_size, "image_size")
+    _check_int("n_train", n_train, 1)
+    _check_int("n_test_good", n_test_good, 0)
+    _check_int("n_test_defective", n_test_defective, 0)
+    if n_test_good + n_test_defective == 0:
+        raise ValueError("n_test_good and n_test_defective are both 0; ask for a test image.")
+    _check_defect_size(defect_size, shape, defect_kinds)
+    rng = check_random_state(random_state)
+
+    photos = {name: getattr(skimage_data, name)() for name in _TEXTURES}
+    photo = photos.pop(category)
+    width = photo.shape[1]
+    test_start = width - round(width * _TEST_STRIP_FRACTION)
+    X_train, tiles_train = _mosaics(photo, n_train, shape, (0, test_start), rng)
+    test_types = _test_types(n_test_good, n_test_defective, defect_kinds)
+    X_test, tiles_test = _mosaics(photo, len(test_types), shape, (test_start, width), rng)
+
+    painters = {
+        "hole": _hole,
+        "patch": partial(_patch, donors=list(photos.values())),
+        "scratch": _scratch,
+        "stain": _stain,
+    }
+    masks_test = np.zeros(X_test.shape[:3], dtype=bool)
+    for image, mask, kind in zip(X_test, masks_test, test_types, strict=True):
+        if kind != _GOOD:
+            _paint_small_defect(image, mask, painters[kind], kind, defect_size, rng)
+    return Bunch(
+        X_train=X_train,
+        X_test=X_test,
+        y_test=(test_types != _GOOD).astype(int),
+        masks_test=masks_test,
+        defect_types_test=test_types,
+        tiles_train=tiles_train,
+        tiles_test=tiles_test,
+    )
+
+
+def _check_defect_size(
+    defect_size: tuple[int, int], shape: tuple[int, int], kinds: list[str]
+) -> None:
+    valid = (
+        isinstance(defect_size, (tuple, list))
+        and len(defect_size) == 2
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in defect_size)
+        and _MIN_DEFECT_SIZE <= defect_size[0] <= defect_size[1]
+    )
+    if not valid:
+        raise ValueError(
+            f"defect_size must be (smallest, largest) ints with {_MIN_DEFECT_SIZE} <= "
+            f"smallest <= largest, got {defect_size!r}."
+        )
+    needed = max(_MIN_IMAGE_SIZE, *(_defect_crop_side(defect_size[1], kind) for kind in kinds))
+    if min(shape) < needed:
+        raise ValueError(
+            f"image_size={shape} is too small for defect_size={tuple(defect_size)}: "
+            f"each side must be at least {needed} px; use a larger image_size or smaller "
+            "defects."
+        )
+
+
+def _defect_crop_side(extent: int, kind: str) -> int:
+    """Side of the crop a painter makes a defect of about ``extent`` pixels in."""
+    return math.ceil(extent / _EXTENT_FRACTION[kind])
+
+
+def _mosaics(
+    photo: np.ndarray,
+    n: int,
+    shape: tuple[int, int],
+    columns: tuple[int, int],
+    rng: np.random.RandomState,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` RGB mosaics of turned and mirrored crops from a column range; their tiles."""
+    grid = (n, -(-shape[0] // _BLOCK), -(-shape[1] // _BLOCK))
+    tiles = np.stack(
+        [
+            rng.randint(0, photo.shape[0] - _BLOCK + 1, size=grid),
+            rng.randint(columns[0], columns[1] - _BLOCK + 1, size=grid),
+            rng.randint(4, size=grid),
+            rng.randint(2, size=grid),
+        ],
+        axis=-1,
+    )
+    images = np.empty((n, *shape, 3), dtype=np.uint8)
+    grey = np.empty(shape, dtype=np.uint8)  # one image, then repeated to RGB at once
+    for i in range(n):
+        for a, b in np.ndindex(grid[1:]):
+            row, col, turns, mirrored = tiles[i, a, b]
+            block = np.rot90(_crop(photo, (row, col), _BLOCK), turns)
+            if mirrored:
+                block = block[:, ::-1]
+            part = grey[a * _BLOCK : (a + 1) * _BLOCK, b * _BLOCK : (b + 1) * _BLOCK]
+            part[...] = block[: part.shape[0], : part.shape[1]]
+        images[i] = grey[..., np.newaxis]
+    return images, tiles
+
+
+def _paint_small_defect(
+    image: np.ndarray,
+    mask: np.ndarray,
+    painter,
+    kind: str,
+    defect_size: tuple[int, int],
+    rng: np.random.RandomState,
+) -> None:
+    """Paint one defect of an extent within ``defect_size`` into ``image`` and ``mask``.
+
+    The painter works in a crop sized for a random extent; a defect whose extent falls
+    outside the range is drawn again (about half of them).
+    """
+    smallest, largest = defect_size
+    while True:
+        side = _defect_crop_side(rng.randint(smallest, largest + 1), kind)
+        top, left = rng.randint(0, np.array(image.shape[:2]) - side + 1)
+        window = (slice(top, top + side), slice(left, left + side))
+        clean = image[window][..., 0]
+        window_mask, values = painter(clean.astype(float), rng)
+        if smallest <= _extent(window_mask) <= largest:
+            break
+    painted = np.where(window_mask, np.clip(np.rint(values), 0, 255), clean)
+    image[window] = painted.astype(np.uint8)[..., np.newaxis]
+    mask[window] = window_mask
+
+
+def _extent(mask: np.ndarray) -> int:
+    """Longer side of the bounding box of a mask's True pixels (0 if there are none)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return 0
+    return int(max(np.ptp(rows), np.ptp(cols))) + 1
 
 
 # ------------------------------------------------------------------------ writer

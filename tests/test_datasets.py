@@ -19,6 +19,7 @@ from sk_padim.datasets import (
     load_masks,
     load_mvtec_ad,
     make_defect_textures,
+    make_high_resolution_textures,
     write_mvtec_layout,
 )
 
@@ -180,6 +181,169 @@ def test_defects_shared_evenly_among_selected_kinds_first_kinds_get_the_rest():
 def test_make_defect_textures_rejects_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         make_defect_textures(**params)
+
+
+# --------------------------------------------------- make_high_resolution_textures
+
+HIGH_RES_SHAPE = (96, 160)  # not square, and not a multiple of the 128-px crops
+
+
+@pytest.fixture(scope="module")
+def high_res():
+    return make_high_resolution_textures(
+        "gravel",
+        image_size=HIGH_RES_SHAPE,
+        n_train=6,
+        n_test_good=3,
+        n_test_defective=16,
+        random_state=0,
+    )
+
+
+def _mosaic(category, tiles, shape):
+    """The grey mosaic that ``tiles`` describe, rebuilt from the photograph."""
+    image = np.zeros((tiles.shape[0] * 128, tiles.shape[1] * 128), dtype=np.uint8)
+    for a in range(tiles.shape[0]):
+        for b in range(tiles.shape[1]):
+            row, col, turns, mirrored = tiles[a, b]
+            block = np.rot90(_crop(category, (row, col)), turns)
+            image[128 * a : 128 * (a + 1), 128 * b : 128 * (b + 1)] = (
+                np.fliplr(block) if mirrored else block
+            )
+    return image[: shape[0], : shape[1]]
+
+
+def _extents(masks):
+    """Longer side of each mask's bounding box."""
+    extents = []
+    for mask in masks:
+        rows, cols = np.nonzero(mask)
+        extents.append(max(np.ptp(rows), np.ptp(cols)) + 1)
+    return np.array(extents)
+
+
+def test_high_resolution_shapes_dtypes_and_counts(high_res):
+    assert high_res.X_train.shape == (6, *HIGH_RES_SHAPE, 3)
+    assert high_res.X_test.shape == (19, *HIGH_RES_SHAPE, 3)
+    assert high_res.X_train.dtype == high_res.X_test.dtype == np.uint8
+    assert high_res.masks_test.shape == (19, *HIGH_RES_SHAPE)
+    assert high_res.masks_test.dtype == bool
+    assert high_res.tiles_train.shape == (6, 1, 2, 4)  # ceil(96 / 128), ceil(160 / 128)
+    assert high_res.tiles_test.shape == (19, 1, 2, 4)
+    types = high_res.defect_types_test
+    assert Counter(types) == {"good": 3, **dict.fromkeys(KINDS, 4)}
+    np.testing.assert_array_equal(types, np.sort(types))
+    np.testing.assert_array_equal(high_res.y_test, types != "good")
+
+
+def test_high_resolution_images_are_mosaics_of_photo_crops_at_native_scale(high_res):
+    for image, tiles in zip(high_res.X_train, high_res.tiles_train, strict=True):
+        np.testing.assert_array_equal(image, _rgb(_mosaic("gravel", tiles, HIGH_RES_SHAPE)))
+    good = high_res.y_test == 0
+    for image, tiles in zip(high_res.X_test[good], high_res.tiles_test[good], strict=True):
+        np.testing.assert_array_equal(image, _rgb(_mosaic("gravel", tiles, HIGH_RES_SHAPE)))
+
+
+def test_high_resolution_tiles_use_every_orientation_and_disjoint_strips():
+    data = make_high_resolution_textures(
+        image_size=(512, 512), n_train=4, n_test_good=4, n_test_defective=0, random_state=0
+    )
+    for tiles in (data.tiles_train, data.tiles_test):
+        orientations = {tuple(t) for t in tiles[..., 2:].reshape(-1, 2).tolist()}
+        assert orientations == {(turns, m) for turns in range(4) for m in range(2)}
+        assert tiles[..., 0].min() >= 0
+        assert tiles[..., 0].max() + 128 <= 512
+    # Training crops end left of the 192 right-hand columns that test crops come from.
+    assert data.tiles_train[..., 1].min() >= 0
+    assert data.tiles_train[..., 1].max() + 128 <= 512 - 192 <= data.tiles_test[..., 1].min()
+    assert data.tiles_test[..., 1].max() + 128 <= 512
+
+
+def test_high_resolution_defects_change_only_masked_pixels(high_res):
+    defective = high_res.y_test == 1
+    changed_in_masks = []
+    for image, mask, tiles in zip(
+        high_res.X_test[defective],
+        high_res.masks_test[defective],
+        high_res.tiles_test[defective],
+        strict=True,
+    ):
+        clean = _rgb(_mosaic("gravel", tiles, HIGH_RES_SHAPE))
+        changed = (image != clean).any(axis=-1)
+        assert not changed[~mask].any()
+        assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+        changed_in_masks.append(changed[mask])
+    # Pixels already at the defect's value (or clipped at 0 or 255) stay as they were.
+    assert np.concatenate(changed_in_masks).mean() > 0.9
+
+
+@pytest.mark.parametrize("defect_size", [(2, 3), (4, 9), (12, 20)])
+def test_high_resolution_defect_extents_within_the_requested_range(defect_size):
+    data = make_high_resolution_textures(
+        "brick",
+        image_size=(160, 96),
+        n_train=1,
+        n_test_good=2,
+        n_test_defective=24,
+        defect_size=defect_size,
+        random_state=1,
+    )
+    assert not data.masks_test[data.y_test == 0].any()
+    extents = _extents(data.masks_test[data.y_test == 1])
+    assert extents.min() >= defect_size[0]
+    assert extents.max() <= defect_size[1]
+    if defect_size[1] > defect_size[0]:
+        assert len(set(extents.tolist())) > 1  # sizes vary within the range
+
+
+def test_high_resolution_same_seed_same_arrays_other_seed_differs(high_res):
+    params = {
+        "image_size": HIGH_RES_SHAPE,
+        "n_train": 6,
+        "n_test_good": 3,
+        "n_test_defective": 16,
+    }
+    again = make_high_resolution_textures("gravel", **params, random_state=0)
+    assert again.keys() == high_res.keys()
+    for key, value in high_res.items():
+        np.testing.assert_array_equal(again[key], value)
+    other = make_high_resolution_textures("gravel", **params, random_state=1)
+    assert not np.array_equal(other.X_train, high_res.X_train)
+    assert not np.array_equal(other.masks_test, high_res.masks_test)
+
+
+def test_high_resolution_square_int_size_and_selected_kinds():
+    data = make_high_resolution_textures(
+        "grass",
+        image_size=64,
+        n_train=1,
+        n_test_good=0,
+        n_test_defective=3,
+        defect_kinds="scratch",
+        random_state=0,
+    )
+    assert data.X_test.shape == (3, 64, 64, 3)
+    assert data.defect_types_test.tolist() == ["scratch"] * 3
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"category": "marble"}, r"category must be one of \['brick', 'grass', 'gravel'\]"),
+        ({"defect_kinds": ["crack"]}, "defect_kinds must be"),
+        ({"image_size": (0, 64)}, "image_size must be a positive int or"),
+        ({"image_size": 16}, r"image_size=\(16, 16\) is too small .* at least 36 px"),
+        ({"image_size": (64, 40), "defect_size": (4, 12)}, "at least 48 px"),
+        ({"defect_size": (1, 4)}, "defect_size must be"),
+        ({"defect_size": (9, 4)}, "defect_size must be"),
+        ({"defect_size": 5}, "defect_size must be"),
+        ({"n_train": 0}, "n_train must be an int >= 1"),
+        ({"n_test_good": 0, "n_test_defective": 0}, "both 0; ask for a test image"),
+    ],
+)
+def test_make_high_resolution_textures_rejects_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        make_high_resolution_textures(**{"image_size": 64, **params})
 
 
 # ------------------------------------------------------------- write + load round trip
