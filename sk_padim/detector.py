@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from numbers import Integral, Real
 
@@ -24,6 +25,7 @@ from sk_padim.mahalanobis import PatchGaussians
 from sk_padim.model import PatchScorer
 from sk_padim.postprocess import AnomalyMapGenerator, image_and_pixel_thresholds
 from sk_padim.statistics import PatchStatistics
+from sk_padim.store import StoreFolder
 from sk_padim.versioning import VersionedPickleMixin
 
 
@@ -79,6 +81,23 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     device : str or torch.device, default="auto"
         Where fitting and scoring run; ``"auto"`` uses CUDA when available. Pickles
         hold NumPy arrays and load on any machine.
+    max_memory : float, default=6.0
+        GiB the fitted model's arrays may take in memory. Per position of the feature
+        grid, the statistics take ``8 d + 2 d (d + 1)`` bytes (20.8 kB at ``d=100``)
+        and the Gaussians that score as much again. When both fit, both are kept. When
+        only the Gaussians fit, the statistics go to ``store`` if it is set; otherwise
+        the Gaussians are factorised in place of the statistics, and the detector keeps
+        the Gaussians only: it scores, saves and exports, but cannot :meth:`partial_fit`,
+        :meth:`merge` or score with another ``reg``. When the Gaussians do not fit
+        either, both go to ``store`` (then required). The default holds a 2048 x 2048
+        image's grid at ``d=100`` (5.1 GiB of Gaussians) on a 16 GB machine; see the
+        high-resolution guide.
+    store : str, path or None, default=None
+        A folder for the arrays that do not fit in ``max_memory`` (out of core: read
+        and written a chunk of positions at a time). Each fit writes a new subfolder,
+        marked complete when it is done; a completed fit deletes the files of the fits
+        before it, a failed or interrupted one its own. Pickles of such a model hold
+        the arrays themselves.
 
     Attributes
     ----------
@@ -124,6 +143,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         "covariance_dtype": [StrOptions({"float32", "float16"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "max_memory": [Interval(Real, 0, None, closed="neither")],
+        "store": [str, os.PathLike, None],
     }
 
     def __init__(
@@ -137,6 +158,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         covariance_dtype: str = "float32",
         batch_size: int = 32,
         device: str | torch.device = "auto",
+        max_memory: float = 6.0,
+        store: str | os.PathLike | None = None,
     ):
         self.reg = reg
         self.sigma = sigma
@@ -147,6 +170,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self.covariance_dtype = covariance_dtype
         self.batch_size = batch_size
         self.device = device
+        self.max_memory = max_memory
+        self.store = store
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -170,24 +195,22 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if y is not None:
             features = features[torch.as_tensor(normal_rows(y, len(features)))]
         device = resolve_device(self.device)
+        d, h, w = features.shape[1:]
+        layout = self._layout(h * w, d)
+        store = StoreFolder(self.store) if layout.startswith("store") else None
         # Everything is computed before any attribute changes, so that an error or an
-        # interrupt leaves the detector as it was.
-        stats = self._accumulate(features, None, device)
-        gaussians = stats.gaussians(self.reg, self.covariance_dtype)
-        thresholds = (self.threshold, None)
-        if stats.count >= 2:
-            # The training images' leave-one-out maps: their own scores under the model
-            # fitted on all of them are far lower than a new normal image's (n < d).
-            grids = (
-                stats.held_out_distances(gaussians, b)
-                for b in feature_batches(features, self.batch_size, device)
-            )
-            thresholds = self._thresholds_of(grids, features.shape[1:], stats.count, device)
-        else:
-            message = "Fitting on one image: covariances are reg * I, and the thresholds "
-            message += "need two images or more. Fit on more images of good parts."
-            warnings.warn(message, UserWarning, stacklevel=3)  # past sklearn's _fit_context
-        self._set_fitted(features.shape[1:], stats.count, stats, gaussians, thresholds)
+        # interrupt leaves the detector as it was (and deletes what it wrote to a store).
+        try:
+            stats, gaussians = self._fit_gaussians(features, layout, store, device)
+            thresholds = self._fit_thresholds(stats, gaussians, features, device)
+            if store is not None:
+                store.complete()
+        except BaseException:
+            if store is not None:
+                store.discard()
+            raise
+        kept = None if layout == "in_place" else stats
+        self._set_fitted(features.shape[1:], stats.count, kept, gaussians, thresholds)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -215,10 +238,18 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self._check_map_size()
         features = check_features(X)
         device = resolve_device(self.device)
-        previous = None
         if hasattr(self, "n_samples_seen_"):
-            previous = self._trainable_statistics("train further").to(device).copy()
             check_feature_shape_matches(features, self.feature_shape_)
+            previous = self._trainable_statistics("train further").to(device).copy()
+        else:
+            d, h, w = features.shape[1:]
+            if self._layout(h * w, d) != "memory":
+                raise ValueError(
+                    f"partial_fit keeps the statistics and Gaussians of {h * w} positions in "
+                    f"memory, more than max_memory={self.max_memory} GiB: fit on all the "
+                    "images at once (fit writes what does not fit to store), or raise max_memory."
+                )
+            previous = PatchStatistics.empty(h * w, d, device)
         stats = self._accumulate(features, previous, device)
         self._set_fitted(features.shape[1:], stats.count, stats, thresholds=(self.threshold, None))
         return self
@@ -384,8 +415,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Returns
         -------
         arrays : dict of str to ndarray
-            ``"mean"`` and ``"scatter"`` (float32 models) or ``"mean"`` and
-            ``"packed_factor"`` (float16 models).
+            ``"mean"`` and ``"scatter"`` (float32 models that keep statistics) or
+            ``"mean"`` and ``"packed_factor"`` (float16 models, and models that keep
+            their Gaussians only, see ``max_memory``).
         record : dict
             Counts, shapes and thresholds.
         """
@@ -397,8 +429,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         for name in ("threshold_", "pixel_threshold_"):
             if hasattr(self, name):
                 record[name] = float(getattr(self, name))
-        if self.covariance_dtype == "float32":
-            return self._trainable_statistics("be stored as float32").arrays(), record
+        if self.covariance_dtype == "float32" and self.statistics_ is not None:
+            return self.statistics_.arrays(), record
         return self._gaussians(resolve_device(self.device)).arrays(), record
 
     @classmethod
@@ -426,10 +458,13 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         else:
             detector = cls(**params)
             gaussians = PatchGaussians.from_arrays(**arrays)
-            if detector.covariance_dtype != "float16" or (
+            if detector.covariance_dtype != gaussians.storage or (
                 (len(gaussians), gaussians.n_features) != (shape[1] * shape[2], shape[0])
             ):
-                raise ValueError(f"the stored factors do not fit a float16 model of {shape}")
+                raise ValueError(
+                    f"the stored {gaussians.storage} factors do not fit a "
+                    f"{detector.covariance_dtype} model of {shape}"
+                )
             detector._set_fitted(shape, count, None, gaussians)
         for name in ("threshold_", "pixel_threshold_"):
             if name in record:
@@ -440,20 +475,69 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         if self.statistics_ is None:
             raise ValueError(
-                "This detector was loaded from float16 whitening factors "
-                f"(covariance_dtype='float16') and keeps no statistics, so it cannot {action}. "
-                "Use a model saved with covariance_dtype='float32'."
+                f"This detector keeps its Gaussians only, no statistics, so it cannot {action}: "
+                "it was fitted past max_memory without a store, or saved with "
+                "covariance_dtype='float16'. Refit with store=<folder> or a larger max_memory, "
+                "or use a model saved with covariance_dtype='float32'."
             )
         return self.statistics_
 
-    def _accumulate(self, features: torch.Tensor, stats, device) -> PatchStatistics:
-        """``stats`` (or new statistics on ``device``) with every batch of features added."""
+    def _fit_gaussians(self, features, layout: str, store, device):
+        """The statistics of ``features`` and their Gaussians, laid out as ``layout``."""
         d, h, w = features.shape[1:]
-        if stats is None:
-            stats = PatchStatistics.empty(h * w, d, device)
+        width = d * (d + 1) // 2
+        scatter = None
+        if store is not None:
+            scatter = store.create("scatter", (h * w, width), torch.float32)
+        stats = PatchStatistics.empty(h * w, d, device, scatter=scatter)
+        stats = self._accumulate(features, stats, device)
+        factor_out = None  # a new tensor
+        if layout == "in_place":
+            factor_out = stats.scatter
+        elif layout == "store_all":
+            factor_out = store.create("factor", (h * w, width), torch.float32)
+        return stats, stats.gaussians(self.reg, self.covariance_dtype, factor_out)
+
+    def _fit_thresholds(self, stats, gaussians, features, device) -> tuple:
+        """The thresholds from the training images' leave-one-out maps (their own scores
+        under the model fitted on all of them are far lower than a new normal image's)."""
+        if stats.count < 2:
+            message = "Fitting on one image: covariances are reg * I, and the thresholds "
+            message += "need two images or more. Fit on more images of good parts."
+            warnings.warn(message, UserWarning, stacklevel=4)  # past sklearn's _fit_context
+            return self.threshold, None
+        grids = (
+            stats.held_out_distances(gaussians, batch)
+            for batch in feature_batches(features, self.batch_size, device)
+        )
+        return self._thresholds_of(grids, features.shape[1:], stats.count, device)
+
+    def _accumulate(
+        self, features: torch.Tensor, stats: PatchStatistics, device
+    ) -> PatchStatistics:
+        """``stats`` with every batch of features added."""
         for batch in feature_batches(features, self.batch_size, device):
             stats.update(batch)
         return stats.check_finite()
+
+    def _layout(self, n_positions: int, n_features: int) -> str:
+        """Where the fitted arrays go under ``max_memory``: ``"memory"`` (statistics and
+        Gaussians), ``"in_place"`` (the Gaussians replace the statistics),
+        ``"store_statistics"`` or ``"store_all"`` (those arrays in ``store``)."""
+        array_bytes = n_positions * (8 * n_features + 2 * n_features * (n_features + 1))
+        limit = self.max_memory * 2**30
+        if 2 * array_bytes <= limit:
+            return "memory"
+        if array_bytes <= limit:
+            return "in_place" if self.store is None else "store_statistics"
+        if self.store is None:
+            raise ValueError(
+                f"The Gaussians of {n_positions} positions x {n_features} features take "
+                f"{array_bytes / 2**30:.1f} GiB, more than max_memory={self.max_memory} GiB: "
+                f"set store=<folder> to keep them on disk ({2 * array_bytes / 1e9:.1f} GB), "
+                "raise max_memory, or use fewer features or a smaller image_size."
+            )
+        return "store_all"
 
     def _thresholds_of(self, grids, shape, n_images: int, device) -> tuple[float, float]:
         """The explicit ``threshold`` or the highest image score of the maps of held-out
@@ -465,7 +549,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     def _set_fitted(self, shape, count, stats, gaussians=None, thresholds=(None, None)):
         """Replace the fitted state at once: the statistics (with their ``gaussians``, if
-        made already) or, for a model loaded from float16 factors, its ``gaussians``."""
+        made already) or, for a model that keeps no statistics, its ``gaussians``."""
         vars(self).pop("threshold_", None)
         vars(self).pop("pixel_threshold_", None)
         self.n_samples_seen_, self.n_features_in_ = int(count), int(shape[0])
@@ -483,20 +567,26 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     def _gaussians(self, device: torch.device) -> PatchGaussians:
         """The fitted Gaussians on ``device``, factorised or moved there once."""
-        if self.statistics_ is None and (self.reg, self.covariance_dtype) != (
-            self._stored_reg,
-            "float16",
-        ):
-            raise ValueError(
-                "This detector was loaded from float16 whitening factors made with "
-                f"reg={self._stored_reg}; it keeps no statistics, so it scores only with that "
-                "reg and covariance_dtype='float16'. Set them back, or refit."
-            )
+        if self.statistics_ is None:
+            stored = (self._stored_reg, self._stored_gaussians.storage)
+            if (self.reg, self.covariance_dtype) != stored:
+                raise ValueError(
+                    f"This detector keeps its Gaussians only (made with reg={stored[0]!r}, "
+                    f"covariance_dtype={stored[1]!r}), no statistics, so it scores only with "
+                    "those; set them back, or refit."
+                )
 
         def build() -> PatchGaussians:
             if self.statistics_ is None:
                 return self._stored_gaussians.to(device)
-            return self.statistics_.to(device).gaussians(self.reg, self.covariance_dtype)
+            stats = self.statistics_
+            if not isinstance(stats.scatter, torch.Tensor):  # in a store: out of core
+                if self._layout(stats.n_positions, stats.n_features) == "store_all":
+                    raise ValueError(
+                        "Gaussians larger than max_memory are made in the store at fit "
+                        "only; refit with this reg (or covariance_dtype) to score with it."
+                    )
+            return stats.to(device).gaussians(self.reg, self.covariance_dtype)
 
         return self._gaussians_by_device.get((device, self.reg, self.covariance_dtype), build)
 

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sk_padim.packing import lower_offsets, n_features_of_packed, pack_lower, unpack_upper
+from sk_padim.packing import lower_offsets, n_features_of_packed
+from sk_padim.store import tensor_of
 
 # Temporary bytes per step of the batched kernels: cache-sized on the CPU (the copy,
 # the matmul and the reduction then stay in cache), large on a GPU (fewer launches).
@@ -15,55 +16,57 @@ GPU_CHUNK_BYTES = 2**30
 
 
 def positions_per_chunk(device: torch.device, n_rows: int, n_features: int) -> int:
-    """Positions per step of the batched kernels (``3 * n_rows * d`` floats each)."""
+    """Positions per step of the batched kernels (``3 * n_rows * d + d * d`` floats each)."""
     budget = CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
-    return max(1, budget // (3 * 4 * n_rows * n_features))
+    return max(1, budget // (4 * n_features * (3 * n_rows + n_features)))
 
 
 class PatchGaussians(nn.Module):
     """Mahalanobis distance of each patch vector to its position's Gaussian.
+
+    The whitening factors are kept packed (their ``d (d + 1) / 2`` nonzero values per
+    position, half the memory of whole matrices), in memory or in a file
+    (:class:`~sk_padim.store.RowFile`, for models larger than memory), and unpacked a
+    cache-sized chunk of positions at a time while scoring. An ONNX export traces the
+    whole-grid form instead (one ``Gather`` unpacks every factor).
 
     Parameters
     ----------
     mean : Tensor of shape (P, d), float64
         Per-position means, P = h * w in row-major order. Kept as a float32 hi + lo
         pair, so that features with a large common offset keep their small spread.
-    factor : Tensor of shape (P, d, d), float32
-        Per-position whitening factor ``U`` (see :mod:`sk_padim.whitening`): the
-        distance is ``|(x - mean) @ U|``.
-    packed : bool, default=False
-        Keep the factors packed (half the memory) and unpack them in every forward pass,
-        as the ONNX export does to halve its file; otherwise they are kept whole.
-
-    Attributes
-    ----------
-    storage : {"float32", "float16"}
-        The precision of the stored factors (see :meth:`stored_as`).
+    packed_factor : Tensor or RowFile of shape (P, d (d + 1) / 2), float32
+        Per-position whitening factors ``U`` (see :mod:`sk_padim.whitening`), the
+        distance being ``|(x - mean) @ U|``, packed as ``pack_lower(U.mT)``.
+    storage : {"float32", "float16"}, default="float32"
+        The precision the factors are stored in: ``"float16"`` factors hold values
+        rounded to half precision (kept as float32 for computing).
 
     Examples
     --------
     >>> import torch
     >>> from sk_padim.mahalanobis import PatchGaussians
-    >>> gaussians = PatchGaussians(torch.zeros(4, 2, dtype=torch.float64),
-    ...                            torch.eye(2).expand(4, 2, 2) * 0.5)
+    >>> from sk_padim.packing import pack_lower
+    >>> factor = torch.eye(2).expand(4, 2, 2) * 0.5
+    >>> gaussians = PatchGaussians(torch.zeros(4, 2, dtype=torch.float64), pack_lower(factor))
     >>> gaussians(torch.ones(1, 2, 2, 2))[0]
     tensor([[0.7071, 0.7071],
             [0.7071, 0.7071]])
     """
 
-    def __init__(self, mean: torch.Tensor, factor: torch.Tensor, packed: bool = False):
+    def __init__(self, mean: torch.Tensor, packed_factor, storage: str = "float32"):
         super().__init__()
+        if storage not in ("float32", "float16"):
+            raise ValueError(f"storage must be 'float32' or 'float16'; got {storage!r}.")
         high = mean.to(torch.float32)
         self.register_buffer("mean_high", high)
         self.register_buffer("mean_low", (mean - high.to(mean.dtype)).to(torch.float32))
-        self.packed = packed
-        self.storage = "float32"
-        n_features = mean.shape[1]
-        if packed:
-            self.register_buffer("packed_factor", pack_lower(factor.mT))
-            self.register_buffer("unpack_index", _unpack_index(n_features, factor.device))
-        else:
-            self.register_buffer("factor", factor)
+        if isinstance(packed_factor, torch.Tensor):
+            self.register_buffer("packed_factor", packed_factor)
+        else:  # a RowFile: read a chunk of positions at a time
+            self.packed_factor = packed_factor
+        self.register_buffer("unpack_index", _unpack_index(mean.shape[1], mean.device))
+        self.storage = storage
 
     @property
     def n_features(self) -> int:
@@ -73,49 +76,35 @@ class PatchGaussians(nn.Module):
         """Distances ``(B, h, w)`` of features ``(B, d, h, w)``: ``sqrt((x-m)^T C^-1 (x-m))``."""
         n_images, n_features, height, width = features.shape
         flat = features.reshape(n_images, n_features, height * width)
-        if self.packed:
+        if torch.jit.is_tracing():  # the ONNX export: one graph over every position
             distances = self._all_positions(flat)
         else:
             chunk = positions_per_chunk(features.device, n_images, n_features)
-            if chunk >= height * width:
-                distances = self._all_positions(flat)
-            else:
-                distances = self._position_chunks(flat, chunk)
+            distances = self._position_chunks(flat, chunk)
         return distances.T.reshape(n_images, height, width)
 
     def whole_factor(self) -> torch.Tensor:
-        """The factors ``(P, d, d)``, unpacked if they are kept packed."""
-        if not self.packed:
-            return self.factor
-        # A Gather of the packed values and a zero for the upper entries: one ONNX node.
-        padded = torch.cat([self.packed_factor, self.packed_factor.new_zeros(len(self), 1)], 1)
+        """The factors ``U`` ``(P, d, d)``, all unpacked (one ``Gather`` in ONNX)."""
+        packed = self.packed_factor[:]
+        padded = torch.cat([packed, packed.new_zeros(len(self), 1)], 1)
         lower = padded[:, self.unpack_index].reshape(len(self), self.n_features, self.n_features)
         return lower.transpose(1, 2)
 
     def __len__(self) -> int:
         return self.mean_high.shape[0]
 
-    def stored_as(self, storage: str) -> PatchGaussians:
-        """These Gaussians with factors rounded to ``storage`` ("float32": unchanged).
-
-        With ``"float16"`` the factors are rounded (scores move by about 1e-3 relative),
-        so that a model scores the same before and after a round trip through a
-        half-precision file; :meth:`packed_factor` then packs them in float16 losslessly.
-        """
-        if storage == "float32":
-            return self
-        if storage != "float16":
-            raise ValueError(f"storage must be 'float32' or 'float16'; got {storage!r}.")
-        return PatchGaussians.from_arrays(self.mean64(), self.packed_factor_values().half())
-
     def mean64(self) -> torch.Tensor:
         """The means ``(P, d)`` in float64."""
         return self.mean_high.double() + self.mean_low.double()
 
-    def packed_factor_values(self) -> torch.Tensor:
-        """The factors' transposes packed (:func:`sk_padim.packing.pack_lower`), in ``storage``."""
-        packed = self.packed_factor if self.packed else pack_lower(self.factor.mT)
-        return packed.to(torch.float16 if self.storage == "float16" else torch.float32)
+    def packed_factor_values(self) -> torch.Tensor | np.ndarray:
+        """The packed factors in ``storage``: a tensor, or a read-only mapped array for
+        factors in a file."""
+        if isinstance(self.packed_factor, torch.Tensor):
+            packed = self.packed_factor
+            return packed.half() if self.storage == "float16" else packed
+        packed = self.packed_factor.array()
+        return packed.astype(np.float16) if self.storage == "float16" else packed
 
     @classmethod
     def from_arrays(
@@ -136,7 +125,7 @@ class PatchGaussians(nn.Module):
         gaussians : PatchGaussians
             On the arrays' device (the CPU for NumPy arrays).
         """
-        mean, packed = torch.as_tensor(mean), torch.as_tensor(packed_factor)
+        mean, packed = tensor_of(mean), tensor_of(packed_factor)
         if mean.dtype != torch.float64 or packed.dtype not in (torch.float32, torch.float16):
             raise ValueError(
                 f"Gaussians need a float64 mean and float32 or float16 factors; got "
@@ -147,9 +136,8 @@ class PatchGaussians(nn.Module):
                 f"Packed factors of shape {tuple(packed.shape)} do not fit means of shape "
                 f"{tuple(mean.shape)}."
             )
-        gaussians = cls(mean, unpack_upper(packed.float()))
-        gaussians.storage = "float16" if packed.dtype == torch.float16 else "float32"
-        return gaussians
+        storage = "float16" if packed.dtype == torch.float16 else "float32"
+        return cls(mean, packed.float(), storage)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Give the means and the stored factors as NumPy arrays in host memory.
@@ -160,47 +148,48 @@ class PatchGaussians(nn.Module):
             ``"mean"`` ``(P, d)`` float64 and ``"packed_factor"`` (see
             :meth:`packed_factor_values`), the arguments of :meth:`from_arrays`.
         """
-        return {
-            "mean": self.mean64().cpu().numpy(),
-            "packed_factor": self.packed_factor_values().cpu().numpy(),
-        }
+        packed = self.packed_factor_values()
+        if isinstance(packed, torch.Tensor):
+            packed = packed.cpu().numpy()
+        return {"mean": self.mean64().cpu().numpy(), "packed_factor": packed}
 
-    def as_packed(self) -> PatchGaussians:
-        """A copy that keeps its factors packed (for export), on the same device."""
-        copy = PatchGaussians(self.mean64(), self.whole_factor(), packed=True)
-        copy.storage = self.storage
-        return copy
+    def in_memory(self) -> PatchGaussians:
+        """These Gaussians with their factors in memory (read from their file if needed)."""
+        if isinstance(self.packed_factor, torch.Tensor):
+            return self
+        return PatchGaussians(self.mean64(), self.packed_factor[:], self.storage)
 
     def __reduce__(self):
-        # Means and packed factors as NumPy arrays: half the bytes of the whole factors,
-        # and loadable on a machine without the device they were made on.
-        return (_unpickle_gaussians, (*self.arrays().values(), self.packed))
+        # Means and packed factors as NumPy arrays, loadable on a machine without the
+        # device (or the file) they were made on.
+        return (type(self).from_arrays, tuple(self.arrays().values()))
 
     def __deepcopy__(self, memo) -> PatchGaussians:
-        return _unpickle_gaussians(*self.__reduce__()[1]).to(self.mean_high.device)
+        return type(self).from_arrays(*self.arrays().values()).to(self.mean_high.device)
 
     def _all_positions(self, flat: torch.Tensor) -> torch.Tensor:
-        """One batched matmul over every position (GPUs, small grids, export)."""
+        """One batched matmul over every position (the export)."""
         centred = flat.permute(2, 0, 1) - self.mean_high[:, None, :] - self.mean_low[:, None, :]
         return torch.linalg.vector_norm(torch.bmm(centred, self.whole_factor()), dim=-1)
 
     def _position_chunks(self, flat: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Cache-sized chunks of positions in reused buffers (CPUs)."""
+        """Chunks of positions in reused buffers: centre, unpack the factors, whiten."""
+        n_features = self.n_features
         distances = flat.new_empty(flat.shape[2], flat.shape[0])
-        whitened = None
+        buffers = None
         chunks = centred_position_chunks(flat, self.mean_high, chunk, center_low=self.mean_low)
         for positions, centred in chunks:
-            if whitened is None:
-                whitened = torch.empty_like(centred)
-            out = whitened[: len(centred)]
-            torch.bmm(centred, self.factor[positions], out=out)
-            torch.linalg.vector_norm(out, dim=-1, out=distances[positions])
+            count = len(centred)
+            if buffers is None:  # the packed values and a zero for the upper entries
+                padded = flat.new_zeros(count, n_features * (n_features + 1) // 2 + 1)
+                buffers = padded, flat.new_empty(count, n_features**2), torch.empty_like(centred)
+            padded, whole, whitened = buffers
+            padded[:count, :-1].copy_(self.packed_factor[positions])
+            lower = torch.index_select(padded[:count], 1, self.unpack_index, out=whole[:count])
+            upper = lower.view(count, n_features, n_features).mT
+            torch.bmm(centred, upper, out=whitened[:count])
+            torch.linalg.vector_norm(whitened[:count], dim=-1, out=distances[positions])
         return distances
-
-
-def _unpickle_gaussians(mean: np.ndarray, packed_factor: np.ndarray, packed: bool):
-    gaussians = PatchGaussians.from_arrays(mean, packed_factor)
-    return gaussians.as_packed() if packed else gaussians
 
 
 def _unpack_index(n_features: int, device) -> torch.Tensor:

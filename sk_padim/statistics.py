@@ -29,9 +29,11 @@ import torch
 
 from sk_padim.mahalanobis import PatchGaussians, centred_position_chunks, positions_per_chunk
 from sk_padim.packing import lower_offsets
+from sk_padim.store import tensor_of
 from sk_padim.whitening import whitening_factors
 
 STORAGES = ("float32", "float16")
+CHECK_CHUNK_VALUES = 2**24  # scatter values checked at a time (64 MB)
 
 
 class PatchStatistics:
@@ -43,9 +45,11 @@ class PatchStatistics:
         Number of training images (vectors per position).
     mean : Tensor of shape (P, d), float64
         Per-position mean, positions in row-major order of the ``(h, w)`` grid.
-    scatter : Tensor of shape (P, d (d + 1) / 2), float32
+    scatter : Tensor or RowFile of shape (P, d (d + 1) / 2), float32
         Per-position scatter matrix, its lower triangle packed row by row
-        (``torch.tril_indices`` order, as ``sk_padim.packing.pack_lower`` packs it).
+        (``torch.tril_indices`` order, as ``sk_padim.packing.pack_lower`` packs it); a
+        :class:`~sk_padim.store.RowFile` keeps it in a file, for grids larger than
+        memory (such statistics update and factorise, but do not merge or move).
 
     Examples
     --------
@@ -71,7 +75,11 @@ class PatchStatistics:
 
     @classmethod
     def empty(
-        cls, n_positions: int, n_features: int, device: str | torch.device = "cpu"
+        cls,
+        n_positions: int,
+        n_features: int,
+        device: str | torch.device = "cpu",
+        scatter=None,
     ) -> PatchStatistics:
         """Make the statistics of no samples.
 
@@ -83,17 +91,20 @@ class PatchStatistics:
             Features ``d`` per position.
         device : str or torch.device, default="cpu"
             Where the tensors are.
+        scatter : Tensor or RowFile of shape (P, d (d + 1) / 2), default=None
+            Zeros to accumulate the scatter into (e.g. a file, out of core); None makes
+            a tensor on ``device``.
 
         Returns
         -------
         stats : PatchStatistics
             A count of 0, zero means and scatter.
         """
-        return cls(
-            0,
-            torch.zeros(n_positions, n_features, dtype=torch.float64, device=device),
-            torch.zeros(n_positions, n_features * (n_features + 1) // 2, device=device),
-        )
+        if scatter is None:
+            width = n_features * (n_features + 1) // 2
+            scatter = torch.zeros(n_positions, width, device=device)
+        mean = torch.zeros(n_positions, n_features, dtype=torch.float64, device=device)
+        return cls(0, mean, scatter)
 
     @property
     def n_positions(self) -> int:
@@ -148,7 +159,9 @@ class PatchStatistics:
             if gram is None:
                 gram = rows.new_empty(len(rows), n_features, n_features)
             products = torch.bmm(rows.transpose(1, 2), rows, out=gram[: len(rows)])
-            self.scatter[positions] += products.view(len(rows), -1).index_select(1, offsets)
+            _add_rows(
+                self.scatter, positions, products.view(len(rows), -1).index_select(1, offsets)
+            )
             self.mean[positions] += delta * (n_batch / total)
         self.count = total
         return self
@@ -161,7 +174,9 @@ class PatchStatistics:
         self : PatchStatistics
             These statistics, when finite.
         """
-        if not all_finite(self.scatter):
+        rows = max(1, CHECK_CHUNK_VALUES // self.scatter.shape[1])
+        chunks = (slice(s, s + rows) for s in range(0, self.n_positions, rows))
+        if not all(all_finite(self.scatter[chunk]) for chunk in chunks):
             raise FloatingPointError(
                 "The features are too large for float32 statistics (their squares "
                 "overflow); scale them down, e.g. by a constant factor."
@@ -186,6 +201,8 @@ class PatchStatistics:
                 f"Cannot merge statistics of {self.n_positions} positions x "
                 f"{self.n_features} features with {other.n_positions} x {other.n_features}."
             )
+        self._check_in_memory("merge")
+        other._check_in_memory("merge")
         total = self.count + other.count
         shift = other.mean - self.mean
         delta = shift.to(torch.float32)
@@ -206,7 +223,8 @@ class PatchStatistics:
         Returns
         -------
         part : PatchStatistics
-            The statistics of those positions, views of these.
+            The statistics of those positions, views of these (copies for a scatter in
+            a file).
         """
         return PatchStatistics(self.count, self.mean[rows], self.scatter[rows])
 
@@ -269,7 +287,7 @@ class PatchStatistics:
         """
         return self.scatter[rows] / max(self.count - 1, 1)
 
-    def gaussians(self, reg: float, storage: str = "float32") -> PatchGaussians:
+    def gaussians(self, reg: float, storage: str = "float32", out=None) -> PatchGaussians:
         """The Gaussians ``N(mean, S / (n - 1) + reg I)`` that score, on this device.
 
         Parameters
@@ -280,6 +298,11 @@ class PatchStatistics:
             The precision the whitening factors are kept in. ``"float16"`` rounds them
             (scores move by about 1e-3 relative), so that they score exactly as after
             a round trip through a half-precision file.
+        out : Tensor or RowFile of shape (P, d (d + 1) / 2), default=None
+            Where the packed factors are written (a new tensor if None). It may be this
+            statistics' own ``scatter``: the factors then replace the scatter chunk by
+            chunk, with no second array as large, and these statistics are no longer
+            valid.
 
         Returns
         -------
@@ -288,9 +311,10 @@ class PatchStatistics:
         """
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}; got {storage!r}.")
-        factor = whitening_factors(self.covariance, self.n_positions, self.n_features, reg)
-        gaussians = PatchGaussians(self.mean, factor)
-        return gaussians.stored_as(storage)
+        if out is None:
+            out = torch.empty(self.scatter.shape, device=self.device)
+        whitening_factors(self.covariance, self.n_positions, self.n_features, reg, out, storage)
+        return PatchGaussians(self.mean, out, storage)
 
     def held_out_distances(self, gaussians: PatchGaussians, features: torch.Tensor) -> torch.Tensor:
         """Compute training features' distances to the Gaussians fitted without each.
@@ -309,6 +333,14 @@ class PatchStatistics:
         """
         return held_out_distances(gaussians(features), self.count)
 
+    def _check_in_memory(self, action: str) -> None:
+        if not isinstance(self.scatter, torch.Tensor):
+            raise ValueError(
+                f"Statistics whose scatter is in a file ({self.scatter.path}) cannot {action}; "
+                "they were fitted out of core (PadimDetector's store): fit on all the "
+                "images at once, or with a larger max_memory."
+            )
+
     def to(self, device: str | torch.device) -> PatchStatistics:
         """Move to a device.
 
@@ -320,8 +352,11 @@ class PatchStatistics:
         Returns
         -------
         stats : PatchStatistics
-            These statistics on ``device`` (a copy, unless already there).
+            These statistics on ``device`` (themselves if already there).
         """
+        if torch.device(device) == self.device:
+            return self
+        self._check_in_memory("move to another device")
         return PatchStatistics(self.count, self.mean.to(device), self.scatter.to(device))
 
     def copy(self) -> PatchStatistics:
@@ -332,6 +367,7 @@ class PatchStatistics:
         copy : PatchStatistics
             A copy that updates independently of this one.
         """
+        self._check_in_memory("be copied")
         return PatchStatistics(self.count, self.mean.clone(), self.scatter.clone())
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -341,9 +377,11 @@ class PatchStatistics:
         -------
         arrays : dict of str to ndarray
             ``"mean"`` ``(P, d)`` float64 and ``"scatter"`` ``(P, d (d + 1) / 2)``
-            float32.
+            float32 (memory-mapped read-only for a scatter in a file).
         """
-        return {"mean": self.mean.cpu().numpy(), "scatter": self.scatter.cpu().numpy()}
+        scatter = self.scatter
+        scatter = scatter.cpu().numpy() if isinstance(scatter, torch.Tensor) else scatter.array()
+        return {"mean": self.mean.cpu().numpy(), "scatter": scatter}
 
     @classmethod
     def from_arrays(cls, count: int, mean: np.ndarray, scatter: np.ndarray) -> PatchStatistics:
@@ -371,7 +409,7 @@ class PatchStatistics:
             )
         if int(count) < 1 or not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
             raise ValueError("The statistics hold no samples or non-finite values.")
-        return cls(int(count), _tensor(mean), _tensor(scatter))
+        return cls(int(count), tensor_of(mean), tensor_of(scatter))
 
     def __reduce__(self):
         # NumPy arrays, so that statistics made on a GPU unpickle on any machine.
@@ -447,6 +485,9 @@ def held_out_distances(distances: torch.Tensor, n_samples: int) -> torch.Tensor:
     return held_out.sqrt().to(distances.dtype)
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A CPU tensor of an array (shared, or a copy when it is read-only, e.g. mapped)."""
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+def _add_rows(array, rows: slice, values: torch.Tensor) -> None:
+    """``array[rows] += values`` for a tensor (in place) or a RowFile (read, add, write)."""
+    if isinstance(array, torch.Tensor):
+        array[rows] += values
+    else:
+        array[rows] = array[rows] + values.cpu()

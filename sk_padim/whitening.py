@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from sk_padim.packing import unpack_symmetric
+from sk_padim.packing import lower_offsets, unpack_symmetric
 
 CPU_CHUNK_POSITIONS = 64  # positions per factorisation step on the CPU, at most
 
@@ -24,13 +24,20 @@ def whitening_factors(
     n_positions: int,
     n_features: int,
     reg: float,
-) -> torch.Tensor:
-    """Upper-triangular whitening factors ``U`` (float32, ``(P, d, d)``) of covariances.
+    out,
+    storage: str = "float32",
+) -> None:
+    """Write the packed whitening factors of covariances into ``out``.
 
     ``packed_covariance(rows)`` gives the packed float32 covariances of a range of
     positions (without ``reg``); they are factorised in float64 a chunk of positions at
-    a time, to bound memory, on the covariances' device. Where a factorisation fails
-    (never for finite statistics and ``reg > 0`` in exact arithmetic), ``reg`` is raised
+    a time, to bound memory, on the covariances' device, and each chunk's upper
+    triangular factors ``U`` are written to ``out[rows]`` as ``pack_lower(U.mT)``
+    (float32; rounded to float16 values with ``storage="float16"``). ``out`` is a
+    ``(P, d (d + 1) / 2)`` tensor or :class:`~sk_padim.store.RowFile`, and may be where
+    the covariances are read from: each chunk is read before it is written, so the
+    factors then replace the covariances in place. Where a factorisation fails (never
+    for finite statistics and ``reg > 0`` in exact arithmetic), ``reg`` is raised
     tenfold for the failing positions, with a warning.
 
     On the CPU, chunks are shared among as many Python threads as torch has threads, each
@@ -44,11 +51,13 @@ def whitening_factors(
     if not (math.isfinite(reg) and reg > 0):
         raise ValueError(f"reg must be a positive finite float; got {reg!r}.")
     device = packed_covariance(slice(0, 1)).device
-    factor = torch.empty(n_positions, n_features, n_features, device=device)
+    offsets = lower_offsets(n_features, device)
 
     def factorise(rows: slice) -> None:
         covariance = unpack_symmetric(packed_covariance(rows))
-        _factor_chunk(covariance, reg, rows.start, out=factor[rows])
+        factor_t = _factor_chunk(covariance, reg, rows.start).mT  # U^T, row-major
+        packed = torch.index_select(factor_t.reshape(len(factor_t), -1), 1, offsets)
+        out[rows] = packed.half().float() if storage == "float16" else packed
 
     budget = 2**22 if device.type == "cpu" else 2**24  # float64 values per chunk
     chunk = max(1, budget // n_features**2)
@@ -56,7 +65,6 @@ def whitening_factors(
         chunk = min(chunk, CPU_CHUNK_POSITIONS)
     chunks = [slice(s, min(s + chunk, n_positions)) for s in range(0, n_positions, chunk)]
     _run_chunks(factorise, chunks, device)
-    return factor
 
 
 def _run_chunks(work: Callable[[slice], None], chunks: list[slice], device) -> None:
@@ -76,8 +84,8 @@ def _run_chunks(work: Callable[[slice], None], chunks: list[slice], device) -> N
         list(pool.map(run, chunks))
 
 
-def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int, out: torch.Tensor) -> None:
-    """Whitening factors ``L^{-T}`` of float32 covariances ``(k, d, d)`` written into ``out``.
+def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
+    """Whitening factors ``U = L^{-T}`` of float32 covariances ``(k, d, d)``, column-major.
 
     The Cholesky factor is computed in float64 (the covariance plus ``reg * I`` may be
     ill-conditioned), then inverted in float32: a triangular solve's error grows with the
@@ -93,7 +101,7 @@ def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int, out: torch.
     eye = torch.eye(upper.shape[-1], device=upper.device)
     solved = torch.empty_like(upper.mT).mT
     torch.linalg.solve_triangular(upper, eye.expand_as(upper), upper=True, left=False, out=solved)
-    out.copy_(solved)
+    return solved
 
 
 def _robust_cholesky(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:

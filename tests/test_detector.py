@@ -347,11 +347,11 @@ def test_a_model_loaded_from_float16_factors_is_for_inference_only(features):
         lambda: half.merge(PadimDetector().fit(train)),
         lambda: half.set_params(covariance_dtype="float32").fitted_state(),
     ):
-        with pytest.raises(ValueError, match="float16 whitening factors.*keeps no statistics"):
+        with pytest.raises(ValueError, match="keeps its Gaussians only"):
             call()
     half.set_params(covariance_dtype="float16")
     np.testing.assert_array_equal(half.score_samples(test), expected)  # unchanged
-    with pytest.raises(ValueError, match="made with reg=0.01.*that reg"):
+    with pytest.raises(ValueError, match="made with reg=0.01.*scores only with those"):
         half.set_params(reg=0.5).score_samples(test)
 
 

@@ -26,15 +26,17 @@ from hypothesis import strategies as st
 from synthetic import smooth_texture
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.packing import pack_lower, unpack_symmetric
+from sk_padim.packing import pack_lower, unpack_symmetric, unpack_upper
 from sk_padim.whitening import whitening_factors
 
 RTOL = 2e-5
 
 
 def whitening_factor(packed, reg):
-    """Whitening factors of packed covariances (all positions at once)."""
-    return whitening_factors(lambda rows: packed[rows], len(packed), 6, reg)
+    """Whitening factors ``(P, d, d)`` of packed covariances."""
+    factor = torch.empty_like(packed)
+    whitening_factors(lambda rows: packed[rows], len(packed), 6, reg, out=factor)
+    return unpack_upper(factor)
 
 
 PROPERTY_SETTINGS = settings(
