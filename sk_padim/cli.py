@@ -14,10 +14,12 @@ The command calls the library's public functions only: image discovery
 the regions and the pictures all live in the library. The library (torch, scikit-learn)
 is imported inside the commands, so that ``sk-padim --help`` answers at once.
 
-``sk-padim score -o DIR`` writes each result as it is made: a row of ``scores.csv`` per
-image once its chunk is scored (flushed), its picture and its regions first, each
-picture written to a temporary name and renamed into place. An interrupted run keeps
-every completed row; ``--resume`` scores only the images not yet in ``scores.csv``.
+``sk-padim score -o DIR`` writes each result as it is made: images are scored a batch at
+a time (:func:`sk_padim.streaming.iter_scores`) and each image's picture, regions and
+row of ``scores.csv`` (flushed) are written before the next image's, each picture to a
+temporary name renamed into place; only one batch of maps is held, whatever the number
+of images. An interrupted run keeps every completed row; ``--resume`` scores only the
+images not yet in ``scores.csv``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from sk_padim._version import __version__
 # else is a bug and keeps its traceback.
 _USER_ERRORS = (OSError, ValueError, TypeError, ImportError, RuntimeError)
 _SCORE_CHUNK = 256  # at most this many images scored at once: bounds features and maps
+# (the transformer's batch_size when smaller)
 # PatchFeatureTransformer's defaults, for the help text without importing torch
 # (tests/test_cli.py checks them against the class).
 _FEATURE_DEFAULTS = {
@@ -645,11 +648,10 @@ class _ScoreRun:
         bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=not progress, leave=False)
         try:
             for start in range(0, len(todo), size):
-                for chunk, maps, scores in _scored(
-                    self.pipeline, todo[start : start + size], failures
-                ):
-                    self.write(chunk, maps, scores)
-                bar.update(len(todo[start : start + size]))
+                chunk = todo[start : start + size]
+                for path, image_map, score in _scored(self.pipeline, chunk, failures):
+                    self.write(path, image_map, score)
+                bar.update(len(chunk))
         finally:
             bar.close()
             if self.regions is not None:
@@ -658,47 +660,40 @@ class _ScoreRun:
                 self.csv.close()
         return failures
 
-    def write(self, chunk: list[str], maps, scores) -> None:
-        """The pictures (renamed into place), then the regions and the rows together."""
+    def write(self, path: str, image_map, score: float) -> None:
+        """The image's picture (renamed into place), then its regions and row together."""
         from sk_padim.regions import defect_regions, normalized_score, relative_score
 
         regions = None
         if self.args.regions:
-            regions = defect_regions(maps, self.thresholds.pixel, min_area=self.args.min_area)
-        if self.args.heatmaps:
-            self.save_pictures(chunk, maps, regions)
-        image = self.thresholds.image
-        rows = []
-        for i, (path, score) in enumerate(zip(chunk, scores, strict=True)):
-            row = [path, f"{score:.6g}"]
-            if image is None:
-                row += ["", "", ""]
-            else:
-                row += [
-                    f"{float(relative_score(score, image)):.4f}",
-                    f"{float(normalized_score(score, image)):.4f}",
-                    "anomalous" if score >= image else "normal",
-                ]
-            if regions is not None:
-                row.append(str(len(regions[i])))
-            rows.append(row)
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows(rows)
-        records = ""
-        if regions is not None:
-            records = "".join(
-                json.dumps(_region_record(chunk[r.image], r)) + "\n"
-                for image_regions in regions
-                for r in image_regions
+            (regions,) = defect_regions(
+                image_map, self.thresholds.pixel, min_area=self.args.min_area
             )
-        with _deferred_interrupt():  # the regions and the rows of a chunk go together
+        if self.args.heatmaps:
+            self.save_picture(path, image_map, regions)
+        image = self.thresholds.image
+        row = [path, f"{score:.6g}"]
+        if image is None:
+            row += ["", "", ""]
+        else:
+            row += [
+                f"{float(relative_score(score, image)):.4f}",
+                f"{float(normalized_score(score, image)):.4f}",
+                "anomalous" if score >= image else "normal",
+            ]
+        if regions is not None:
+            row.append(str(len(regions)))
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(row)
+        records = "".join(json.dumps(_region_record(path, r)) + "\n" for r in regions or ())
+        with _deferred_interrupt():  # an image's regions and row go together
             if self.regions is not None:
                 self.regions.write(records)
                 self.regions.flush()
             csv_file = self.open_csv()
             csv_file.write(text.getvalue())
             csv_file.flush()
-            self.written += len(rows)
+            self.written += 1
 
     def open_csv(self):
         if self.csv is None:
@@ -714,21 +709,22 @@ class _ScoreRun:
                     self.csv.write(",".join(self.header) + "\n")
         return self.csv
 
-    def save_pictures(self, chunk, maps, regions) -> None:
+    def save_picture(self, path: str, image_map, regions) -> None:
+        """The image's heat map; the colour scale is the first image's (median to maximum)."""
         import numpy as np
 
         from sk_padim.plotting import save_heatmaps
 
-        self.scale = self.scale or (float(np.median(maps)), float(maps.max()))
+        self.scale = self.scale or (float(np.median(image_map)), float(image_map.max()))
         save_heatmaps(
-            chunk,
-            maps,
+            [path],
+            image_map[None],
             self.output / "heatmaps",
             threshold=self.thresholds.image,
             threshold_source=self.thresholds.image_source,
             pixel_threshold=self.thresholds.pixel,
-            regions=regions,
-            names=[self.names[path] for path in chunk],
+            regions=None if regions is None else [regions],
+            names=[self.names[path]],
             vmin=self.scale[0],
             vmax=self.scale[1],
         )
@@ -755,15 +751,18 @@ class _ScoreRun:
 
 
 def _scored(pipeline, chunk: list[str], failures: list):
-    """``(paths, maps, scores)`` of the images of a chunk that can be scored.
+    """``(path, map, score)`` of each image of a chunk that can be scored.
 
-    A chunk that fails on an unreadable image is scored again image by image, so that
-    the others are scored and each bad file is recorded in ``failures`` with the reason.
+    The chunk is scored as one batch (:func:`~sk_padim.streaming.iter_scores`), which
+    raises before yielding anything when an image cannot be read; it is then scored
+    again image by image, so that the others are scored and each bad file is recorded
+    in ``failures`` with the reason.
     """
-    from sk_padim.evaluation import maps_and_scores
+    from sk_padim.streaming import iter_scores
 
     try:
-        yield chunk, *maps_and_scores(pipeline, chunk)
+        for index, image_map, score in iter_scores(pipeline, chunk, batch_size=len(chunk)):
+            yield chunk[index], image_map, score
         return
     except (OSError, ValueError) as error:
         if len(chunk) == 1:
@@ -771,11 +770,11 @@ def _scored(pipeline, chunk: list[str], failures: list):
             return
     for path in chunk:
         try:
-            maps, scores = maps_and_scores(pipeline, [path])
+            ((_, image_map, score),) = iter_scores(pipeline, [path])
         except (OSError, ValueError) as error:
             failures.append((path, one_line(error)))
         else:
-            yield [path], maps, scores
+            yield path, image_map, score
 
 
 def _region_record(path: str, region) -> dict:

@@ -10,6 +10,7 @@ factor (about half of a full inverse covariance) and unpacked inside the graph b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -31,6 +32,11 @@ __all__ = ["export_onnx"]
 
 # protobuf cannot serialise a message of 2 GiB or more; leave room for the graph.
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
+# External data: initialisers of fewer bytes stay in the .onnx file; the others start at
+# page boundaries (onnxruntime maps them) and are copied a block at a time.
+_EXTERNAL_MIN_BYTES = 1024
+_EXTERNAL_ALIGN = 4096
+_COPY_BYTES = 64 * 2**20
 # With float16=True, initialisers with fewer values stay float32 (biases), and so do the
 # Gaussians' means (rounding a mean moves every distance by its rounding error).
 _FLOAT16_MIN_VALUES = 1024
@@ -41,7 +47,7 @@ class ExportedPadim(nn.Module):
     """uint8 images ``(B, H, W, 3)`` -> ``anomaly_map``, ``score`` [, ``is_anomalous``].
 
     The same :class:`~sk_padim.model.PadimModel` that scores in Python, its Gaussians'
-    factors kept packed (:meth:`~sk_padim.mahalanobis.PatchGaussians.as_packed`), with
+    factors kept packed (:class:`~sk_padim.mahalanobis.PatchGaussians`), with
     the layout change of the input and the verdict around it.
 
     Parameters
@@ -183,7 +189,7 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
         if pixel_threshold is None:
             pixel_threshold = getattr(detector, "pixel_threshold_", None)
         embedding, scorer = feat.to_module("cpu"), detector.to_module("cpu")
-    gaussians = scorer.gaussians.as_packed().cpu()
+    gaussians = scorer.gaussians.in_memory().cpu()
     packed_scorer = PatchScorer(gaussians, copy.deepcopy(scorer.maps).cpu())
     embedding = pruned_embedding(copy.deepcopy(embedding).cpu())
     module = ExportedPadim(PadimModel(embedding, packed_scorer), threshold).eval()
@@ -243,51 +249,107 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -
 
 
 def _finish(raw: Path, path: Path, metadata: dict, float16: bool) -> None:
-    """Metadata, float16 initialisers and, past 2 GiB, external data; then ``path``."""
+    """Metadata, float16 initialisers and, past the size limit, external data; then ``path``.
+
+    The initialisers are read where torch wrote them (past 2 GiB, in files next to
+    ``raw``, read through memory maps) and external data is written a block at a time,
+    so that the export holds no second copy of the Gaussians.
+    """
     try:
         import onnx
+        from onnx import numpy_helper
     except ImportError as error:
         raise ImportError(
             "export_onnx needs the onnx package: pip install 'sk-padim[export]'."
         ) from error
 
-    model = onnx.load(str(raw))
-    if float16:
-        _store_half(model)
+    model = onnx.load(str(raw), load_external_data=False)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    size = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
+    tensors = [(tensor, _values(tensor, raw.parent)) for tensor in model.graph.initializer]
+    halves = {tensor.name for tensor, values in tensors if float16 and _halved(tensor, values)}
+    size = sum(
+        values.size * (2 if tensor.name in halves else values.itemsize)
+        for tensor, values in tensors
+    )
     staged = raw.with_name("final.onnx")
-    if size >= EXTERNAL_DATA_BYTES:
-        data_name = path.name + ".data"
-        onnx.save_model(
-            model,
-            str(staged),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
+    data_name = path.name + ".data"
+    external = size >= EXTERNAL_DATA_BYTES
+    with open(staged.with_name(data_name), "wb") if external else contextlib.nullcontext() as data:
+        for tensor, values in tensors:
+            dtype = np.float16 if tensor.name in halves else values.dtype
+            if external and values.nbytes >= _EXTERNAL_MIN_BYTES:
+                _write_external(tensor, values, dtype, data, data_name)
+            elif dtype != values.dtype or _is_external(tensor):
+                tensor.CopyFrom(numpy_helper.from_array(np.asarray(values, dtype), tensor.name))
+    _cast_halves(model, halves)
+    onnx.save_model(model, str(staged))
+    if external:
         os.replace(staged.with_name(data_name), path.with_name(data_name))
-    else:
-        onnx.save_model(model, str(staged))
     os.replace(staged, path)
 
 
-def _store_half(model) -> None:
-    """Store large float32 initialisers as float16, cast back to float32 in the graph."""
-    from onnx import TensorProto, helper, numpy_helper
+def _values(tensor, folder: Path) -> np.ndarray:
+    """An initialiser's values: its array, or a read-only map of its external file."""
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo
+
+    if not _is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    info = ExternalDataInfo(tensor)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    values = np.memmap(folder / info.location, dtype, "r", info.offset or 0, (count,))
+    return values.reshape(tuple(tensor.dims))
+
+
+def _is_external(tensor) -> bool:
+    from onnx import TensorProto
+
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _halved(tensor, values: np.ndarray) -> bool:
+    """Whether ``float16=True`` stores this initialiser in half precision."""
+    return (
+        values.dtype == np.float32
+        and values.size >= _FLOAT16_MIN_VALUES
+        and not tensor.name.endswith(_KEEP_FLOAT32)
+    )
+
+
+def _write_external(tensor, values: np.ndarray, dtype, data, location: str) -> None:
+    """Append ``values`` as ``dtype`` to the open file ``data`` (named ``location``), a
+    block at a time, and make ``tensor`` point there."""
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import set_external_data
+
+    data.write(bytes(-data.tell() % _EXTERNAL_ALIGN))
+    start = data.tell()
+    flat = values.reshape(-1)
+    step = max(1, _COPY_BYTES // values.itemsize)
+    for first in range(0, flat.size, step):
+        data.write(memoryview(np.ascontiguousarray(flat[first : first + step], dtype)))
+    shape, name = tuple(tensor.dims), tensor.name
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    tensor.dims.extend(shape)
+    tensor.raw_data = b""  # set_external_data asks for the field
+    set_external_data(tensor, location, offset=start, length=data.tell() - start)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def _cast_halves(model, halves: set[str]) -> None:
+    """Rename the float16 initialisers and cast them back to float32 in the graph."""
+    from onnx import TensorProto, helper
 
     casts = []
     for tensor in model.graph.initializer:
-        if tensor.data_type != TensorProto.FLOAT:
-            continue
-        values = numpy_helper.to_array(tensor)
-        if values.size < _FLOAT16_MIN_VALUES or tensor.name.endswith(_KEEP_FLOAT32):
-            continue
-        name = tensor.name
-        tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float16), name + "_float16"))
-        casts.append(helper.make_node("Cast", [name + "_float16"], [name], to=TensorProto.FLOAT))
+        if tensor.name in halves:
+            name = tensor.name
+            tensor.name = name + "_float16"
+            casts.append(helper.make_node("Cast", [tensor.name], [name], to=TensorProto.FLOAT))
     for cast in reversed(casts):
         model.graph.node.insert(0, cast)

@@ -1,4 +1,4 @@
-"""Fit a PaDiM pipeline on more images than fit in memory.
+"""Fit and score a PaDiM pipeline on more images than fit in memory.
 
 A plain ``Pipeline.fit`` hands the detector every image's features at once, by
 scikit-learn's design: ``n * d * h * w * 4`` bytes (1.25 MB per image for ResNet-18,
@@ -6,10 +6,21 @@ d=100 at 224 px; 6.9 MB for Wide-ResNet-50-2, d=550). :func:`fit_streaming` inst
 transforms a chunk of images at a time and folds each chunk into the detector's running
 statistics (:meth:`PadimDetector.partial_fit`), so memory stays flat whatever the number
 of images.
+
+Scoring has the same shape: ``score_samples`` returns every image's map at once
+(``4 * H * W`` bytes each: 64 MB for a 16-megapixel image), and a Pipeline's
+``decision_function`` holds every image's features. :func:`iter_scores` scores a batch
+at a time and yields each image's map and score, so that a caller writes them as they
+come.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
@@ -72,3 +83,86 @@ def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = 
     pipeline.steps[0] = (feat_name, new_feat)
     pipeline.steps[1] = (detector_name, new_detector)
     return pipeline
+
+
+class ScoredImage(NamedTuple):
+    """One image's result from :func:`iter_scores`."""
+
+    index: int
+    """The image's position in ``X`` (for a folder, in its sorted list of files)."""
+    map: np.ndarray
+    """Its anomaly map ``(H, W)``, float32, its own array (not a view of the batch's)."""
+    score: float
+    """Its image score, the maximum of the map (as ``decision_function``)."""
+
+
+def iter_scores(estimator, X, batch_size: int = 32) -> Iterator[ScoredImage]:
+    """Score images a batch at a time, yielding each image's map and score.
+
+    Only one batch of images is read, and one batch of features and maps held, at a
+    time, whatever the number of images: ``batch_size`` bounds the memory, ``len(X)``
+    does not. The maps and scores equal ``estimator.score_samples(X)`` and
+    ``estimator.decision_function(X)``. Images given as file paths or a folder are read
+    when their batch is scored, so an unreadable file raises (a ``ValueError`` naming
+    it) once the images before its batch have been yielded.
+
+    Parameters
+    ----------
+    estimator : fitted estimator
+        A fitted ``Pipeline([PatchFeatureTransformer, PadimDetector])``, a calibrator
+        around one, or any estimator whose ``score_samples(images)`` gives anomaly maps
+        ``(n, H, W)`` whose maximum is the image score.
+    X : array-like, list or folder
+        Images, as ``score_samples`` takes them: an array, a list of arrays, PIL images
+        or file paths, or a folder of image files.
+    batch_size : int, default=32
+        Images scored at a time. Memory holds this many images' features
+        (``4 * d * h * w`` bytes each) and maps (``4 * H * W`` bytes each); for
+        16-megapixel images, use 1 to 4.
+
+    Yields
+    ------
+    scored : ScoredImage
+        ``(index, map, score)`` for each image, in the order of ``X``.
+
+    See Also
+    --------
+    fit_streaming : The fit, a chunk of images at a time.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import Pipeline
+    >>> from sk_padim import PadimDetector, PatchFeatureTransformer
+    >>> from sk_padim.streaming import iter_scores
+    >>> X = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    >>> pipe = Pipeline([
+    ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
+    ...     ("padim", PadimDetector()),
+    ... ]).fit(X[:4])
+    >>> for index, anomaly_map, score in iter_scores(pipe, X[4:], batch_size=2):
+    ...     print(index, anomaly_map.shape, score == anomaly_map.max())
+    0 (32, 32) True
+    1 (32, 32) True
+    2 (32, 32) True
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+    if not hasattr(estimator, "score_samples"):
+        raise TypeError(
+            "iter_scores needs a fitted estimator with score_samples, such as "
+            f"Pipeline([PatchFeatureTransformer(), PadimDetector()]); got "
+            f"{type(estimator).__name__}."
+        )
+    images = check_images(X)
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        # Only the loop holds the batch's maps: they are freed before the next batch.
+        for offset, image_map in enumerate(_host(estimator.score_samples(batch))):
+            image_map = image_map.copy()  # not a view, which would keep the whole batch
+            yield ScoredImage(start + offset, image_map, float(image_map.max()))
+
+
+def _host(maps) -> np.ndarray:
+    """Maps as a NumPy array (tensors, on any device, copied to the host)."""
+    return maps.cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)

@@ -159,13 +159,73 @@ def test_calibrated_threshold_and_torch_core_are_exported(tmp_path):
     np.testing.assert_allclose(outputs[1], pipe.decision_function(test), rtol=1e-4)
 
 
-def test_models_past_the_size_limit_use_external_data(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def wide():
+    """A non-square model (64 x 96 px) and test images."""
+    train, _ = images_at((64, 96), n_normal=6, n_anomalous=0)
+    test, _ = images_at((64, 96), seed=1)
+    return make_pipeline((64, 96), n_features=20).fit(train), test
+
+
+def test_models_past_the_size_limit_use_external_data(wide, tmp_path, monkeypatch):
+    pipe, test = wide
+    whole = {f16: export_onnx(pipe, tmp_path / f"whole-{f16}.onnx", float16=f16) for f16 in (0, 1)}
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 2**20)
-    train, _ = images_at(64, n_normal=6, n_anomalous=0)
-    pipe = make_pipeline(64, n_features=20).fit(train)
-    path = export_onnx(pipe, tmp_path / "big.onnx")
-    assert (tmp_path / "big.onnx.data").stat().st_size > path.stat().st_size
-    assert_scores_like(pipe, run(path, train), train)
+    for f16 in (0, 1):
+        path = export_onnx(pipe, tmp_path / f"big-{f16}.onnx", float16=f16)
+        data = tmp_path / f"big-{f16}.onnx.data"
+        assert data.stat().st_size > 4 * path.stat().st_size
+        model = onnx.load(str(path), load_external_data=False)
+        offsets = [
+            int(entry.value)
+            for tensor in model.graph.initializer
+            for entry in tensor.external_data
+            if entry.key == "offset"
+        ]
+        assert offsets and all(offset % 4096 == 0 for offset in offsets)  # mappable
+        # The same graph and values as the single-file export, bit for bit.
+        for got, expected in zip(run(path, test), run(whole[f16], test), strict=True):
+            np.testing.assert_array_equal(got, expected)
+    assert_scores_like(pipe, run(tmp_path / "big-0.onnx", test), test)
+    metadata = {
+        p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+    }
+    assert metadata["image_size"] == "64,96" and metadata["map_size"] == "64,96"
+    (tmp_path / "big-0.onnx.data").rename(tmp_path / "elsewhere.data")
+    with pytest.raises(Exception, match=r"does not exist.*big-0\.onnx\.data"):
+        onnxruntime.InferenceSession(str(tmp_path / "big-0.onnx"))
+
+
+def test_weights_torch_writes_as_external_files_are_copied_block_by_block(
+    wide, tmp_path, monkeypatch
+):
+    """Past 2 GiB torch writes each weight to its own file; the export reads them through
+    memory maps, a block at a time (the copy is cut small here), into one .data file."""
+    pipe, test = wide
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    half = run(export_onnx(pipe, reference / "half.onnx", float16=True), test)
+    original = export_module._torch_export
+
+    def as_torch_writes_large_models(module, example, path, outputs, opset):
+        original(module, example, path, outputs, opset)
+        onnx.save_model(
+            onnx.load(str(path)), str(path), save_as_external_data=True,
+            all_tensors_to_one_file=False, size_threshold=1024,
+        )  # fmt: skip
+
+    monkeypatch.setattr(export_module, "_torch_export", as_torch_writes_large_models)
+    monkeypatch.setattr(export_module, "_COPY_BYTES", 1000)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    whole = export_onnx(pipe, folder / "whole.onnx")
+    assert [p.name for p in folder.iterdir()] == ["whole.onnx"]  # self-contained
+    assert_scores_like(pipe, run(whole, test), test)
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 2**20)
+    path = export_onnx(pipe, folder / "big.onnx", float16=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["big.onnx", "big.onnx.data", "whole.onnx"]
+    for got, expected in zip(run(path, test), half, strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_the_file_runs_in_a_process_without_torch(r18, tmp_path):
