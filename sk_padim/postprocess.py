@@ -8,10 +8,10 @@ does: the same normalised kernel of radius ``int(truncate * sigma + 0.5)`` and s
 Both steps are linear and separable, so along each axis they compose into one matrix
 ``A`` (blur after resize, built in float64), and the maps are ``A_h @ grid @ A_w^T``.
 ``A`` is banded: an output pixel depends on the few grid cells under its kernel. So
-each axis is cut into blocks of at most :data:`BLOCK` output pixels, and a block is
+each axis is cut into blocks of at most ``BLOCK`` output pixels, and a block is
 one small dense matrix applied to the strip of grid cells it reads: a batched matmul
 whose cost per pixel does not grow with the map (``BLOCK / scale + kernel / scale``
-multiply-adds instead of the grid's length). An axis of at most :data:`BLOCK` pixels
+multiply-adds instead of the grid's length). An axis of at most ``BLOCK`` pixels
 is one block, a plain matmul. On 2 CPU threads a 224 x 224 map takes 0.07 ms either
 way (an interpolation and two padded convolutions took 3.4 ms); a 2048 x 2048 map 11 ms
 in blocks, 42 ms as one dense matmul per axis (whose operators weighed 8 MB, not 1.2).
@@ -79,7 +79,7 @@ def axis_taps(
 def axis_blocks(
     length_in: int, length_out: int, sigma: float, truncate: float
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """One axis's resize-then-blur matrix in blocks of :data:`BLOCK` output pixels.
+    """One axis's resize-then-blur matrix in blocks of ``BLOCK`` output pixels.
 
     Returns None for the identity, else ``(blocks, index)``: ``blocks`` is the
     ``(n_blocks, BLOCK, span)`` float64 matrix of each block (one ``(length_out,
@@ -107,7 +107,7 @@ def axis_blocks(
 def apply_blocks(
     values: torch.Tensor, blocks: torch.Tensor, index: torch.Tensor | None, length: int
 ) -> torch.Tensor:
-    """Apply one axis's blocks (:func:`axis_blocks`) along ``values``' dimension -2."""
+    """Apply one axis's blocks (``axis_blocks``) along ``values``' dimension -2."""
     if index is None:
         return torch.matmul(blocks[0], values)
     n_blocks, _, span = blocks.shape
@@ -120,7 +120,7 @@ class AnomalyMapGenerator(nn.Module):
 
     The per-axis blocks and the cells they read are buffers (float32 and int64), so
     the module moves with ``.to(device)`` and exports as gathers and matmuls; the cost
-    per map pixel does not grow with the map's size (see :mod:`sk_padim.postprocess`).
+    per map pixel does not grow with the map's size (see the module ``sk_padim.postprocess``).
 
     Parameters
     ----------

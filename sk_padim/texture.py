@@ -154,7 +154,7 @@ class TiledGaussians(nn.Module):
 
     Every tile of the features is scored against the same Gaussians (one per cell of
     the tile), and the tiles' distance grids are stitched back (:class:`FeatureTiles`).
-    It stands wherever :class:`~sk_padim.mahalanobis.PatchGaussians` does (the
+    It stands wherever ``PatchGaussians`` does (the
     ``gaussians`` of :class:`~sk_padim.model.PatchScorer`), moves with ``.to(device)``
     and pickles with its Gaussians.
 
