@@ -168,6 +168,12 @@ def fit_distributed(
         torch_threads = _check_count(torch_threads, "torch_threads", minimum=1)
     retries = _check_count(retries, "retries", minimum=0)
     _check_client(client)
+    if detector.texture_tile is not None:
+        raise ValueError(
+            "fit_distributed shares the positions of the grid among the workers; texture "
+            "mode (texture_tile) fits one tile's Gaussians, small enough for one machine: "
+            "use pipeline.fit or sk_padim.fit_streaming."
+        )
     # A fit on one zero vector checks the detector's parameters before any real work.
     clone(detector).partial_fit(np.zeros((1, 1, 1, 1), np.float32))
     params = detector.get_params()

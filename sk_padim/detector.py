@@ -24,8 +24,9 @@ from sk_padim.images import size_pair
 from sk_padim.mahalanobis import PatchGaussians
 from sk_padim.model import PatchScorer
 from sk_padim.postprocess import AnomalyMapGenerator, image_and_pixel_thresholds
-from sk_padim.statistics import PatchStatistics
+from sk_padim.statistics import PatchStatistics, held_out_distances
 from sk_padim.store import StoreFolder
+from sk_padim.texture import FeatureTiles, TiledGaussians
 from sk_padim.versioning import VersionedPickleMixin
 
 
@@ -92,6 +93,16 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         either, both go to ``store`` (then required). The default holds a 2048 x 2048
         image's grid at ``d=100`` (5.1 GiB of Gaussians) on a 16 GB machine; see the
         high-resolution guide.
+    texture_tile : int, (int, int) or None, default=None
+        Texture mode, for webs and surfaces where a defect can be anywhere and the
+        position within the part means nothing: one set of per-position Gaussians for a
+        tile of this many feature-grid cells (4 image pixels each at the default
+        layers), every tile of every training image being a sample, and maps stitched
+        back from the tiles. Memory is that of one tile whatever the image size, and a
+        few images give many samples. ``None``: PaDiM's one Gaussian per position of the
+        whole grid. Where the tile does not divide the grid, one more row (column) of
+        tiles is aligned to the far edge. See the high-resolution guide for when to
+        choose which.
     store : str, path or None, default=None
         A folder for the arrays that do not fit in ``max_memory`` (out of core: read
         and written a chunk of positions at a time). Each fit writes a new subfolder,
@@ -144,6 +155,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "max_memory": [Interval(Real, 0, None, closed="neither")],
+        "texture_tile": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "store": [str, os.PathLike, None],
     }
 
@@ -159,6 +171,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         batch_size: int = 32,
         device: str | torch.device = "auto",
         max_memory: float = 6.0,
+        texture_tile: int | tuple[int, int] | None = None,
         store: str | os.PathLike | None = None,
     ):
         self.reg = reg
@@ -171,6 +184,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.max_memory = max_memory
+        self.texture_tile = texture_tile
         self.store = store
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -195,22 +209,24 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if y is not None:
             features = features[torch.as_tensor(normal_rows(y, len(features)))]
         device = resolve_device(self.device)
-        d, h, w = features.shape[1:]
-        layout = self._layout(h * w, d)
+        n_positions, d = self._n_positions(features.shape[1:]), features.shape[1]
+        layout = self._layout(n_positions, d)
         store = StoreFolder(self.store) if layout.startswith("store") else None
         # Everything is computed before any attribute changes, so that an error or an
         # interrupt leaves the detector as it was (and deletes what it wrote to a store).
         try:
             stats, gaussians = self._fit_gaussians(features, layout, store, device)
-            thresholds = self._fit_thresholds(stats, gaussians, features, device)
+            count = stats.count
+            if layout == "in_place":
+                stats = None  # its scatter holds the factors now; free its mean
+            thresholds = self._fit_thresholds(count, gaussians, features, device)
             if store is not None:
                 store.complete()
         except BaseException:
             if store is not None:
                 store.discard()
             raise
-        kept = None if layout == "in_place" else stats
-        self._set_fitted(features.shape[1:], stats.count, kept, gaussians, thresholds)
+        self._set_fitted(features.shape[1:], count, stats, gaussians, thresholds)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -242,14 +258,14 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             check_feature_shape_matches(features, self.feature_shape_)
             previous = self._trainable_statistics("train further").to(device).copy()
         else:
-            d, h, w = features.shape[1:]
-            if self._layout(h * w, d) != "memory":
+            n_positions, d = self._n_positions(features.shape[1:]), features.shape[1]
+            if self._layout(n_positions, d) != "memory":
                 raise ValueError(
-                    f"partial_fit keeps the statistics and Gaussians of {h * w} positions in "
+                    f"partial_fit keeps the statistics and Gaussians of {n_positions} positions in "
                     f"memory, more than max_memory={self.max_memory} GiB: fit on all the "
                     "images at once (fit writes what does not fit to store), or raise max_memory."
                 )
-            previous = PatchStatistics.empty(h * w, d, device)
+            previous = PatchStatistics.empty(n_positions, d, device)
         stats = self._accumulate(features, previous, device)
         self._set_fitted(features.shape[1:], stats.count, stats, thresholds=(self.threshold, None))
         return self
@@ -317,7 +333,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         detector._validate_params()
         detector._check_map_size()
         d, h, w = (int(size) for size in feature_shape)
-        if (statistics.n_positions, statistics.n_features) != (h * w, d):
+        if (statistics.n_positions, statistics.n_features) != (detector._n_positions((d, h, w)), d):
             raise ValueError(
                 f"Statistics of {statistics.n_positions} positions and "
                 f"{statistics.n_features} features do not fit feature_shape={feature_shape}."
@@ -325,9 +341,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         thresholds = (detector.threshold, None)
         if held_out_distances is not None:
             device = resolve_device(detector.device)
-            thresholds = detector._thresholds_of(
-                held_out_distances, (d, h, w), statistics.count, device
-            )
+            tiles = detector._tiles((d, h, w))
+            n_images = statistics.count // (1 if tiles is None else tiles.n_tiles)
+            thresholds = detector._thresholds_of(held_out_distances, (d, h, w), n_images, device)
         detector._set_fitted((d, h, w), statistics.count, statistics, thresholds=thresholds)
         return detector
 
@@ -407,7 +423,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self._check_map_size()
         device = resolve_device(self.device if device is None else device)
         maps = self._map_generator(self.feature_shape_, device)
-        return PatchScorer(self._gaussians(device), maps)
+        gaussians = self._scoring_gaussians(self._gaussians(device), self.feature_shape_)
+        return PatchScorer(gaussians, maps)
 
     def fitted_state(self) -> tuple[dict[str, np.ndarray], dict]:
         """Give the fitted state as NumPy arrays and a JSON-able record (for file formats).
@@ -459,7 +476,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             detector = cls(**params)
             gaussians = PatchGaussians.from_arrays(**arrays)
             if detector.covariance_dtype != gaussians.storage or (
-                (len(gaussians), gaussians.n_features) != (shape[1] * shape[2], shape[0])
+                (len(gaussians), gaussians.n_features) != (detector._n_positions(shape), shape[0])
             ):
                 raise ValueError(
                     f"the stored {gaussians.storage} factors do not fit a "
@@ -484,41 +501,60 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     def _fit_gaussians(self, features, layout: str, store, device):
         """The statistics of ``features`` and their Gaussians, laid out as ``layout``."""
-        d, h, w = features.shape[1:]
+        n_positions, d = self._n_positions(features.shape[1:]), features.shape[1]
         width = d * (d + 1) // 2
         scatter = None
         if store is not None:
-            scatter = store.create("scatter", (h * w, width), torch.float32)
-        stats = PatchStatistics.empty(h * w, d, device, scatter=scatter)
+            scatter = store.create("scatter", (n_positions, width), torch.float32)
+        stats = PatchStatistics.empty(n_positions, d, device, scatter=scatter)
         stats = self._accumulate(features, stats, device)
         factor_out = None  # a new tensor
         if layout == "in_place":
             factor_out = stats.scatter
         elif layout == "store_all":
-            factor_out = store.create("factor", (h * w, width), torch.float32)
+            factor_out = store.create("factor", (n_positions, width), torch.float32)
         return stats, stats.gaussians(self.reg, self.covariance_dtype, factor_out)
 
-    def _fit_thresholds(self, stats, gaussians, features, device) -> tuple:
+    def _fit_thresholds(self, count: int, gaussians, features, device) -> tuple:
         """The thresholds from the training images' leave-one-out maps (their own scores
-        under the model fitted on all of them are far lower than a new normal image's)."""
-        if stats.count < 2:
+        under the model fitted on all ``count`` samples are far lower than a new normal
+        image's)."""
+        if count < 2:
             message = "Fitting on one image: covariances are reg * I, and the thresholds "
             message += "need two images or more. Fit on more images of good parts."
             warnings.warn(message, UserWarning, stacklevel=4)  # past sklearn's _fit_context
             return self.threshold, None
+        scoring = self._scoring_gaussians(gaussians, features.shape[1:])
         grids = (
-            stats.held_out_distances(gaussians, batch)
+            held_out_distances(scoring(batch), count)
             for batch in feature_batches(features, self.batch_size, device)
         )
-        return self._thresholds_of(grids, features.shape[1:], stats.count, device)
+        return self._thresholds_of(grids, features.shape[1:], len(features), device)
 
     def _accumulate(
         self, features: torch.Tensor, stats: PatchStatistics, device
     ) -> PatchStatistics:
-        """``stats`` with every batch of features added."""
+        """``stats`` with every batch of features (or of their tiles) added."""
+        tiles = self._tiles(features.shape[1:])
         for batch in feature_batches(features, self.batch_size, device):
-            stats.update(batch)
+            stats.update(batch if tiles is None else tiles.samples(batch))
         return stats.check_finite()
+
+    def _tiles(self, shape) -> FeatureTiles | None:
+        """The texture tiling of ``(d, h, w)`` features, or None (one Gaussian per cell)."""
+        if self.texture_tile is None:
+            return None
+        return FeatureTiles(shape[1:], size_pair(self.texture_tile, "texture_tile"))
+
+    def _n_positions(self, shape) -> int:
+        """Positions of the Gaussians of ``(d, h, w)`` features: the grid's, or a tile's."""
+        tiles = self._tiles(shape)
+        return shape[1] * shape[2] if tiles is None else tiles.tile[0] * tiles.tile[1]
+
+    def _scoring_gaussians(self, gaussians: PatchGaussians, shape):
+        """``gaussians`` as they score ``(d, h, w)`` features: tile by tile in texture mode."""
+        tiles = self._tiles(shape)
+        return gaussians if tiles is None else TiledGaussians(gaussians, tiles)
 
     def _layout(self, n_positions: int, n_features: int) -> str:
         """Where the fitted arrays go under ``max_memory``: ``"memory"`` (statistics and
