@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sk_padim.backbones import TruncatedBackbone
+from sk_padim.tiling import TilePlan, tiled_layer_maps
 
 
 class PatchEmbedding(nn.Module):
@@ -37,6 +38,9 @@ class PatchEmbedding(nn.Module):
         ``(H, W)`` of the pixels it takes (kept for exports; not checked).
     projection : array-like of shape (F, d) or None, default=None
         With ``channel_indices=None``: the projection ``W``, ``F = sum(layer_channels)``.
+    tile_plan : sk_padim.tiling.TilePlan or None, default=None
+        Run the backbone on these overlapping tiles (its stitched outputs equal the
+        whole image's, see :mod:`sk_padim.tiling`); ``None``: on whole images.
 
     Examples
     --------
@@ -58,9 +62,11 @@ class PatchEmbedding(nn.Module):
         std: tuple[float, float, float],
         image_size: tuple[int, int],
         projection=None,
+        tile_plan: TilePlan | None = None,
     ):
         super().__init__()
         self.backbone = backbone
+        self.tile_plan = tile_plan
         self.image_size = tuple(image_size)
         self.normalization = (tuple(mean), tuple(std))
         self.n_layers = len(layer_channels)
@@ -111,7 +117,7 @@ class PatchEmbedding(nn.Module):
         ``out``, when given, is a float32 ``(B, d, h, w)`` tensor the features are
         written into (e.g. a slice of the array :meth:`transform` returns).
         """
-        return self.assemble(self.backbone(self.prepare(pixels)), out)
+        return self.assemble(self.layer_maps(pixels), out)
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels, channels last: the backbone's input."""
@@ -119,7 +125,13 @@ class PatchEmbedding(nn.Module):
 
     def layer_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's outputs ``[(B, F_k, h_k, w_k), ...]`` for pixels, all channels."""
-        return self.backbone(self.prepare(pixels))
+        return self.run_backbone(self.prepare(pixels))
+
+    def run_backbone(self, prepared: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's outputs for :meth:`prepare`'s pixels, in tiles if planned."""
+        if self.tile_plan is None:
+            return self.backbone(prepared)
+        return tiled_layer_maps(self.backbone, prepared, self.tile_plan)
 
     def kept_channels(self) -> list[np.ndarray | None]:
         """Per layer, the indices of its channels the features keep (None: all are used).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -29,7 +30,15 @@ from sk_padim.backbones import (
 from sk_padim.devices import DeviceFeatures, PerDeviceCache, resolve_device
 from sk_padim.embedding import PatchEmbedding, semi_orthogonal_matrix
 from sk_padim.feature_cache import LayerCache, model_digest
-from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD, check_images, iter_batches, size_pair
+from sk_padim.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_images,
+    image_sizes,
+    iter_batches,
+    size_pair,
+)
+from sk_padim.tiling import TilePlan, images_per_pass, plan_tiles
 from sk_padim.versioning import VersionedPickleMixin
 
 
@@ -76,11 +85,28 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         A torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...), a path to
         a state-dict file, or ``None`` for random initialisation. For an ``nn.Module``,
         ``"DEFAULT"`` and ``None`` keep the module's own weights.
-    image_size : int or (int, int), default=224
-        Images are resized (bilinear, antialiased) to this size; the aspect ratio is not
-        kept. The feature grid is ``image_size / 4`` for the default layers.
+    image_size : int, (int, int) or None, default=224
+        Images are resized (bilinear, antialiased) to this ``(height, width)``; the
+        aspect ratio is not kept. ``None``: native resolution, chosen on purpose:
+        :meth:`fit` takes the size from its training images, which must all share one
+        ``(height, width)`` (non-square allowed, e.g. ``(4400, 1500)``), and
+        :meth:`transform` refuses images of another size (it never resizes them).
+
+        The feature grid follows the backbone: ``ceil(H / 4) x ceil(W / 4)`` for the
+        default layers (the first at stride 4), each cell summarising about 4 x 4 px.
+        Choose the size against the smallest defect to find: resizing an ``H`` px image
+        to ``S`` px shrinks a defect by ``S / H``, and it should still cover about one
+        cell, 4 px. A 6 px defect on a 2048 px image is 0.66 px at 224 (lost), 3 px at
+        1024 and 6 px at the native 2048. Memory and time grow with ``S**2``: the
+        detector keeps a Gaussian per cell. With ``image_size=None`` the detector's maps
+        (4 x the grid by default) are the image's size when ``H`` and ``W`` are
+        multiples of 4; otherwise set its ``map_size`` to ``image_size_``.
     batch_size : int, default=32
-        Images per forward pass.
+        Images per forward pass, fewer when they would hold more than
+        ``sk_padim.tiling.PIXEL_BUDGET`` pixels (4 megapixels: 83 images of 224 x
+        224 px, 4 of 1024 x 1024, 1 of 2048 x 2048), so that the activations stay
+        bounded (measured on a CPU: 0.5 GB for ResNet-18 up to ``layer3``, 1.2 GB for
+        EfficientNet-Lite0); larger images are tiled (``tile_size``).
     device : str or torch.device, default="auto"
         Where the backbone runs; ``"auto"`` uses CUDA when available. The fitted
         backbone is kept on the CPU, so pickles load on any machine.
@@ -103,7 +129,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         backbone: transformers that differ only in ``n_features``, ``random_state``
         (with pretrained weights) or in ``layers`` among those already stored share
         one backbone pass per image, e.g. the candidates and folds of a grid search.
-        The key covers the backbone's architecture and weights, ``image_size``, the
+        The key covers the backbone's architecture and weights, ``image_size_``, the
         normalisation, ``autocast``, the device type, the library versions and each
         image's pixels, so changing any of them never reads stale outputs. Features
         equal those without memory, to float32 rounding where the backend rounds an
@@ -121,6 +147,19 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         for a random ``(F, d)`` matrix ``W`` with orthonormal columns
         (``projection_``), computed per layer on its own grid; see docs/algorithm.md for
         when to prefer it.
+    tile_size : "auto", int or None, default="auto"
+        Run the backbone on overlapping tiles of each image, so that activation memory
+        stays that of one tile. Tiling is exact: the stitched layer outputs equal the
+        whole image's, to float32 rounding (tiles overlap by the layers' receptive
+        field, measured at :meth:`fit`; see :mod:`sk_padim.tiling`). ``"auto"`` tiles
+        images above ``sk_padim.tiling.PIXEL_BUDGET`` pixels (4 megapixels; 224 px
+        images never are),
+        with the largest square tiles that fit it, margins included. An int tiles every
+        image larger than it, with cores of this side in pixels (rounded up to a
+        multiple of the deepest layer's stride, 16 for the default layers); ``None``
+        never tiles. Backbones that pool over the whole image (torchvision's
+        EfficientNets, with squeeze-and-excitation) cannot be tiled: with them, use
+        ``None``.
 
     Attributes
     ----------
@@ -142,7 +181,10 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     feature_shape_ : tuple of int
         ``(d, h, w)`` of one transformed image.
     image_size_ : tuple of int
-        ``(height, width)`` the images are resized to.
+        ``(height, width)`` the images are resized to, or, with ``image_size=None``,
+        the training images' own size.
+    tile_plan_ : sk_padim.tiling.TilePlan or None
+        The tiles the backbone runs on (``None``: whole images).
     normalization_ : tuple
         ``(mean, std)`` applied to the RGB pixels in [0, 1].
 
@@ -166,7 +208,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         "layers": [tuple, list, None],
         "n_features": [Interval(Integral, 1, None, closed="left"), None],
         "weights": [str, os.PathLike, None],
-        "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list],
+        "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "random_state": ["random_state"],
@@ -174,6 +216,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         "verbose": ["boolean"],
         "memory": [str, os.PathLike, HasMethods(["cache"]), None],
         "projection": [StrOptions({"channels", "semi_orthogonal"})],
+        "tile_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left"), None],
     }
 
     def __init__(
@@ -182,7 +225,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         layers: tuple[str, ...] | None = None,
         n_features: int | None = None,
         weights: str | os.PathLike | None = "DEFAULT",
-        image_size: int | tuple[int, int] = 224,
+        image_size: int | tuple[int, int] | None = 224,
         batch_size: int = 32,
         device: str | torch.device = "auto",
         random_state=None,
@@ -190,6 +233,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         verbose: bool = False,
         memory=None,
         projection: str = "channels",
+        tile_size: str | int | None = "auto",
     ):
         self.backbone = backbone
         self.layers = layers
@@ -203,19 +247,21 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self.verbose = verbose
         self.memory = memory
         self.projection = projection
+        self.tile_size = tile_size
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Load the backbone and draw the channel indices.
 
-        Nothing is learnt from the images: ``X``, when given, is only checked (as
-        :meth:`transform` would), so that bad input fails before the fitted state
-        changes.
+        Nothing is learnt from the images but, with ``image_size=None``, their size:
+        ``X``, when given, is checked (as :meth:`transform` would), so that bad input
+        fails before the fitted state changes.
 
         Parameters
         ----------
         X : images or None, default=None
-            Images, only checked.
+            Images, only checked; required with ``image_size=None``, whose size they
+            give (they must all share one).
         y : None
             Ignored; present for scikit-learn's API.
 
@@ -224,14 +270,14 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self : PatchFeatureTransformer
             The fitted transformer.
         """
-        if X is not None:
-            check_images(X)
+        images = None if X is None else check_images(X)
         check_backbone(self.backbone)
         spec = REGISTRY.get(self.backbone) if isinstance(self.backbone, str) else None
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
-        size = size_pair(self.image_size, "image_size")
+        size = self._resolve_size(images)
         built = self._build_backbone(seed, self._resolve_layers(spec), size)
+        tile_plan = plan_tiles(built.backbone, size, self.tile_size)
         channels = built.layer_channels
         n_features = self._resolve_n_features(spec, built.layers, sum(channels))
         for name in ("channel_indices_", "projection_"):
@@ -247,10 +293,29 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self.n_features_ = n_features
         self.feature_shape_ = (n_features, *built.grid)
         self.image_size_ = built.image_size
+        self.tile_plan_ = tile_plan
         self.normalization_ = (spec.mean, spec.std) if spec else (IMAGENET_MEAN, IMAGENET_STD)
         self._modules_by_device = PerDeviceCache()
         self._backbone_digest = built.digest
         return self
+
+    def _resolve_size(self, images) -> tuple[int, int]:
+        """``image_size`` as ``(height, width)``, or the training images' one size."""
+        if self.image_size is not None:
+            return size_pair(self.image_size, "image_size")
+        if images is None:
+            raise ValueError(
+                "image_size=None takes the size from the training images passed to fit; "
+                "call fit(X) with them, or set image_size=(height, width)."
+            )
+        sizes = Counter(image_sizes(images))
+        if len(sizes) > 1:
+            raise ValueError(
+                f"image_size=None needs training images of one size; found {len(sizes)} "
+                f"sizes (height x width): {_size_counts(sizes)}. Resize them to one size "
+                "first, or set image_size=(height, width) to resize every image to it."
+            )
+        return next(iter(sizes))
 
     def _build_backbone(self, seed: int, layers: tuple[str, ...], size) -> _BuiltBackbone:
         model = load_backbone(self.backbone, self.weights, seed)
@@ -278,7 +343,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             outputs = _probe_outputs(truncated, probe)
         except RuntimeError as error:
             raise ValueError(
-                f"image_size={self.image_size!r} does not fit the backbone's layers "
+                f"{self._size_name(size)} does not fit the backbone's layers "
                 f"{layers} ({error}); use a larger image_size, e.g. 224."
             ) from error
         for name, output in zip(layers, outputs, strict=True):
@@ -289,10 +354,15 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                 )
             if min(output.shape[2:]) < 2:
                 raise ValueError(
-                    f"image_size={self.image_size!r} leaves layer {name!r} a "
+                    f"{self._size_name(size)} leaves layer {name!r} a "
                     f"{tuple(output.shape[2:])} map; use a larger image_size (224 is usual)."
                 )
         return truncated, outputs
+
+    def _size_name(self, size: tuple[int, int]) -> str:
+        if self.image_size is None:
+            return f"image_size=None (the training images' {size[0]} x {size[1]} px)"
+        return f"image_size={self.image_size!r}"
 
     def transform(self, X) -> np.ndarray | torch.Tensor | DeviceFeatures:
         """Compute the patch embeddings of images.
@@ -302,7 +372,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         X : ndarray of shape (n, H, W) or (n, H, W, C), Tensor, list or folder
             Images: an array (uint8 0-255 or float 0-1, grey or RGB), a tensor
             ``(n, C, H, W)`` (channels first, on any device), a list of arrays, PIL
-            images or file paths (sizes may differ), or a folder of image files.
+            images or file paths (sizes may differ, but with ``image_size=None`` all
+            must be ``image_size_``), or a folder of image files.
 
         Returns
         -------
@@ -314,6 +385,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         """
         check_is_fitted(self)
         images = check_images(X)
+        if self.image_size is None:
+            self._check_native_sizes(images)
         device = resolve_device(self.device)
         embedding = self.to_module(device)
         cache = self._layer_cache(device)
@@ -326,12 +399,13 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         overlap = device.type == "cpu" and cache is None
         kept = None if cache is None else embedding.kept_channels()
         prepare = embedding.prepare if overlap else None
-        batches = iter_batches(images, self.image_size_, self.batch_size, prepare)
+        batch_size = images_per_pass(self.image_size_, self.batch_size)
+        batches = iter_batches(images, self.image_size_, batch_size, prepare)
         start = 0
         for batch in tqdm(
             batches,
             disable=not self.verbose,
-            total=-(-len(out) // self.batch_size),
+            total=-(-len(out) // batch_size),
             desc="features",
             unit="batch",
             leave=False,
@@ -339,7 +413,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             stop = start + len(batch)
             with torch.inference_mode(), self._autocast(device):
                 if overlap:
-                    embedding.assemble(embedding.backbone(batch), out=out[start:stop])
+                    embedding.assemble(embedding.run_backbone(batch), out=out[start:stop])
                 elif cache is None:
                     embedding(batch.to(device), out=out[start:stop])
                 else:
@@ -355,6 +429,21 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         if isinstance(images, torch.Tensor):
             return out
         return out.numpy() if device.type == "cpu" else DeviceFeatures(out)
+
+    def _check_native_sizes(self, images) -> None:
+        """Refuse images whose size is not ``image_size_`` (native mode never resizes)."""
+        sizes = image_sizes(images)
+        others = Counter(size for size in sizes if size != self.image_size_)
+        if others:
+            height, width = self.image_size_
+            first = next(i for i, size in enumerate(sizes) if size != self.image_size_)
+            raise ValueError(
+                f"This transformer (image_size=None) was fitted on {height} x {width} px "
+                f"images and never resizes; got {others.total()} image(s) of another size "
+                f"(height x width): {_size_counts(others)}, the first at index {first}. "
+                f"Resize them to {height} x {width} first, or fit with "
+                f"image_size=({height}, {width}) to resize every image to it."
+            )
 
     def to_module(self, device: str | torch.device | None = None) -> PatchEmbedding:
         """The fitted embedding as a torch module on ``device``: pixels -> features.
@@ -387,6 +476,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             *self.normalization_,
             self.image_size_,
             getattr(self, "projection_", None),
+            getattr(self, "tile_plan_", None),
         ).eval()
         # .to() would move backbone_ itself; a GPU copy must leave it on the CPU.
         return embedding if device.type == "cpu" else _copy_to(embedding, device)
@@ -442,7 +532,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             weights under ``"backbone.<state dict key>"`` (float32), so that the model
             reloads offline whatever its ``weights`` were.
         record : dict
-            The fitted shapes, layers and sizes.
+            The fitted shapes, layers, image size and tile plan.
 
         Raises
         ------
@@ -474,6 +564,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             "layer_channels_": [int(c) for c in self.layer_channels_],
             "n_features_": int(self.n_features_),
             "feature_shape_": [int(s) for s in self.feature_shape_],
+            "image_size_": [int(s) for s in self.image_size_],
+            "tile_plan_": _plan_record(getattr(self, "tile_plan_", None)),
             "backbone_digest": self._backbone_digest,
         }
         return arrays, record
@@ -506,8 +598,12 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             torchvision version's), or the channel indices or projection are invalid.
         """
         feat = cls(**params)
-        # A fixed seed, so that the unused channel draw leaves NumPy's global state alone.
-        shell = clone(feat).set_params(weights=None, random_state=0).fit()
+        # A fixed seed, so that the unused channel draw leaves NumPy's global state alone;
+        # the size recorded (a native size needs no images); the tile plan is read below.
+        shell_params = {"weights": None, "random_state": 0, "tile_size": None}
+        if "image_size_" in record:  # absent from records written before native sizes
+            shell_params["image_size"] = tuple(record["image_size_"])
+        shell = clone(feat).set_params(**shell_params).fit()
         for name in ("layers_", "layer_channels_", "n_features_", "feature_shape_"):
             if np.ravel(getattr(shell, name)).tolist() != np.ravel(record[name]).tolist():
                 raise ValueError(
@@ -529,6 +625,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             setattr(feat, name, getattr(shell, name))
         name, reduction = _stored_reduction(arrays, sum(feat.layer_channels_), feat.n_features_)
         setattr(feat, name, reduction)
+        feat.tile_plan_ = _stored_plan(record.get("tile_plan_"))
         feat._modules_by_device = PerDeviceCache()
         feat._backbone_digest = record.get("backbone_digest")
         return feat
@@ -544,6 +641,32 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         tags.requires_fit = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _size_counts(sizes: Counter) -> str:
+    """``"1500 x 4400 (12 images), 1024 x 1024 (3 images)"``: the most common first."""
+    shown = [
+        f"{height} x {width} ({count} image{'s' if count > 1 else ''})"
+        for (height, width), count in sizes.most_common(5)
+    ]
+    more = f", and {len(sizes) - 5} more" if len(sizes) > 5 else ""
+    return ", ".join(shown) + more
+
+
+def _plan_record(plan: TilePlan | None) -> dict | None:
+    if plan is None:
+        return None
+    return {"strides": list(plan.strides), "margin": plan.margin, "core": list(plan.core)}
+
+
+def _stored_plan(record: dict | None) -> TilePlan | None:
+    """The recorded tile plan, checked (None: whole images, as before tiling existed)."""
+    if record is None:
+        return None
+    try:
+        return TilePlan(tuple(record["strides"]), record["margin"], tuple(record["core"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"the recorded tile plan {record!r} is not valid: {error}") from None
 
 
 def _stored_reduction(arrays: dict, n_channels: int, n_features: int) -> tuple[str, np.ndarray]:

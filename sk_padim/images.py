@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from numbers import Integral
 from pathlib import Path
 
@@ -316,9 +317,65 @@ def read_image(item) -> np.ndarray:
     if isinstance(item, Image.Image):
         return _pil_to_rgb(item, "the PIL image")
     path = os.fspath(item)
+    with _opened(path) as image:
+        return _pil_to_rgb(image, f"image file {path!r}")
+
+
+def image_sizes(images: np.ndarray | torch.Tensor | list) -> list[tuple[int, int]]:
+    """The ``(height, width)`` of each image of a checked collection, without decoding.
+
+    Arrays and tensors give their shape; files give the size in their header (PIL opens
+    them lazily: no pixel is decoded); lists of arrays or PIL images give each one's.
+
+    Parameters
+    ----------
+    images : ndarray, Tensor or list
+        Images as :func:`check_images` returns them.
+
+    Returns
+    -------
+    sizes : list of (int, int)
+        One ``(height, width)`` per image, in order.
+
+    Raises
+    ------
+    ValueError
+        If a file is not an image PIL can read (the file is named).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from sk_padim.images import image_sizes
+    >>> image_sizes(np.zeros((2, 30, 40, 3), np.uint8))
+    [(30, 40), (30, 40)]
+    >>> image_sizes([Image.new("RGB", (40, 30)), np.zeros((5, 6))])
+    [(30, 40), (5, 6)]
+    """
+    if isinstance(images, np.ndarray):
+        return [tuple(images.shape[1:3])] * len(images)
+    if isinstance(images, torch.Tensor):
+        return [tuple(images.shape[-2:])] * len(images)
+    return [_image_size(item) for item in images]
+
+
+def _image_size(item) -> tuple[int, int]:
+    if _is_path(item):
+        with _opened(os.fspath(item)) as image:
+            width, height = image.size
+    elif isinstance(item, Image.Image):
+        width, height = item.size
+    else:
+        height, width = np.shape(item)[:2]
+    return (int(height), int(width))
+
+
+@contextmanager
+def _opened(path: str) -> Iterator[Image.Image]:
+    """The image file opened lazily by PIL, its errors turned into ValueErrors naming it."""
     try:
         with Image.open(path) as image:
-            return _pil_to_rgb(image, f"image file {path!r}")
+            yield image
     except Image.DecompressionBombError as error:
         raise ValueError(
             f"Image file {path!r} is refused as a possible decompression bomb ({error}). "

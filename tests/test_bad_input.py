@@ -326,6 +326,15 @@ TRANSFORMER_PARAM_CASES = [
     ("image_size (0, 64)", {"image_size": (0, 64)}, ValueError, r"\(0, 64\)", "height, width"),
     ("image_size 64.0", {"image_size": 64.0}, ValueError, "Got 64.0", "int"),
     ("autocast int8", {"autocast": "int8"}, ValueError, "'autocast'", "bfloat16"),
+    (
+        "image_size None without images",
+        {"image_size": None},
+        ValueError,
+        "image_size=None takes the size from the training images",
+        r"fit\(X\)",
+    ),
+    ("tile_size 0", {"tile_size": 0}, ValueError, "'tile_size'.*Got 0", "'auto'"),
+    ("tile_size 'big'", {"tile_size": "big"}, ValueError, "'tile_size'.*Got 'big'", "None"),
 ]
 
 
