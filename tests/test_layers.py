@@ -29,6 +29,9 @@ LAYERS = {
         "postprocess",
         "pruning",
         "statistics",
+        "store",
+        "texture",
+        "tiling",
         "whitening",
     },
     "estimators": {"detector", "feature_cache", "features", "pipelines"},
@@ -65,6 +68,7 @@ LAZY_IMPORTS = {
             "persistence",
             "plotting",
             "regions",
+            "streaming",
         )
     },
     ("evaluation", "datasets"): "Category.from_mvtec, a deprecated alias of the front's "
