@@ -229,9 +229,11 @@ def _model_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--image-size",
-        type=_positive_int,
+        type=_image_size,
         default=defaults["image_size"],
-        help="images are resized to this square size in pixels (default: %(default)s)",
+        help="images are resized to N x N or H x W pixels (N or HxW), or kept at their own "
+        "size with 'native' (the training images must then share one size, and the images "
+        "scored too) (default: %(default)s)",
     )
     group.add_argument(
         "--batch-size",
@@ -503,6 +505,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _image_size(text: str) -> int | tuple[int, int] | None:
+    """``N``, ``HxW`` (height by width) or ``native`` (PatchFeatureTransformer's None)."""
+    if text == "native":
+        return None
+    try:
+        sides = [_positive_int(side) for side in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be N, HxW or native, got {text}")
+    return sides[0] if len(sides) == 1 else tuple(sides)
 
 
 def _non_negative_int(text: str) -> int:

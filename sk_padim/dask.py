@@ -58,10 +58,11 @@ from sk_padim.detector import PadimDetector
 from sk_padim.devices import as_tensor
 from sk_padim.features import PatchFeatureTransformer
 from sk_padim.files import atomic_file
-from sk_padim.images import check_images, iter_batches
+from sk_padim.images import check_images
 from sk_padim.model import PatchScorer
 from sk_padim.pipelines import padim_steps
 from sk_padim.statistics import PatchStatistics, position_ranges
+from sk_padim.tiling import images_per_pass
 
 __all__ = ["DistributedScorer", "fit_distributed", "score_distributed"]
 
@@ -178,7 +179,8 @@ def fit_distributed(
     clone(detector).partial_fit(np.zeros((1, 1, 1, 1), np.float32))
     params = detector.get_params()
 
-    fitted_feat = clone(feat).fit()
+    # At image_size=None the transformer takes its size from the files' headers.
+    fitted_feat = clone(feat).fit(paths if feat.image_size is None else None)
     workers = _workers(client)
     if partition_size is None:
         image_bytes = 4 * math.prod(fitted_feat.feature_shape_)
@@ -593,12 +595,16 @@ def _score_partition(threads, feat_bytes, scorer, paths, targets, index, n_parts
             images = check_images(paths)
             scores = np.empty(len(images), np.float32)
             done = 0
-            for pixels in iter_batches(images, feat.image_size_, feat.batch_size):
-                features = feat.transform(pixels)
+            step = images_per_pass(feat.image_size_, feat.batch_size)
+            for start_image in range(0, len(images), step):
+                # The files themselves: transform reads them (and refuses a wrong size at
+                # image_size=None, where resizing them here would hide it).
+                chunk = images[start_image : start_image + step]
+                features = feat.transform(chunk)
                 tensor = as_tensor(features)
                 features = torch.from_numpy(features) if tensor is None else tensor
                 maps, batch_scores = _on_device(scorer, features.device)(features)
-                stop = done + len(pixels)
+                stop = done + len(chunk)
                 if targets is not None:
                     batch_targets = targets[done:stop]
                     for anomaly_map, target in zip(maps.cpu().numpy(), batch_targets, strict=True):

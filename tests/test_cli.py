@@ -461,3 +461,26 @@ def test_a_model_file_appears_whole_or_not_at_all(tmp_path):
     with pytest.raises(Exception, match="pickle"):
         _dump(lambda: None, tmp_path / "model.joblib")  # a lambda cannot be pickled
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
+
+
+def test_a_native_non_square_model_round_trips_through_the_cli(tmp_path, resnet18_weights):
+    # --image-size native keeps the images' own 40 x 64 size: the model, its maps and the
+    # scores the command writes are those of the pipeline at that size.
+    photo = make_defect_textures("gravel", image_size=64, n_train=6, random_state=0).gravel
+    images = photo.X_train[:, :40]  # 40 x 64, non-square
+    train = tmp_path / "gravel" / "train" / "good"
+    test = tmp_path / "test"
+    for folder, part in ((train, images[:4]), (test, images[4:])):
+        folder.mkdir(parents=True)
+        for number, image in enumerate(part):
+            Image.fromarray(image).save(folder / f"{number:03d}.png")
+    model_path = tmp_path / "model.joblib"
+    args = ["--weights", resnet18_weights, "--n-features", "8", "--image-size", "native"]
+    assert main(["fit", str(tmp_path / "gravel"), "-o", str(model_path), *args]) == 0
+    model = joblib.load(model_path)
+    assert model.named_steps["feat"].image_size_ == (40, 64)
+    assert model.score_samples(images[4:]).shape == (2, 40, 64)
+    assert main(["score", str(model_path), str(test), "-o", str(tmp_path / "out")]) == 0
+    rows = read_csv(tmp_path / "out" / "scores.csv")
+    expected = model.decision_function(images[4:])
+    np.testing.assert_allclose([float(row["score"]) for row in rows], expected, rtol=1e-5)
