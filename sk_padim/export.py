@@ -228,6 +228,11 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -
             # Notes that a Slice of step > 1 is not constant-folded: folding is off anyway
             # (it would unpack the factors into the file).
             warnings.filterwarnings("ignore", "Constant folding", UserWarning)
+            # The backbone's tiles are laid out for the exported image size, which is
+            # fixed (only the batch is dynamic): their size arithmetic is constant.
+            warnings.filterwarnings(
+                "ignore", category=torch.jit.TracerWarning, module="sk_padim.tiling"
+            )
             torch.onnx.export(
                 module,
                 (example,),

@@ -191,6 +191,16 @@ class TiledGaussians(nn.Module):
         self.gaussians = gaussians
         self.tiles = tiles
 
+    @property
+    def storage(self) -> str:
+        """The precision of the tile's Gaussians' factors."""
+        return self.gaussians.storage
+
+    def in_memory(self) -> TiledGaussians:
+        """These tiled Gaussians with their factors in memory (see ``PatchGaussians``)."""
+        gaussians = self.gaussians.in_memory()
+        return self if gaussians is self.gaussians else TiledGaussians(gaussians, self.tiles)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Distances ``(B, h, w)`` of features ``(B, d, h, w)`` to the tile's Gaussians."""
         return self.tiles.stitch(self.gaussians(self.tiles.samples(features)))

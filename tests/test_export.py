@@ -119,6 +119,20 @@ def test_non_square_image_size(tmp_path):
     assert_scores_like(pipe, run(path, test), test)
 
 
+def test_a_native_size_tiled_texture_model_exports(tmp_path):
+    # image_size=None, the backbone in tiles and texture mode: the traced graph unrolls
+    # the backbone's tiles and the texture tiles, and scores as the pipeline does.
+    train, _ = images_at((160, 224), n_normal=5, n_anomalous=0)
+    test, _ = images_at((160, 224), seed=1)
+    pipe = make_pipeline(None, n_features=40, tile_size=64)
+    pipe.set_params(padim__texture_tile=(12, 16)).fit(train)
+    assert pipe[0].tile_plan_ is not None and pipe[0].image_size_ == (160, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the export itself prints nothing
+        path = export_onnx(pipe, tmp_path / "texture.onnx")
+    assert_scores_like(pipe, run(path, test), test)
+
+
 def test_efficientnet_lite0(tmp_path):
     train, _ = images_at(128, n_normal=5, n_anomalous=0)
     test, _ = images_at(128, seed=1)
