@@ -207,7 +207,12 @@ def child_sk_padim(spec: dict) -> dict:
         **spec["transformer_kwargs"],
     )
     pipe = Pipeline([("feat", feat), ("padim", PadimDetector(**spec["detector_kwargs"]))])
-    fit_s = seconds_of(lambda: pipe.fit(spec["train"]))
+    if spec["fit_chunk"]:  # a chunk of images' features at a time; no thresholds
+        from sk_padim import fit_streaming
+
+        fit_s = seconds_of(lambda: fit_streaming(pipe, spec["train"], spec["fit_chunk"]))
+    else:
+        fit_s = seconds_of(lambda: pipe.fit(spec["train"]))
     score_s, scores = score_to_file(pipe.score_samples, spec)
     transform_s = []
     for batch in chunks(spec["test"], spec["score_batch"]):
@@ -388,6 +393,7 @@ def run_size(size, args, backbone: dict, work: Path, skip_anomalib: str | None) 
         "backbone": args.backbone,
         "d": args.d,
         "score_batch": args.score_batch,
+        "fit_chunk": args.fit_chunk,
         "train": meta["train"],
         "test": meta["test"],
         "shape": size,
@@ -504,6 +510,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--anomalib-python", help="an interpreter where anomalib imports")
     parser.add_argument("--score-batch", type=int, default=1, help="test images per call")
+    parser.add_argument(
+        "--fit-chunk",
+        type=int,
+        help="sk-padim fits with fit_streaming, this many images' features at a time",
+    )
     parser.add_argument("--detector-kwargs", type=json.loads, default={})
     parser.add_argument("--transformer-kwargs", type=json.loads, default={})
     parser.add_argument("--category", default="brick", help="brick, grass, gravel")

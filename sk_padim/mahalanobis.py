@@ -181,24 +181,26 @@ class PatchGaussians(nn.Module):
     def _position_chunks(self, flat: torch.Tensor, chunk: int) -> torch.Tensor:
         """Chunks of positions in reused buffers: centre, unpack the factors, whiten.
 
-        Each chunk's packed values are copied into the upper triangles of a zeroed buffer
-        (``index_copy_``, 2-3x faster than gathering whole matrices); the entries below
-        the diagonal are never written, so they stay zero from one chunk to the next.
+        Packed row ``j`` holds row ``j`` of ``U^T`` up to its diagonal, so each chunk is
+        unpacked into ``U^T`` by ``d`` slice copies (twice as fast as a gather or
+        ``index_copy_``); the entries above the diagonal are never written, so they stay
+        zero from one chunk to the next, and ``U`` is a transposed view for the matmul.
         """
         n_features = self.n_features
         distances = flat.new_empty(flat.shape[2], flat.shape[0])
-        offsets = lower_offsets(n_features, flat.device, transposed=True)
         buffers = None
         chunks = centred_position_chunks(flat, self.mean_high, chunk, center_low=self.mean_low)
         for positions, centred in chunks:
             count = len(centred)
             if buffers is None:
-                buffers = flat.new_zeros(count, n_features**2), torch.empty_like(centred)
-            upper, whitened = buffers
+                factor_t = flat.new_zeros(count, n_features, n_features)
+                buffers = factor_t, torch.empty_like(centred)
+            factor_t, whitened = buffers
             packed = self.packed_factor[positions].to(flat.device)
-            upper[:count].index_copy_(1, offsets, packed)
-            factor = upper[:count].view(count, n_features, n_features)
-            torch.bmm(centred, factor, out=whitened[:count])
+            for row in range(n_features):
+                start = row * (row + 1) // 2
+                factor_t[:count, row, : row + 1] = packed[:, start : start + row + 1]
+            torch.bmm(centred, factor_t[:count].mT, out=whitened[:count])
             torch.linalg.vector_norm(whitened[:count], dim=-1, out=distances[positions])
         return distances
 
