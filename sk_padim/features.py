@@ -103,10 +103,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         multiples of 4; otherwise set its ``map_size`` to ``image_size_``.
     batch_size : int, default=32
         Images per forward pass, fewer when they would hold more than
-        ``sk_padim.tiling.PIXEL_BUDGET`` pixels (4 megapixels: 83 images of 224 x
-        224 px, 4 of 1024 x 1024, 1 of 2048 x 2048), so that the activations stay
-        bounded (measured on a CPU: 0.5 GB for ResNet-18 up to ``layer3``, 1.2 GB for
-        EfficientNet-Lite0); larger images are tiled (``tile_size``).
+        ``sk_padim.tiling.BATCH_PIXELS`` pixels (1.6 megapixels: 32 images of 224 x
+        224 px, 6 of 512 x 512, one of 1024 x 1024 or larger), so that the activations
+        stay bounded; one image runs whole up to ``sk_padim.tiling.PIXEL_BUDGET`` (4
+        megapixels: 0.5 GB of activations for ResNet-18 up to ``layer3``, 1.2 GB for
+        EfficientNet-Lite0, measured on a CPU), larger ones in tiles (``tile_size``).
     device : str or torch.device, default="auto"
         Where the backbone runs; ``"auto"`` uses CUDA when available. The fitted
         backbone is kept on the CPU, so pickles load on any machine.

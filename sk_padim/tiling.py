@@ -38,6 +38,13 @@ included): 4 megapixels, e.g. one 2048 x 2048 image, or 83 images of 224 x 224 p
 Measured on a CPU in float32, its activations take 0.5 GB for ResNet-18 up to
 ``layer3`` and 1.2 GB for EfficientNet-Lite0 up to ``_blocks.10``."""
 
+BATCH_PIXELS = 32 * 224 * 224
+"""Pixels of several images batched into one forward pass: those of the default batch at
+the default size (32 images of 224 x 224 px, 1.6 megapixels). Larger batches gain
+nothing on a CPU, whose convolutions are large already, and hold more activations: one
+1024 x 1024 image runs alone (0.3 GB of activations for EfficientNet-Lite0, where 4 at
+once held 1.2 GB). One image runs whole up to :data:`PIXEL_BUDGET` before it is tiled."""
+
 _FIRST_PROBE = 256  # ResNet-18's layer3 needs 105 px each side, Lite0's _blocks.10 181 px
 _LARGEST_PROBE = 1024  # measures needs up to about 500 px
 
@@ -47,17 +54,19 @@ Backbone = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 def images_per_pass(image_size: tuple[int, int], batch_size: int) -> int:
     """How many images of ``image_size`` go through the backbone at once.
 
-    ``batch_size``, fewer if they would exceed :data:`PIXEL_BUDGET` pixels, and at least
-    one (a larger image is tiled, or runs alone).
+    ``batch_size``, fewer if they would exceed :data:`BATCH_PIXELS` pixels, and at least
+    one (an image above :data:`PIXEL_BUDGET` is tiled).
 
     Examples
     --------
     >>> from sk_padim.tiling import images_per_pass
-    >>> images_per_pass((224, 224), 32), images_per_pass((1024, 1024), 32)
-    (32, 4)
+    >>> images_per_pass((224, 224), 32), images_per_pass((512, 512), 32)
+    (32, 6)
+    >>> images_per_pass((1024, 1024), 32)
+    1
     """
     height, width = image_size
-    return max(1, min(batch_size, PIXEL_BUDGET // (height * width)))
+    return max(1, min(batch_size, BATCH_PIXELS // (height * width)))
 
 
 def plan_tiles(

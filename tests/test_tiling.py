@@ -138,7 +138,7 @@ def test_images_per_pass_holds_to_the_pixel_budget(monkeypatch):
             seen.append(len(x))
             return self.b(self.a(x))
 
-    monkeypatch.setattr("sk_padim.tiling.PIXEL_BUDGET", 3 * 32 * 32)
+    monkeypatch.setattr("sk_padim.tiling.BATCH_PIXELS", 3 * 32 * 32)
     feat = PatchFeatureTransformer(
         Recorder(), layers=("a", "b"), weights=None, image_size=32, n_features=4
     ).fit()
@@ -147,7 +147,7 @@ def test_images_per_pass_holds_to_the_pixel_budget(monkeypatch):
     features = feat.transform(X)
     assert seen == [3, 3, 1]
     unbounded = feat.set_params(batch_size=7)
-    monkeypatch.setattr("sk_padim.tiling.PIXEL_BUDGET", 10**9)
+    monkeypatch.setattr("sk_padim.tiling.BATCH_PIXELS", 10**9)
     np.testing.assert_allclose(features, unbounded.transform(X), rtol=1e-5, atol=1e-5)
 
 
