@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sk_padim.devices import run_chunks
 from sk_padim.packing import lower_offsets, n_features_of_packed
 from sk_padim.store import tensor_of
 
@@ -179,7 +180,16 @@ class PatchGaussians(nn.Module):
         return torch.linalg.vector_norm(torch.bmm(centred, self.whole_factor()), dim=-1)
 
     def _position_chunks(self, flat: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Chunks of positions in reused buffers: centre, unpack the factors, whiten.
+        """Distances ``(P, B)``, the positions shared among threads of one torch thread
+        each on the CPU (:func:`~sk_padim.devices.run_chunks`)."""
+        distances = flat.new_empty(flat.shape[2], flat.shape[0])
+        parts = position_parts(flat.shape[2], chunk, flat.device)
+        run_chunks(lambda rows: self._whiten(flat, rows, chunk, distances), parts, flat.device)
+        return distances
+
+    def _whiten(self, flat: torch.Tensor, rows: slice, chunk: int, distances: torch.Tensor):
+        """Write the distances of the positions ``rows`` into ``distances[rows]``, a chunk
+        at a time in reused buffers: centre, unpack the factors, whiten.
 
         Packed row ``j`` holds row ``j`` of ``U^T`` up to its diagonal, so each chunk is
         unpacked into ``U^T`` by ``d`` slice copies (twice as fast as a gather or
@@ -187,10 +197,12 @@ class PatchGaussians(nn.Module):
         zero from one chunk to the next, and ``U`` is a transposed view for the matmul.
         """
         n_features = self.n_features
-        distances = flat.new_empty(flat.shape[2], flat.shape[0])
         buffers = None
-        chunks = centred_position_chunks(flat, self.mean_high, chunk, center_low=self.mean_low)
-        for positions, centred in chunks:
+        chunks = centred_position_chunks(
+            flat[:, :, rows], self.mean_high[rows], chunk, center_low=self.mean_low[rows]
+        )
+        for local, centred in chunks:
+            positions = slice(rows.start + local.start, rows.start + local.stop)
             count = len(centred)
             if buffers is None:
                 factor_t = flat.new_zeros(count, n_features, n_features)
@@ -202,7 +214,16 @@ class PatchGaussians(nn.Module):
                 factor_t[:count, row, : row + 1] = packed[:, start : start + row + 1]
             torch.bmm(centred, factor_t[:count].mT, out=whitened[:count])
             torch.linalg.vector_norm(whitened[:count], dim=-1, out=distances[positions])
-        return distances
+
+
+def position_parts(n_positions: int, chunk: int, device: torch.device) -> list[slice]:
+    """Contiguous ranges of positions, one per CPU thread (at least a chunk each), or the
+    whole range elsewhere: the parts :func:`~sk_padim.devices.run_chunks` shares out."""
+    n_parts = 1
+    if device.type == "cpu":
+        n_parts = max(1, min(torch.get_num_threads(), n_positions // chunk))
+    bounds = [n_positions * part // n_parts for part in range(n_parts + 1)]
+    return [slice(low, high) for low, high in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _unpack_index(n_features: int, device) -> torch.Tensor:

@@ -27,7 +27,13 @@ import math
 import numpy as np
 import torch
 
-from sk_padim.mahalanobis import PatchGaussians, centred_position_chunks, positions_per_chunk
+from sk_padim.devices import run_chunks
+from sk_padim.mahalanobis import (
+    PatchGaussians,
+    centred_position_chunks,
+    position_parts,
+    positions_per_chunk,
+)
 from sk_padim.packing import lower_offsets
 from sk_padim.store import tensor_of
 from sk_padim.whitening import whitening_factors
@@ -142,29 +148,40 @@ class PatchStatistics:
                 f"{self.n_positions} positions and {self.n_features} features."
             )
         total = self.count + n_batch
-        shift_weight = math.sqrt(self.count * n_batch / total)
-        offsets = lower_offsets(n_features, features.device)
         chunk = positions_per_chunk(features.device, n_batch + 1, n_features)
         # The batch mean in two float32 passes (a float64 reduction is 20x slower): the
         # rough mean, then the mean of the residuals, which are small and exact.
         rough_mean = flat.mean(dim=0).T
+
+        def update_range(rows: slice) -> None:
+            self._update_positions(flat, rough_mean, rows, chunk, total)
+
+        parts = position_parts(self.n_positions, chunk, features.device)
+        run_chunks(update_range, parts, features.device)
+        self.count = total
+        return self
+
+    def _update_positions(self, flat, rough_mean, rows: slice, chunk: int, total: int):
+        """Fold the positions ``rows`` of a batch ``(B, d, P)`` in, a chunk at a time."""
+        n_batch, n_features = flat.shape[:2]
+        shift_weight = math.sqrt(self.count * n_batch / total)
+        offsets = lower_offsets(n_features, flat.device)
         gram = None
-        for positions, rows in centred_position_chunks(flat, rough_mean, chunk, extra_rows=1):
-            residual = rows[:, :n_batch].mean(dim=1)
-            rows[:, :n_batch] -= residual[:, None, :]
+        chunks = centred_position_chunks(flat[:, :, rows], rough_mean[rows], chunk, extra_rows=1)
+        for local, centred in chunks:
+            positions = slice(rows.start + local.start, rows.start + local.stop)
+            residual = centred[:, :n_batch].mean(dim=1)
+            centred[:, :n_batch] -= residual[:, None, :]
             delta = (rough_mean[positions].double() + residual.double()) - self.mean[positions]
             # The last row is the mean-shift correction, so one Gram matrix per position
             # adds the batch scatter and the correction at once.
-            rows[:, n_batch] = shift_weight * delta
+            centred[:, n_batch] = shift_weight * delta
             if gram is None:
-                gram = rows.new_empty(len(rows), n_features, n_features)
-            products = torch.bmm(rows.transpose(1, 2), rows, out=gram[: len(rows)])
-            _add_rows(
-                self.scatter, positions, products.view(len(rows), -1).index_select(1, offsets)
-            )
+                gram = centred.new_empty(len(centred), n_features, n_features)
+            products = torch.bmm(centred.transpose(1, 2), centred, out=gram[: len(centred)])
+            packed = products.view(len(centred), -1).index_select(1, offsets)
+            _add_rows(self.scatter, positions, packed)
             self.mean[positions] += delta * (n_batch / total)
-        self.count = total
-        return self
 
     def check_finite(self) -> PatchStatistics:
         """Raise ``FloatingPointError`` if the scatter overflowed float32.

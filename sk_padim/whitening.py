@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from sk_padim.devices import run_chunks
 from sk_padim.packing import lower_offsets, unpack_symmetric
 
 CPU_CHUNK_POSITIONS = 64  # positions per factorisation step on the CPU, at most
@@ -40,13 +40,11 @@ def whitening_factors(
     for finite statistics and ``reg > 0`` in exact arithmetic), ``reg`` is raised
     tenfold for the failing positions, with a warning.
 
-    On the CPU, chunks are shared among as many Python threads as torch has threads, each
-    running its LAPACK calls on one thread (its own setting; the caller's is untouched).
-    Batched Cholesky and triangular solves of small matrices gain nothing from torch's
-    intra-op threads, and when another process competes for the cores their thread
-    synchronisation made them 5-10x slower (measured on 2 cores: 15.8 s with 2 threads
-    vs 1.5 s with one for 3,136 matrices of 100 x 100). Independent chunks in separate
-    threads use the cores without that synchronisation.
+    On the CPU, chunks run in threads of one torch thread each
+    (:func:`sk_padim.devices.run_chunks`): batched Cholesky and triangular solves of
+    small matrices gain nothing from torch's intra-op threads, and when another process
+    competes for the cores their thread synchronisation made them 5-10x slower (measured
+    on 2 cores: 15.8 s with 2 threads vs 1.5 s with one for 3,136 matrices of 100 x 100).
     """
     if not (math.isfinite(reg) and reg > 0):
         raise ValueError(f"reg must be a positive finite float; got {reg!r}.")
@@ -64,24 +62,7 @@ def whitening_factors(
     if device.type == "cpu":
         chunk = min(chunk, CPU_CHUNK_POSITIONS)
     chunks = [slice(s, min(s + chunk, n_positions)) for s in range(0, n_positions, chunk)]
-    _run_chunks(factorise, chunks, device)
-
-
-def _run_chunks(work: Callable[[slice], None], chunks: list[slice], device) -> None:
-    """``work`` on every chunk: in threads of one torch thread each on the CPU."""
-    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
-    if workers == 1:
-        for rows in chunks:
-            work(rows)
-        return
-    inference = torch.is_inference_mode_enabled()  # a per-thread state: pass it on
-
-    def run(rows: slice) -> None:
-        with torch.inference_mode(inference):
-            work(rows)
-
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        list(pool.map(run, chunks))
+    run_chunks(factorise, chunks, device)
 
 
 def _factor_chunk(covariance: torch.Tensor, reg: float, offset: int) -> torch.Tensor:
