@@ -214,6 +214,7 @@ def child_sk_padim(spec: dict) -> dict:
     else:
         fit_s = seconds_of(lambda: pipe.fit(spec["train"]))
     score_s, scores = score_to_file(pipe.score_samples, spec)
+    feat = pipe[0]  # fit_streaming puts a fitted copy in the pipeline
     transform_s = []
     for batch in chunks(spec["test"], spec["score_batch"]):
         transform_s += [seconds_of(lambda b=batch: feat.transform(b)) / len(batch)] * len(batch)
