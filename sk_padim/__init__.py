@@ -14,7 +14,6 @@ _SOURCES = {
     "PadimModel": "model",
     "PatchFeatureTransformer": "features",
     "QuantileThresholdCalibrator": "calibration",
-    "ScoredImage": "streaming",
     "aupro": "metrics",
     "aupro_scorer": "metrics",
     "clear_feature_cache": "feature_cache",

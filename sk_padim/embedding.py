@@ -40,7 +40,7 @@ class PatchEmbedding(nn.Module):
         With ``channel_indices=None``: the projection ``W``, ``F = sum(layer_channels)``.
     tile_plan : sk_padim.tiling.TilePlan or None, default=None
         Run the backbone on these overlapping tiles (its stitched outputs equal the
-        whole image's, see :mod:`sk_padim.tiling`); ``None``: on whole images.
+        whole image's, see ``sk_padim.tiling``); ``None``: on whole images.
 
     Examples
     --------

@@ -152,7 +152,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         Run the backbone on overlapping tiles of each image, so that activation memory
         stays that of one tile. Tiling is exact: the stitched layer outputs equal the
         whole image's, to float32 rounding (tiles overlap by the layers' receptive
-        field, measured at :meth:`fit`; see :mod:`sk_padim.tiling`). ``"auto"`` tiles
+        field, measured at :meth:`fit`; see ``sk_padim.tiling``). ``"auto"`` tiles
         images above ``sk_padim.tiling.PIXEL_BUDGET`` pixels (4 megapixels; 224 px
         images never are),
         with the largest square tiles that fit it, margins included. An int tiles every

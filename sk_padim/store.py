@@ -135,7 +135,13 @@ class RowFile:
             self._file.write(memoryview(data).cast("B"))
 
     def array(self) -> np.ndarray:
-        """The whole array, memory-mapped read-only (for pickling and saving)."""
+        """Give the whole array, memory-mapped read-only (for pickling and saving).
+
+        Returns
+        -------
+        array : numpy.memmap of shape ``shape``
+            The file's values, read as they are used.
+        """
         self._file.flush()
         return np.load(self.path, mmap_mode="r")
 
@@ -186,7 +192,22 @@ class StoreFolder:
         self.path.mkdir()
 
     def create(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> RowFile:
-        """A new :class:`RowFile` of zeros named ``name`` in this fit's subfolder."""
+        """Create a file of zeros in this fit's subfolder.
+
+        Parameters
+        ----------
+        name : str
+            The file's name, without ``.npy``.
+        shape : (int, int)
+            Rows and columns.
+        dtype : torch.dtype
+            The values' type.
+
+        Returns
+        -------
+        rows : RowFile
+            The open file.
+        """
         return RowFile.create(self.path / f"{name}.npy", shape, dtype)
 
     def complete(self) -> None:
@@ -204,7 +225,18 @@ class StoreFolder:
 
     @staticmethod
     def is_complete(path: str | os.PathLike) -> bool:
-        """Whether the subfolder ``path`` holds the files of a fit that completed."""
+        """Tell whether a subfolder holds the files of a fit that completed.
+
+        Parameters
+        ----------
+        path : str or Path
+            A fit's subfolder.
+
+        Returns
+        -------
+        complete : bool
+            True once the fit marked it complete.
+        """
         return (Path(path) / COMPLETE).is_file()
 
 

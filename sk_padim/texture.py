@@ -155,7 +155,7 @@ class TiledGaussians(nn.Module):
     Every tile of the features is scored against the same Gaussians (one per cell of
     the tile), and the tiles' distance grids are stitched back (:class:`FeatureTiles`).
     It stands wherever ``PatchGaussians`` does (the
-    ``gaussians`` of :class:`~sk_padim.model.PatchScorer`), moves with ``.to(device)``
+    ``gaussians`` of ``sk_padim.model.PatchScorer``), moves with ``.to(device)``
     and pickles with its Gaussians.
 
     Parameters
@@ -197,10 +197,27 @@ class TiledGaussians(nn.Module):
         return self.gaussians.storage
 
     def in_memory(self) -> TiledGaussians:
-        """These tiled Gaussians with their factors in memory (see ``PatchGaussians``)."""
+        """Give these tiled Gaussians with their factors in memory.
+
+        Returns
+        -------
+        tiled : TiledGaussians
+            Themselves, or a copy whose tile Gaussians were read from their file.
+        """
         gaussians = self.gaussians.in_memory()
         return self if gaussians is self.gaussians else TiledGaussians(gaussians, self.tiles)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Distances ``(B, h, w)`` of features ``(B, d, h, w)`` to the tile's Gaussians."""
+        """Compute the distances of whole feature grids to the tile's Gaussians.
+
+        Parameters
+        ----------
+        features : Tensor of shape (B, d, h, w)
+            Features of the tiling's grid.
+
+        Returns
+        -------
+        distances : Tensor of shape (B, h, w)
+            Each cell's Mahalanobis distance, stitched from its tile.
+        """
         return self.tiles.stitch(self.gaussians(self.tiles.samples(features)))

@@ -16,7 +16,7 @@ float32 rounding: a convolution over another size may sum in another order):
   to the image's modulo ``S``, so a "same" padding that depends on the input's parity
   (TensorFlow's, as in some EfficientNet ports) pads as it does for the whole image.
 
-Activation memory is then that of one tile: :data:`PIXEL_BUDGET` pixels per forward pass
+Activation memory is then that of one tile: ``PIXEL_BUDGET`` pixels per forward pass
 (:func:`images_per_pass`, :meth:`TilePlan.for_budget`). Networks that pool over the
 whole image (squeeze-and-excitation blocks, e.g. torchvision's EfficientNets) have no
 finite receptive field, and :func:`receptive_margin` refuses them.
@@ -43,7 +43,7 @@ BATCH_PIXELS = 32 * 224 * 224
 the default size (32 images of 224 x 224 px, 1.6 megapixels). Larger batches gain
 nothing on a CPU, whose convolutions are large already, and hold more activations: one
 1024 x 1024 image runs alone (0.3 GB of activations for EfficientNet-Lite0, where 4 at
-once held 1.2 GB). One image runs whole up to :data:`PIXEL_BUDGET` before it is tiled."""
+once held 1.2 GB). One image runs whole up to ``PIXEL_BUDGET`` before it is tiled."""
 
 _FIRST_PROBE = 256  # ResNet-18's layer3 needs 105 px each side, Lite0's _blocks.10 181 px
 _LARGEST_PROBE = 1024  # measures needs up to about 500 px
@@ -54,8 +54,8 @@ Backbone = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 def images_per_pass(image_size: tuple[int, int], batch_size: int) -> int:
     """How many images of ``image_size`` go through the backbone at once.
 
-    ``batch_size``, fewer if they would exceed :data:`BATCH_PIXELS` pixels, and at least
-    one (an image above :data:`PIXEL_BUDGET` is tiled).
+    ``batch_size``, fewer if they would exceed ``BATCH_PIXELS`` pixels, and at least
+    one (an image above ``PIXEL_BUDGET`` is tiled).
 
     Examples
     --------
@@ -81,7 +81,7 @@ def plan_tiles(
     image_size : (int, int)
         ``(height, width)`` of the images.
     tile_size : "auto", int or None
-        ``"auto"``: tiles only for images above :data:`PIXEL_BUDGET` pixels, the
+        ``"auto"``: tiles only for images above ``PIXEL_BUDGET`` pixels, the
         largest that fit it (:meth:`TilePlan.for_budget`); an int: cores of this side
         (rounded up to a multiple of the deepest stride); ``None``: never.
 
@@ -169,10 +169,12 @@ class TilePlan:
 
         Parameters
         ----------
-        strides, margin
+        strides : tuple of int
             As for the class, e.g. from :func:`receptive_margin`.
+        margin : int
+            As for the class.
         budget : int
-            Pixels of one tile (core and margins), e.g. :data:`PIXEL_BUDGET`.
+            Pixels of one tile (core and margins), e.g. ``PIXEL_BUDGET``.
 
         Raises
         ------
@@ -196,6 +198,18 @@ class TilePlan:
         A span's input is its core and the margins inside the image. One that stops
         before the image's end is lengthened by ``length % stride``, so that its size
         is congruent to the image's modulo the stride.
+
+        Parameters
+        ----------
+        length : int
+            Pixels of the image along the axis.
+        axis : int
+            0 for the height, 1 for the width.
+
+        Returns
+        -------
+        spans : list of Span
+            The tiles' cores and inputs, in order.
         """
         core, stride = self.core[axis], self.stride
         spans = []
