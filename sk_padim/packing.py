@@ -48,13 +48,3 @@ def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
     flat.index_copy_(1, lower_offsets(n_features, packed.device, transposed=True), packed)
     flat.index_copy_(1, lower_offsets(n_features, packed.device), packed)
     return full
-
-
-def unpack_upper(packed: torch.Tensor) -> torch.Tensor:
-    """Upper-triangular ``(P, d, d)`` matrices ``U`` from ``pack_lower(U.mT)``, written in
-    place: no transposed copy."""
-    n_features = n_features_of_packed(packed.shape[1])
-    full = packed.new_zeros(len(packed), n_features, n_features)
-    offsets = lower_offsets(n_features, packed.device, transposed=True)
-    full.view(len(packed), -1).index_copy_(1, offsets, packed)
-    return full

@@ -1,6 +1,7 @@
 """Small synthetic images for the tests."""
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 
@@ -27,3 +28,14 @@ def textures_with_squares(n_normal: int, n_anomalous: int, size: int = 64, seed:
     images[masks] = 255
     labels = masks.any(axis=(1, 2)).astype(int)
     return images, labels, masks
+
+
+def unpack_upper(packed) -> torch.Tensor:
+    """Upper-triangular factors ``U`` ``(P, d, d)`` from ``pack_lower(U.mT)``, re-derived in
+    NumPy: the packed values are the lower triangle of ``U^T``, row by row."""
+    packed = np.asarray(packed, dtype=np.float32)
+    n_features = int((np.sqrt(8 * packed.shape[1] + 1) - 1) / 2)
+    rows, cols = np.tril_indices(n_features)
+    upper = np.zeros((len(packed), n_features, n_features), np.float32)
+    upper[:, cols, rows] = packed
+    return torch.from_numpy(upper)

@@ -5,10 +5,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from synthetic import unpack_upper
 
 from sk_padim import mahalanobis, statistics, whitening
 from sk_padim.mahalanobis import PatchGaussians
-from sk_padim.packing import pack_lower, unpack_symmetric, unpack_upper
+from sk_padim.packing import pack_lower, unpack_symmetric
 from sk_padim.statistics import PatchStatistics
 from sk_padim.whitening import whitening_factors
 

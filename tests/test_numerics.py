@@ -23,10 +23,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from synthetic import smooth_texture
+from synthetic import smooth_texture, unpack_upper
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.packing import pack_lower, unpack_symmetric, unpack_upper
+from sk_padim.packing import pack_lower, unpack_symmetric
 from sk_padim.whitening import whitening_factors
 
 RTOL = 2e-5
