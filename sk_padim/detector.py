@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from numbers import Integral, Real
 
 import numpy as np
@@ -209,25 +211,53 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if y is not None:
             features = features[torch.as_tensor(normal_rows(y, len(features)))]
         device = resolve_device(self.device)
-        n_positions, d = self._n_positions(features.shape[1:]), features.shape[1]
-        layout = self._layout(n_positions, d)
-        store = StoreFolder(self.store) if layout.startswith("store") else None
-        # Everything is computed before any attribute changes, so that an error or an
-        # interrupt leaves the detector as it was (and deletes what it wrote to a store).
-        try:
-            stats, gaussians = self._fit_gaussians(features, layout, store, device)
-            count = stats.count
-            if layout == "in_place":
-                stats = None  # its scatter holds the factors now; free its mean
-            thresholds = self._fit_thresholds(count, gaussians, features, device)
-            if store is not None:
-                store.complete()
-        except BaseException:
-            if store is not None:
-                store.discard()
-            raise
-        self._set_fitted(features.shape[1:], count, stats, gaussians, thresholds)
-        return self
+        return self._fit_passes(lambda: feature_batches(features, self.batch_size, device), device)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_batches(self, make_batches: Callable[[], Iterable]) -> PadimDetector:
+        """Fit on features that come a batch at a time, holding one batch in memory.
+
+        The model equals :meth:`fit` on all the batches' features at once (to float32
+        rounding), thresholds included: ``make_batches`` is called twice, once to
+        accumulate the statistics and once to score the training images for the
+        thresholds, and must give the same features both times. Memory holds the
+        fitted arrays (see ``max_memory``) and one batch. :func:`sk_padim.fit_streaming`
+        fits a pipeline this way on image files. If the fit fails, the detector is
+        unchanged.
+
+        Parameters
+        ----------
+        make_batches : callable
+            Called with no argument, returns an iterable of feature arrays or tensors
+            ``(n_i, d, h, w)`` of normal images, all of one ``(d, h, w)``.
+
+        Returns
+        -------
+        self : PadimDetector
+            The fitted detector.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sk_padim import PadimDetector
+        >>> X = np.random.default_rng(0).normal(size=(20, 5, 4, 4)).astype(np.float32)
+        >>> streamed = PadimDetector().fit_batches(lambda: np.split(X, 4))
+        >>> bool(np.isclose(streamed.threshold_, PadimDetector().fit(X).threshold_))
+        True
+        """
+        self._check_map_size()
+        device = resolve_device(self.device)
+        shape = []  # the first batch's (d, h, w), which every batch must have
+
+        def batches():
+            for features in make_batches():
+                features = check_features(features)
+                if not shape:
+                    shape.append(tuple(features.shape[1:]))
+                check_feature_shape_matches(features, shape[0])
+                yield from feature_batches(features, self.batch_size, device)
+
+        return self._fit_passes(batches, device)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -266,7 +296,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                     "images at once (fit writes what does not fit to store), or raise max_memory."
                 )
             previous = PatchStatistics.empty(n_positions, d, device)
-        stats = self._accumulate(features, previous, device)
+        for batch in feature_batches(features, self.batch_size, device):
+            self._accumulate(batch, previous)
+        stats = previous.check_finite()
         self._set_fitted(features.shape[1:], stats.count, stats, thresholds=(self.threshold, None))
         return self
 
@@ -499,46 +531,83 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             )
         return self.statistics_
 
-    def _fit_gaussians(self, features, layout: str, store, device):
-        """The statistics of ``features`` and their Gaussians, laid out as ``layout``."""
-        n_positions, d = self._n_positions(features.shape[1:]), features.shape[1]
-        width = d * (d + 1) // 2
+    def _fit_passes(self, batches: Callable[[], Iterator[torch.Tensor]], device) -> PadimDetector:
+        """Fit on ``batches()``, feature batches on ``device``: one pass accumulates the
+        statistics, a second scores the training images for the thresholds."""
+        shape, stream = _first_shape(batches())
+        n_positions, d = self._n_positions(shape), shape[0]
+        layout = self._layout(n_positions, d)
+        store = StoreFolder(self.store) if layout.startswith("store") else None
+        # Everything is computed before any attribute changes, so that an error or an
+        # interrupt leaves the detector as it was (and deletes what it wrote to a store).
+        try:
+            stats, n_images = self._fit_statistics(stream, shape, store, device)
+            gaussians = self._fit_gaussians(stats, layout, store)
+            count = stats.count
+            if layout == "in_place":
+                stats = None  # its scatter holds the factors now; free its mean
+            thresholds = self._fit_thresholds(count, gaussians, batches, shape, n_images, device)
+            if store is not None:
+                store.complete()
+        except BaseException:
+            if store is not None:
+                store.discard()
+            raise
+        self._set_fitted(shape, count, stats, gaussians, thresholds)
+        return self
+
+    def _fit_statistics(self, batches, shape, store, device) -> tuple[PatchStatistics, int]:
+        """The statistics of the feature ``batches`` (scatter in ``store`` if given) and
+        the number of images."""
+        n_positions, d = self._n_positions(shape), shape[0]
         scatter = None
         if store is not None:
-            scatter = store.create("scatter", (n_positions, width), torch.float32)
+            scatter = store.create("scatter", (n_positions, d * (d + 1) // 2), torch.float32)
         stats = PatchStatistics.empty(n_positions, d, device, scatter=scatter)
-        stats = self._accumulate(features, stats, device)
+        n_images = 0
+        for batch in batches:
+            n_images += len(batch)
+            self._accumulate(batch, stats)
+        return stats.check_finite(), n_images
+
+    def _fit_gaussians(self, stats: PatchStatistics, layout: str, store) -> PatchGaussians:
+        """The Gaussians of ``stats``, laid out as ``layout``."""
         factor_out = None  # a new tensor
         if layout == "in_place":
             factor_out = stats.scatter
         elif layout == "store_all":
-            factor_out = store.create("factor", (n_positions, width), torch.float32)
-        return stats, stats.gaussians(self.reg, self.covariance_dtype, factor_out)
+            factor_out = store.create("factor", tuple(stats.scatter.shape), torch.float32)
+        return stats.gaussians(self.reg, self.covariance_dtype, factor_out)
 
-    def _fit_thresholds(self, count: int, gaussians, features, device) -> tuple:
+    def _fit_thresholds(self, count: int, gaussians, batches, shape, n_images: int, device):
         """The thresholds from the training images' leave-one-out maps (their own scores
         under the model fitted on all ``count`` samples are far lower than a new normal
-        image's)."""
+        image's); ``batches()`` gives the training features again."""
         if count < 2:
             message = "Fitting on one image: covariances are reg * I, and the thresholds "
             message += "need two images or more. Fit on more images of good parts."
-            warnings.warn(message, UserWarning, stacklevel=4)  # past sklearn's _fit_context
+            warnings.warn(message, UserWarning, stacklevel=5)  # past sklearn's _fit_context
             return self.threshold, None
-        scoring = self._scoring_gaussians(gaussians, features.shape[1:])
-        grids = (
-            held_out_distances(scoring(batch), count)
-            for batch in feature_batches(features, self.batch_size, device)
-        )
-        return self._thresholds_of(grids, features.shape[1:], len(features), device)
+        scoring = self._scoring_gaussians(gaussians, shape)
 
-    def _accumulate(
-        self, features: torch.Tensor, stats: PatchStatistics, device
-    ) -> PatchStatistics:
-        """``stats`` with every batch of features (or of their tiles) added."""
-        tiles = self._tiles(features.shape[1:])
-        for batch in feature_batches(features, self.batch_size, device):
-            stats.update(batch if tiles is None else tiles.samples(batch))
-        return stats.check_finite()
+        def grids():
+            scored = 0
+            for batch in batches():
+                scored += len(batch)
+                yield held_out_distances(scoring(batch), count)
+            if scored != n_images:
+                raise ValueError(
+                    f"The feature batches held {n_images} images when the statistics were "
+                    f"accumulated and {scored} when they were scored; make_batches must give "
+                    "the same features each time it is called."
+                )
+
+        return self._thresholds_of(grids(), shape, n_images, device)
+
+    def _accumulate(self, batch: torch.Tensor, stats: PatchStatistics) -> None:
+        """Add a batch of features (or of their tiles, in texture mode) to ``stats``."""
+        tiles = self._tiles(batch.shape[1:])
+        stats.update(batch if tiles is None else tiles.samples(batch))
 
     def _tiles(self, shape) -> FeatureTiles | None:
         """The texture tiling of ``(d, h, w)`` features, or None (one Gaussian per cell)."""
@@ -666,3 +735,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         return tags
+
+
+def _first_shape(batches: Iterator[torch.Tensor]) -> tuple[tuple[int, ...], Iterator[torch.Tensor]]:
+    """The ``(d, h, w)`` of the first of feature ``batches``, and all the batches."""
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("There are no features to fit on: give features of one image or more.")
+    return tuple(first.shape[1:]), itertools.chain([first], batches)

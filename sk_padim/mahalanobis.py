@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -184,36 +186,44 @@ class PatchGaussians(nn.Module):
         each on the CPU (:func:`~sk_padim.devices.run_chunks`)."""
         distances = flat.new_empty(flat.shape[2], flat.shape[0])
         parts = position_parts(flat.shape[2], chunk, flat.device)
+        make_first_sparse_tensor_quietly(flat.device)
         run_chunks(lambda rows: self._whiten(flat, rows, chunk, distances), parts, flat.device)
         return distances
 
     def _whiten(self, flat: torch.Tensor, rows: slice, chunk: int, distances: torch.Tensor):
         """Write the distances of the positions ``rows`` into ``distances[rows]``, a chunk
-        at a time in reused buffers: centre, unpack the factors, whiten.
+        at a time: centre the vectors, whiten them, take their norms.
 
-        Packed row ``j`` holds row ``j`` of ``U^T`` up to its diagonal, so each chunk is
-        unpacked into ``U^T`` by ``d`` slice copies (twice as fast as a gather or
-        ``index_copy_``); the entries above the diagonal are never written, so they stay
-        zero from one chunk to the next, and ``U`` is a transposed view for the matmul.
+        A chunk's packed factors, as they lie in memory, are the values of a
+        block-diagonal sparse matrix in CSR form whose blocks are the factors ``U^T``
+        (packed row ``j`` holds row ``j`` of ``U^T`` up to its diagonal), and the CSR
+        indices are the same for every chunk. So one sparse-dense matmul whitens the
+        chunk's vectors of every image with no unpacking: on 2 CPU threads at 2048 px,
+        2.6x faster with 8 images per call and 3.8x with one than unpacking each chunk
+        into ``(d, d)`` matrices for a batched matmul (``d`` slice copies per chunk,
+        whose per-call overhead dominated).
         """
-        n_features = self.n_features
-        buffers = None
-        chunks = centred_position_chunks(
-            flat[:, :, rows], self.mean_high[rows], chunk, center_low=self.mean_low[rows]
-        )
-        for local, centred in chunks:
-            positions = slice(rows.start + local.start, rows.start + local.stop)
-            count = len(centred)
-            if buffers is None:
-                factor_t = flat.new_zeros(count, n_features, n_features)
-                buffers = factor_t, torch.empty_like(centred)
-            factor_t, whitened = buffers
-            packed = self.packed_factor[positions].to(flat.device)
-            for row in range(n_features):
-                start = row * (row + 1) // 2
-                factor_t[:count, row, : row + 1] = packed[:, start : start + row + 1]
-            torch.bmm(centred, factor_t[:count].mT, out=whitened[:count])
-            torch.linalg.vector_norm(whitened[:count], dim=-1, out=distances[positions])
+        n_images, n_features = flat.shape[:2]
+        size = min(chunk, rows.stop - rows.start)
+        crow, col = block_lower_pattern(n_features, size, flat.device)
+        width = n_features * (n_features + 1) // 2
+        staged = flat.new_empty(size, n_features, n_images)  # position, feature, image
+        for start in range(rows.start, rows.stop, size):
+            positions = slice(start, min(start + size, rows.stop))
+            count = positions.stop - start
+            centred = staged[:count]
+            centred.copy_(flat[:, :, positions].permute(2, 1, 0))
+            centred.sub_(self.mean_high[positions, :, None]).sub_(self.mean_low[positions, :, None])
+            values = self.packed_factor[positions].to(flat.device).reshape(-1)
+            factors = torch.sparse_csr_tensor(
+                crow[: count * n_features + 1],
+                col[: count * width],
+                values,
+                (count * n_features, count * n_features),
+                check_invariants=False,
+            )
+            whitened = (factors @ centred.view(count * n_features, n_images)).view(centred.shape)
+            torch.linalg.vector_norm(whitened, dim=1, out=distances[positions])
 
 
 def position_parts(n_positions: int, chunk: int, device: torch.device) -> list[slice]:
@@ -224,6 +234,50 @@ def position_parts(n_positions: int, chunk: int, device: torch.device) -> list[s
         n_parts = max(1, min(torch.get_num_threads(), n_positions // chunk))
     bounds = [n_positions * part // n_parts for part in range(n_parts + 1)]
     return [slice(low, high) for low, high in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def block_lower_pattern(
+    n_features: int, n_blocks: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR indices of ``n_blocks`` packed lower-triangular ``(d, d)`` diagonal blocks.
+
+    Returns ``(crow_indices, col_indices)`` of the ``(n_blocks d, n_blocks d)`` matrix whose
+    values are the blocks' packed rows one after another (``pack_lower`` order): row ``j``
+    of block ``b`` holds columns ``b d .. b d + j``. int32 where the values' count allows.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_padim.mahalanobis import block_lower_pattern
+    >>> crow, col = block_lower_pattern(2, 2, torch.device("cpu"))
+    >>> crow.tolist(), col.tolist()
+    ([0, 1, 3, 4, 6], [0, 0, 1, 2, 2, 3])
+    """
+    width = n_features * (n_features + 1) // 2
+    dtype = torch.int32 if n_blocks * width < 2**31 else torch.int64
+    blocks = torch.arange(n_blocks, device=device)
+    rows = torch.arange(n_features, device=device)
+    starts = (blocks[:, None] * width + rows * (rows + 1) // 2).flatten()
+    crow = torch.cat([starts, starts.new_tensor([n_blocks * width])])
+    _, cols = torch.tril_indices(n_features, n_features, device=device)
+    col = (blocks[:, None] * n_features + cols).flatten()
+    return crow.to(dtype), col.to(dtype)
+
+
+def make_first_sparse_tensor_quietly(device: torch.device) -> None:
+    """Make a CSR tensor in the calling thread with torch's "beta" notice filtered out.
+
+    torch warns, once per process, when its first CSR tensor is made that CSR support is
+    "in beta": a notice about torch's API, not about this computation. Making that first
+    tensor here, under a filter scoped to this call (as scikit-learn scopes its own
+    ``catch_warnings``), keeps the notice from the user without changing their filters,
+    and before the worker threads of :func:`~sk_padim.devices.run_chunks` make theirs.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        index = torch.zeros(2, dtype=torch.int32, device=device)
+        values = torch.zeros(0, device=device)
+        torch.sparse_csr_tensor(index, index[:0], values, (1, 1), check_invariants=False)
 
 
 def _unpack_index(n_features: int, device) -> torch.Tensor:

@@ -4,7 +4,7 @@ A plain ``Pipeline.fit`` hands the detector every image's features at once, by
 scikit-learn's design: ``n * d * h * w * 4`` bytes (1.25 MB per image for ResNet-18,
 d=100 at 224 px; 6.9 MB for Wide-ResNet-50-2, d=550). :func:`fit_streaming` instead
 transforms a chunk of images at a time and folds each chunk into the detector's running
-statistics (:meth:`PadimDetector.partial_fit`), so memory stays flat whatever the number
+statistics (:meth:`PadimDetector.fit_batches`), so memory stays flat whatever the number
 of images.
 
 Scoring has the same shape: ``score_samples`` returns every image's map at once
@@ -27,17 +27,23 @@ from tqdm.auto import tqdm
 
 from sk_padim.images import check_images
 from sk_padim.pipelines import padim_steps
+from sk_padim.tiling import images_per_pass
 
 
-def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = False):
-    """Fit a ``[PatchFeatureTransformer, PadimDetector]`` pipeline chunk by chunk.
+def fit_streaming(
+    pipeline: Pipeline, X, chunk_size: int | None = None, verbose: bool = False
+) -> Pipeline:
+    """Fit a ``[PatchFeatureTransformer, PadimDetector]`` pipeline a chunk of images at a time.
 
-    The result equals ``pipeline.fit(X)`` (to float32 rounding) except for
-    ``threshold_``: the training images are not scored a second time, so the detector
-    sets ``threshold_`` only from an explicit ``threshold`` parameter (as
-    :meth:`PadimDetector.partial_fit` does). The pipeline's two steps are replaced by
-    fitted copies once every chunk is in, so if the fit fails or is interrupted, the
-    pipeline keeps its previous steps.
+    The result equals ``pipeline.fit(X)`` (to float32 rounding), thresholds included,
+    but memory holds one chunk's features instead of every image's: the detector fits
+    with :meth:`PadimDetector.fit_batches`, which transforms the images twice, once to
+    accumulate the statistics and once to score the training images for the thresholds
+    (so the backbone runs twice per image). This is the route for high-resolution
+    images, where a Pipeline's ``fit`` holds ``4 d h w`` bytes per image (105 MB at
+    2048 x 2048, ``d=100``). The pipeline's two steps are replaced by fitted copies
+    once the fit is done, so if it fails or is interrupted, the pipeline keeps its
+    previous steps.
 
     Parameters
     ----------
@@ -46,8 +52,10 @@ def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = 
     X : array-like or list
         Images of normal parts: an array, or a list of file paths, PIL images or arrays.
         A list of paths is the way to fit on more images than fit in memory.
-    chunk_size : int, default=256
+    chunk_size : int or None, default=None
         Images transformed at a time; memory grows with it, not with ``len(X)``.
+        ``None``: the images of one backbone pass (``sk_padim.tiling.images_per_pass``:
+        32 images of 224 x 224, one of 1024 x 1024 or more).
     verbose : bool, default=False
         Show a progress bar over chunks.
 
@@ -70,16 +78,21 @@ def fit_streaming(pipeline: Pipeline, X, chunk_size: int = 256, verbose: bool = 
     6
     """
     (feat_name, feat), (detector_name, detector) = padim_steps(pipeline, "fit_streaming")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
     images = check_images(X)
     # Fit copies and put them in the pipeline only at the end: a failure (an unreadable
     # image in a late chunk, an interrupt) leaves the pipeline as it was.
     new_feat = clone(feat).fit(images)
-    new_detector = clone(detector)
+    if chunk_size is None:
+        chunk_size = images_per_pass(new_feat.image_size_, new_feat.batch_size)
     starts = range(0, len(images), chunk_size)
-    for start in tqdm(starts, disable=not verbose, unit="chunk", desc="fit"):
-        new_detector.partial_fit(new_feat.transform(images[start : start + chunk_size]))
+
+    def chunks():
+        for start in tqdm(starts, disable=not verbose, unit="chunk", desc="fit"):
+            yield new_feat.transform(images[start : start + chunk_size])
+
+    new_detector = clone(detector).fit_batches(chunks)
     pipeline.steps[0] = (feat_name, new_feat)
     pipeline.steps[1] = (detector_name, new_detector)
     return pipeline

@@ -681,7 +681,7 @@ def test_pipeline_fitted_on_one_image_scores_finitely(rgb):
 def test_fit_streaming_bad_chunk_size_is_a_clear_error(rgb):
     raises_clearly(
         ValueError,
-        "chunk_size must be a positive int; got 0",
+        "chunk_size must be a positive int or None; got 0",
         "positive int",
         lambda: fit_streaming(small_pipeline(), rgb[None], chunk_size=0),
     )

@@ -1,6 +1,8 @@
 """The core's kernels and statistics against straightforward NumPy computations."""
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,3 +175,18 @@ def test_factorisation_threads_each_run_lapack_on_one_thread(monkeypatch):
             torch.set_num_threads(before)
     assert seen == [1] * 5
     torch.testing.assert_close(unpack_upper(factor), torch.eye(3).expand(10, 3, 3) / np.sqrt(2))
+
+
+def test_scoring_shows_no_torch_notice_even_when_warnings_are_errors():
+    # torch's one-time "CSR support is in beta" notice comes from the first sparse tensor
+    # of a process: a fresh interpreter, with every warning an error, scores cleanly and
+    # leaves the user's filters as they were.
+    code = (
+        "import warnings, numpy as np\n"
+        "from sk_padim import PadimDetector\n"
+        "X = np.random.default_rng(0).normal(size=(6, 5, 4, 4)).astype(np.float32)\n"
+        "filters = list(warnings.filters)\n"
+        "PadimDetector().fit(X).score_samples(X)\n"
+        "assert warnings.filters == filters\n"
+    )
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)

@@ -162,3 +162,34 @@ def test_a_truncated_row_file_is_named(tmp_path):
         file.truncate(size - 16)
     with pytest.raises(OSError, match="truncated file"):
         RowFile(tmp_path / "rows.npy")[0:10]
+
+
+@pytest.mark.parametrize("max_memory", [BOTH, ONE, NONE], ids=["memory", "one", "store"])
+def test_fit_batches_equals_fit_in_every_layout(features, reference, tmp_path, max_memory):
+    # Batches of features made twice (accumulation, thresholds), as fit_streaming makes
+    # them from image files: the model of one fit on all the features, thresholds included.
+    train, test = features
+    calls = []
+
+    def make_batches():
+        calls.append(len(calls))
+        return (train[start : start + 4] for start in range(0, len(train), 4))
+
+    store = tmp_path / "store" if max_memory == NONE else None
+    detector = PadimDetector(sigma=1.0, max_memory=max_memory, store=store)
+    detector.fit_batches(make_batches)
+    assert calls == [0, 1] and detector.n_samples_seen_ == len(train)
+    assert_scores_like(detector, reference, test)
+
+
+def test_fit_batches_that_change_between_passes_are_a_clear_error(features):
+    train = features[0]
+    passes = iter([np.split(train, 3), np.split(train[:10], 2)])
+    detector = PadimDetector()
+    with pytest.raises(ValueError, match="held 15 images when .* accumulated and 10 when"):
+        detector.fit_batches(lambda: next(passes))
+    assert not hasattr(detector, "n_samples_seen_")  # unchanged
+    with pytest.raises(ValueError, match="no features to fit on"):
+        detector.fit_batches(lambda: [])
+    with pytest.raises(ValueError, match="shape"):
+        detector.fit_batches(lambda: [train[:3], train[3:, :, :4]])

@@ -92,13 +92,32 @@ def test_fit_streaming_equals_pipeline_fit(data, resnet18_weights):
     train, test, _, _ = data
     full = make_pipeline(resnet18_weights).fit(train)
     streamed = fit_streaming(make_pipeline(resnet18_weights), list(train), chunk_size=7)
-    detector = streamed.named_steps["padim"]
-    assert detector.n_samples_seen_ == len(train) and not hasattr(detector, "threshold_")
+    detector, expected = streamed.named_steps["padim"], full.named_steps["padim"]
+    assert detector.n_samples_seen_ == len(train)
     # Chunks change the batch sizes, and with them CUDA's TF32 convolution algorithms.
     tolerance = 5e-3 if torch.cuda.is_available() else 1e-4
     np.testing.assert_allclose(
         streamed.score_samples(test), full.score_samples(test), rtol=tolerance, atol=tolerance
     )
+    # The thresholds too: the training images are transformed again and scored.
+    assert detector.threshold_ == pytest.approx(expected.threshold_, rel=tolerance)
+    assert detector.pixel_threshold_ == pytest.approx(expected.pixel_threshold_, rel=tolerance)
+
+
+def test_fit_streaming_chunks_default_to_one_backbone_pass(data, resnet18_weights, monkeypatch):
+    train = data[0]
+    chunks = []
+    transform = PatchFeatureTransformer.transform
+    monkeypatch.setattr(
+        PatchFeatureTransformer,
+        "transform",
+        lambda self, X: chunks.append(len(X)) or transform(self, X),
+    )
+    pipe = make_pipeline(resnet18_weights).set_params(feat__batch_size=5)
+    fit_streaming(pipe, list(train))
+    # Two passes (statistics, thresholds) over chunks of the transformer's batch.
+    n_chunks = -(-len(train) // 5)
+    assert chunks == 2 * ([5] * (n_chunks - 1) + [len(train) - 5 * (n_chunks - 1)])
 
 
 def test_fit_streaming_needs_feature_and_detector_steps():

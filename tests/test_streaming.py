@@ -103,7 +103,8 @@ def test_iter_scores_bad_arguments_are_clear_errors(fitted):
 
 
 class LargestTensor(TorchFunctionMode):
-    """Records the number of elements of the largest tensor any torch call makes."""
+    """Records the number of elements of the largest tensor any torch call makes (dense
+    ones: a sparse tensor's ``numel`` counts its zeros, which it does not store)."""
 
     def __init__(self):
         super().__init__()
@@ -112,7 +113,7 @@ class LargestTensor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for item in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(item, torch.Tensor):
+            if isinstance(item, torch.Tensor) and item.layout == torch.strided:
                 self.largest = max(self.largest, item.numel())
         return out
 
