@@ -207,10 +207,11 @@ def child_sk_padim(spec: dict) -> dict:
         **spec["transformer_kwargs"],
     )
     pipe = Pipeline([("feat", feat), ("padim", PadimDetector(**spec["detector_kwargs"]))])
-    if spec["fit_chunk"]:  # a chunk of images' features at a time; no thresholds
+    if spec["fit_chunk"]:  # a chunk of images' features at a time ("auto": the default)
         from sk_padim import fit_streaming
 
-        fit_s = seconds_of(lambda: fit_streaming(pipe, spec["train"], spec["fit_chunk"]))
+        chunk = None if spec["fit_chunk"] == "auto" else int(spec["fit_chunk"])
+        fit_s = seconds_of(lambda: fit_streaming(pipe, spec["train"], chunk))
     else:
         fit_s = seconds_of(lambda: pipe.fit(spec["train"]))
     score_s, scores = score_to_file(pipe.score_samples, spec)
@@ -513,8 +514,8 @@ def main(argv=None) -> None:
     parser.add_argument("--score-batch", type=int, default=1, help="test images per call")
     parser.add_argument(
         "--fit-chunk",
-        type=int,
-        help="sk-padim fits with fit_streaming, this many images' features at a time",
+        help="sk-padim fits with fit_streaming, this many images' features at a time "
+        "('auto': its default, one backbone pass)",
     )
     parser.add_argument("--detector-kwargs", type=json.loads, default={})
     parser.add_argument("--transformer-kwargs", type=json.loads, default={})

@@ -256,6 +256,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                     shape.append(tuple(features.shape[1:]))
                 check_feature_shape_matches(features, shape[0])
                 yield from feature_batches(features, self.batch_size, device)
+                del features  # not held while make_batches makes the next batch
 
         return self._fit_passes(batches, device)
 
@@ -568,6 +569,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         for batch in batches:
             n_images += len(batch)
             self._accumulate(batch, stats)
+            del batch  # not held while the next batch is made (streamed fits)
         return stats.check_finite(), n_images
 
     def _fit_gaussians(self, stats: PatchStatistics, layout: str, store) -> PatchGaussians:
@@ -594,7 +596,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             scored = 0
             for batch in batches():
                 scored += len(batch)
-                yield held_out_distances(scoring(batch), count)
+                distances = held_out_distances(scoring(batch), count)
+                del batch  # not held while the next batch is made (streamed fits)
+                yield distances
             if scored != n_images:
                 raise ValueError(
                     f"The feature batches held {n_images} images when the statistics were "

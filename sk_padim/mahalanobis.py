@@ -30,9 +30,10 @@ class PatchGaussians(nn.Module):
 
     The whitening factors are kept packed (their ``d (d + 1) / 2`` nonzero values per
     position, half the memory of whole matrices), in memory or in a file
-    (:class:`~sk_padim.store.RowFile`, for models larger than memory), and unpacked a
-    cache-sized chunk of positions at a time while scoring. An ONNX export traces the
-    whole-grid form instead (one ``Gather`` unpacks every factor).
+    (:class:`~sk_padim.store.RowFile`, for models larger than memory), and scored as
+    they are, a cache-sized chunk of positions at a time (a block-diagonal sparse
+    matmul, see :meth:`_whiten`). An ONNX export traces the whole-grid form instead
+    (one ``Gather`` unpacks every factor).
 
     Parameters
     ----------
