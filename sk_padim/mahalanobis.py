@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -187,7 +188,7 @@ class PatchGaussians(nn.Module):
         each on the CPU (:func:`~sk_padim.devices.run_chunks`)."""
         distances = flat.new_empty(flat.shape[2], flat.shape[0])
         parts = position_parts(flat.shape[2], chunk, flat.device)
-        make_first_sparse_tensor_quietly(flat.device)
+        make_first_sparse_tensor_quietly()
         run_chunks(lambda rows: self._whiten(flat, rows, chunk, distances), parts, flat.device)
         return distances
 
@@ -265,20 +266,21 @@ def block_lower_pattern(
     return crow.to(dtype), col.to(dtype)
 
 
-def make_first_sparse_tensor_quietly(device: torch.device) -> None:
-    """Make a CSR tensor in the calling thread with torch's "beta" notice filtered out.
+@functools.cache
+def make_first_sparse_tensor_quietly() -> None:
+    """Make the process's first CSR tensor with torch's "beta" notice filtered out.
 
-    torch warns, once per process, when its first CSR tensor is made that CSR support is
-    "in beta": a notice about torch's API, not about this computation. Making that first
-    tensor here, under a filter scoped to this call (as scikit-learn scopes its own
-    ``catch_warnings``), keeps the notice from the user without changing their filters,
-    and before the worker threads of :func:`~sk_padim.devices.run_chunks` make theirs.
+    torch warns when the first CSR tensor of a process is made (on any device) that CSR
+    support is "in beta": a notice about torch's API, not about this computation, and
+    only the first tensor triggers it. Making that tensor here once, under a filter
+    scoped to this call (as scikit-learn scopes its own ``catch_warnings``), keeps the
+    notice from the user without changing their filters; cached, so that scoring threads
+    do not enter ``catch_warnings`` (process-wide, not thread-safe) call after call.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        index = torch.zeros(2, dtype=torch.int32, device=device)
-        values = torch.zeros(0, device=device)
-        torch.sparse_csr_tensor(index, index[:0], values, (1, 1), check_invariants=False)
+        index = torch.zeros(2, dtype=torch.int32)
+        torch.sparse_csr_tensor(index, index[:0], torch.zeros(0), (1, 1), check_invariants=False)
 
 
 def _unpack_index(n_features: int, device) -> torch.Tensor:
