@@ -267,7 +267,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         Any split of the training images into calls gives the model of one :meth:`fit`
         (to float32 rounding), except the thresholds, set only from ``threshold``. The
         covariances are factorised at the next scoring. If the call fails, the model is
-        unchanged. :func:`sk_padim.fit_streaming` fits chunk by chunk with it.
+        unchanged. To fit chunk by chunk with the thresholds of :meth:`fit`, use
+        :meth:`fit_batches` (or :func:`sk_padim.fit_streaming` on image files).
 
         Parameters
         ----------
