@@ -201,9 +201,9 @@ class PatchGaussians(nn.Module):
         (packed row ``j`` holds row ``j`` of ``U^T`` up to its diagonal), and the CSR
         indices are the same for every chunk. So one sparse-dense matmul whitens the
         chunk's vectors of every image with no unpacking: on 2 CPU threads at 2048 px,
-        2.6x faster with 8 images per call and 3.8x with one than unpacking each chunk
+        2.1x faster with 8 images per call and 4.1x with one than unpacking each chunk
         into ``(d, d)`` matrices for a batched matmul (``d`` slice copies per chunk,
-        whose per-call overhead dominated).
+        whose per-call overhead dominated; ``benchmarks/distance_kernel.py``).
         """
         n_images, n_features = flat.shape[:2]
         size = min(chunk, rows.stop - rows.start)
@@ -300,13 +300,11 @@ def centred_position_chunks(
     center: torch.Tensor,
     chunk_positions: int,
     extra_rows: int = 0,
-    center_low: torch.Tensor | None = None,
 ):
     """Yield ``(positions, rows)``: vectors of ``flat`` minus ``center``, position-major.
 
-    ``flat`` is ``(B, d, P)`` float32, ``center`` is ``(P, d)`` float32, and
-    ``center_low`` (optional, ``(P, d)`` float32) the low part of a float64 center
-    ``center + center_low``. For each slice ``positions`` of at most ``chunk_positions``
+    ``flat`` is ``(B, d, P)`` float32 and ``center`` is ``(P, d)`` float32 (the
+    statistics' update uses it). For each slice ``positions`` of at most ``chunk_positions``
     positions, ``rows`` is a contiguous ``(len, B + extra_rows, d)`` float32 buffer whose
     first ``B`` rows per position hold ``flat[b, :, p] - center[p]``; the extra rows are
     left for the caller to fill. Buffers are reused from one chunk to the next, so
@@ -315,7 +313,7 @@ def centred_position_chunks(
     Batched matmuls over positions need contiguous position-major operands (on a permuted
     view they are many times slower). Building them a cache-sized chunk at a time, with
     per-image transposes (fast) rather than one ``(B, d, P) -> (P, B, d)`` permutation
-    (strided), made the distance kernel 2.5x faster on the CPU.
+    (strided), made the distance kernel of the time 2.5x faster on the CPU.
     """
     n_images, n_features, n_positions = flat.shape
     size = min(chunk_positions, n_positions)
@@ -327,6 +325,4 @@ def centred_position_chunks(
         staged[:, :count].copy_(flat[:, :, positions].transpose(1, 2))
         centred = rows[:count, :n_images]
         torch.sub(staged[:, :count].transpose(0, 1), center[positions][:, None, :], out=centred)
-        if center_low is not None:
-            centred.sub_(center_low[positions][:, None, :])
         yield positions, rows[:count]
