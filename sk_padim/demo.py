@@ -31,6 +31,8 @@ def run_demo(
     random_state: int = 0,
     device: str = "auto",
     progress: bool = False,
+    precision: str = "float32",
+    runtime: str = "eager",
 ) -> list[CategoryResult]:
     """Fit and evaluate PaDiM on the built-in defect textures; the ``sk-padim demo`` command.
 
@@ -59,6 +61,8 @@ def run_demo(
         Where the model runs.
     progress : bool, default=False
         Show progress bars.
+    precision, runtime : str, default="float32", "eager"
+        How the backbone runs (see :class:`~sk_padim.PatchFeatureTransformer`).
 
     Returns
     -------
@@ -83,6 +87,8 @@ def run_demo(
             random_state=random_state,
             device=device,
             verbose=progress,
+            precision=precision,
+            runtime=runtime,
         ),
         list(dataset),
         lambda name: Category.from_textures(name, dataset[name]),
