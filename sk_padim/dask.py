@@ -280,7 +280,9 @@ def _submit_fit(client, feat, detector, paths, parts, workers, threads, retries,
     ]
     _, h, w = feat.feature_shape_
     range_owners = list(dict.fromkeys(owners))[: h * w]
-    template = clone(detector).set_params(covariance_dtype="float32", threshold=1.0)
+    template = clone(detector).set_params(
+        covariance_dtype="float32", threshold=1.0, false_alarm_rate=None
+    )
     statistics, distances = [], []
     for k, (rows, range_owner) in enumerate(
         zip(position_ranges(h * w, len(range_owners)), range_owners, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +17,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sk_padim._checks import normal_rows
+from sk_padim.conformal import (
+    SuspectTrainingImagesWarning,
+    conformal_rank,
+    conformal_threshold,
+    implied_false_alarm_rate,
+    suspect_indices,
+)
 from sk_padim.devices import PerDeviceCache, resolve_device
 from sk_padim.feature_checks import (
     check_feature_shape_matches,
@@ -25,7 +33,7 @@ from sk_padim.feature_checks import (
 from sk_padim.images import size_pair
 from sk_padim.mahalanobis import PatchGaussians
 from sk_padim.model import PatchScorer
-from sk_padim.postprocess import AnomalyMapGenerator, image_and_pixel_thresholds
+from sk_padim.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
 from sk_padim.statistics import PatchStatistics, held_out_distances
 from sk_padim.store import StoreFolder
 from sk_padim.texture import FeatureTiles, TiledGaussians
@@ -61,12 +69,22 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         for the default layers of every registered backbone, of stride 4).
     threshold : float or None, default=None
         Image score from which (``>=``) :meth:`predict` says anomalous. ``None``:
-        :meth:`fit` sets ``threshold_`` to the highest score of a training image under
-        the model fitted without it (leave-one-out, exact rank-one downdates: one
-        scoring pass, see :func:`sk_padim.statistics.held_out_distances`), so that
-        normal images like the training ones are rarely flagged. :meth:`partial_fit`
-        and :meth:`merge` set it only from an explicit ``threshold``. To tune it on
-        labelled data, use :class:`sk_padim.F1ThresholdCalibrator`.
+        :meth:`fit` sets ``threshold_`` from the held-out scores of the training images
+        (``training_scores_``: each image's score under the model fitted without it,
+        by exact rank-one downdates in one scoring pass, see
+        :func:`sk_padim.statistics.held_out_distances`), by ``false_alarm_rate``.
+        :meth:`partial_fit` and :meth:`merge` set it only from an explicit
+        ``threshold``. To tune it on labelled data, use
+        :class:`sk_padim.F1ThresholdCalibrator`.
+    false_alarm_rate : float or None, default=None
+        The rate ``alpha``, in (0, 1), at which images of good parts like the training
+        ones may be flagged: ``threshold_`` is the ``ceil((n + 1)(1 - alpha))``-th
+        smallest of the ``n`` training scores, which a new good image reaches with
+        probability at most ``alpha`` (conformal prediction; see
+        :mod:`sk_padim.conformal`). It needs ``n >= 1 / alpha - 1`` training images (19
+        for 0.05), else :meth:`fit` raises. ``None``: the highest training score, which
+        implies the rate ``1 / (n + 1)`` (0.024 for 40 training images). Not with
+        ``threshold``.
     pixel_quantile : float, default=0.999
         :meth:`fit` sets ``pixel_threshold_``, the pixel score defect regions are cut
         at, to this quantile of the pixels of the same leave-one-out maps: on normal
@@ -125,9 +143,27 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     feature_shape_ : tuple of int
         ``(d, h, w)`` of the training features.
     threshold_ : float
-        See ``threshold``.
+        See ``threshold`` and ``false_alarm_rate``.
     pixel_threshold_ : float
         See ``pixel_quantile``.
+    training_scores_ : ndarray of shape (n,), float32
+        Held-out image scores of the training images, in their order: what the
+        thresholds, :func:`sk_padim.p_values` and :func:`sk_padim.drift_report` compare
+        new scores with. Set by :meth:`fit`, :meth:`fit_batches` and
+        :meth:`from_statistics` with ``held_out_distances`` (from two training images).
+    threshold_rule_ : dict
+        How ``threshold_`` was set: ``rule`` (``"false_alarm_rate"``,
+        ``"highest_training_score"`` or ``"given"``), ``false_alarm_rate`` (the rate
+        asked, or None), ``implied_false_alarm_rate`` (the rate the threshold promises on
+        good images, ``(1 + #{training scores > threshold_}) / (n + 1)``, or None without
+        training scores), ``n_training_images`` and ``pixel_quantile`` (None where the
+        pixel threshold was not set).
+    suspect_indices_ : ndarray of shape (n_suspects,), int
+        Training images whose held-out score is an outlier among the training scores
+        (:func:`sk_padim.conformal.suspect_indices`): perhaps defective parts among the
+        good ones. :meth:`fit` warns (:class:`~sk_padim.conformal.SuspectTrainingImagesWarning`)
+        when there are any; refit without them, e.g. ``fit(X, y)`` with ``y`` 1 at these
+        indices, which reuses the features.
 
     See Also
     --------
@@ -152,6 +188,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         "truncate": [Interval(Real, 0, None, closed="neither")],
         "map_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "threshold": [Real, None],
+        "false_alarm_rate": [Interval(Real, 0, 1, closed="neither"), None],
         "pixel_quantile": [Interval(Real, 0, 1, closed="both")],
         "covariance_dtype": [StrOptions({"float32", "float16"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -168,6 +205,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         truncate: float = 4.0,
         map_size: int | tuple[int, int] | None = None,
         threshold: float | None = None,
+        false_alarm_rate: float | None = None,
         pixel_quantile: float = 0.999,
         covariance_dtype: str = "float32",
         batch_size: int = 32,
@@ -181,6 +219,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self.truncate = truncate
         self.map_size = map_size
         self.threshold = threshold
+        self.false_alarm_rate = false_alarm_rate
         self.pixel_quantile = pixel_quantile
         self.covariance_dtype = covariance_dtype
         self.batch_size = batch_size
@@ -301,7 +340,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         for batch in feature_batches(features, self.batch_size, device):
             self._accumulate(batch, previous)
         stats = previous.check_finite()
-        self._set_fitted(features.shape[1:], stats.count, stats, thresholds=(self.threshold, None))
+        self._set_fitted(features.shape[1:], stats.count, stats, thresholds=self._given_threshold())
         return self
 
     def merge(self, other: PadimDetector) -> PadimDetector:
@@ -366,19 +405,21 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         detector = cls(**params)
         detector._validate_params()
         detector._check_map_size()
+        detector._check_threshold_rule()
         d, h, w = (int(size) for size in feature_shape)
         if (statistics.n_positions, statistics.n_features) != (detector._n_positions((d, h, w)), d):
             raise ValueError(
                 f"Statistics of {statistics.n_positions} positions and "
                 f"{statistics.n_features} features do not fit feature_shape={feature_shape}."
             )
-        thresholds = (detector.threshold, None)
+        thresholds = detector._given_threshold()
         if held_out_distances is not None:
             device = resolve_device(detector.device)
             tiles = detector._tiles((d, h, w))
             n_images = statistics.count // (1 if tiles is None else tiles.n_tiles)
             thresholds = detector._thresholds_of(held_out_distances, (d, h, w), n_images, device)
         detector._set_fitted((d, h, w), statistics.count, statistics, thresholds=thresholds)
+        detector._warn_of_suspects(stacklevel=3)
         return detector
 
     def score_samples(self, X) -> np.ndarray | torch.Tensor:
@@ -470,7 +511,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             ``"mean"`` and ``"packed_factor"`` (float16 models, and models that keep
             their Gaussians only, see ``max_memory``).
         record : dict
-            Counts, shapes and thresholds.
+            Counts, shapes, thresholds, how they were set and the training scores.
         """
         check_is_fitted(self)
         record = {
@@ -480,6 +521,11 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         for name in ("threshold_", "pixel_threshold_"):
             if hasattr(self, name):
                 record[name] = float(getattr(self, name))
+        for name in ("training_scores_", "suspect_indices_"):
+            if hasattr(self, name):
+                record[name] = getattr(self, name).tolist()
+        if hasattr(self, "threshold_rule_"):
+            record["threshold_rule_"] = dict(self.threshold_rule_)
         if self.covariance_dtype == "float32" and self.statistics_ is not None:
             return self.statistics_.arrays(), record
         return self._gaussians(resolve_device(self.device)).arrays(), record
@@ -520,6 +566,12 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         for name in ("threshold_", "pixel_threshold_"):
             if name in record:
                 setattr(detector, name, float(record[name]))
+        if "training_scores_" in record:
+            detector.training_scores_ = np.asarray(record["training_scores_"], np.float32)
+        if "suspect_indices_" in record:
+            detector.suspect_indices_ = np.asarray(record["suspect_indices_"], np.intp)
+        if "threshold_rule_" in record:
+            detector.threshold_rule_ = dict(record["threshold_rule_"])
         return detector
 
     def _trainable_statistics(self, action: str) -> PatchStatistics:
@@ -536,6 +588,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     def _fit_passes(self, batches: Callable[[], Iterator[torch.Tensor]], device) -> PadimDetector:
         """Fit on ``batches()``, feature batches on ``device``: one pass accumulates the
         statistics, a second scores the training images for the thresholds."""
+        self._check_threshold_rule()
         shape, stream = _first_shape(batches())
         n_positions, d = self._n_positions(shape), shape[0]
         layout = self._layout(n_positions, d)
@@ -556,7 +609,35 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 store.discard()
             raise
         self._set_fitted(shape, count, stats, gaussians, thresholds)
+        self._warn_of_suspects(stacklevel=5)  # past fit and scikit-learn's _fit_context
         return self
+
+    def _check_threshold_rule(self) -> None:
+        if self.threshold is not None and self.false_alarm_rate is not None:
+            raise ValueError(
+                f"threshold={self.threshold!r} and false_alarm_rate={self.false_alarm_rate!r} "
+                "both set the image threshold; give one of them (set the other to None)."
+            )
+
+    def _given_threshold(self) -> dict:
+        """The fitted attributes of an explicit ``threshold`` (none without one)."""
+        if self.threshold is None:
+            return {}
+        rule = _threshold_rule("given", None, None, None, None)
+        return {"threshold_": float(self.threshold), "threshold_rule_": rule}
+
+    def _warn_of_suspects(self, stacklevel: int) -> None:
+        suspects = getattr(self, "suspect_indices_", ())
+        if len(suspects):
+            listed = ", ".join(map(str, suspects[:20])) + (", ..." if len(suspects) > 20 else "")
+            warnings.warn(
+                f"{len(suspects)} of {len(self.training_scores_)} training images score as "
+                f"outliers among the training images (indices {listed}): perhaps defective "
+                "parts among the good ones. Look at them (suspect_indices_), and refit without "
+                "those that are defective.",
+                SuspectTrainingImagesWarning,
+                stacklevel=stacklevel,
+            )
 
     def _fit_statistics(self, batches, shape, store, device) -> tuple[PatchStatistics, int]:
         """The statistics of the feature ``batches`` (scatter in ``store`` if given) and
@@ -587,10 +668,18 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         under the model fitted on all ``count`` samples are far lower than a new normal
         image's); ``batches()`` gives the training features again."""
         if count < 2:
+            if self.false_alarm_rate is not None:
+                raise ValueError(
+                    f"false_alarm_rate={self.false_alarm_rate!r} needs at least "
+                    f"{max(2, math.ceil(round(1 / self.false_alarm_rate - 1, 9)))} training "
+                    f"images; got {n_images}. Fit on more images of good parts."
+                )
             message = "Fitting on one image: covariances are reg * I, and the thresholds "
             message += "need two images or more. Fit on more images of good parts."
             warnings.warn(message, UserWarning, stacklevel=5)  # past sklearn's _fit_context
-            return self.threshold, None
+            return self._given_threshold()
+        if self.false_alarm_rate is not None:
+            conformal_rank(n_images, self.false_alarm_rate)  # too few images: before scoring
         scoring = self._scoring_gaussians(gaussians, shape)
 
         def grids():
@@ -649,19 +738,39 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             )
         return "store_all"
 
-    def _thresholds_of(self, grids, shape, n_images: int, device) -> tuple[float, float]:
-        """The explicit ``threshold`` or the highest image score of the maps of held-out
-        distance grids (an iterable of batches), and the ``pixel_quantile`` of their pixels."""
+    def _thresholds_of(self, grids, shape, n_images: int, device) -> dict:
+        """The fitted attributes set from the maps of held-out distance grids (an iterable
+        of batches): their image scores (``training_scores_``), the image threshold
+        (``threshold``, or by ``false_alarm_rate``), how it was set, the ``pixel_quantile``
+        of their pixels and the suspect training images."""
         maps = self._map_generator(shape, device)
         with torch.inference_mode():
-            highest, pixel = image_and_pixel_thresholds(grids, maps, n_images, self.pixel_quantile)
-        return (highest if self.threshold is None else float(self.threshold)), pixel
+            scores, pixel = image_scores_and_pixel_quantile(
+                grids, maps, n_images, self.pixel_quantile
+            )
+        if self.threshold is not None:
+            threshold, rule = float(self.threshold), "given"
+        elif self.false_alarm_rate is not None:
+            threshold, rule = conformal_threshold(scores, self.false_alarm_rate), "false_alarm_rate"
+        else:
+            threshold, rule = float(scores.max()), "highest_training_score"
+        implied = implied_false_alarm_rate(scores, threshold)
+        return {
+            "threshold_": threshold,
+            "pixel_threshold_": pixel,
+            "training_scores_": scores,
+            "threshold_rule_": _threshold_rule(
+                rule, self.false_alarm_rate, implied, len(scores), self.pixel_quantile
+            ),
+            "suspect_indices_": suspect_indices(scores),
+        }
 
-    def _set_fitted(self, shape, count, stats, gaussians=None, thresholds=(None, None)):
+    def _set_fitted(self, shape, count, stats, gaussians=None, thresholds=None):
         """Replace the fitted state at once: the statistics (with their ``gaussians``, if
-        made already) or, for a model that keeps no statistics, its ``gaussians``."""
-        vars(self).pop("threshold_", None)
-        vars(self).pop("pixel_threshold_", None)
+        made already) or, for a model that keeps no statistics, its ``gaussians``; the
+        ``thresholds`` are fitted attributes by name (``threshold_``, ...)."""
+        for name in _THRESHOLD_ATTRIBUTES:
+            vars(self).pop(name, None)
         self.n_samples_seen_, self.n_features_in_ = int(count), int(shape[0])
         self.feature_shape_ = tuple(int(size) for size in shape)
         self.statistics_ = stats
@@ -671,9 +780,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         elif gaussians is not None:
             key = (gaussians.mean_high.device, self.reg, self.covariance_dtype)
             self._gaussians_by_device.put(key, gaussians)
-        for name, value in zip(("threshold_", "pixel_threshold_"), thresholds, strict=True):
-            if value is not None:
-                setattr(self, name, float(value))
+        for name, value in (thresholds or {}).items():
+            setattr(self, name, value)
 
     def _gaussians(self, device: torch.device) -> PatchGaussians:
         """The fitted Gaussians on ``device``, factorised or moved there once."""
@@ -740,6 +848,26 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         return tags
+
+
+_THRESHOLD_ATTRIBUTES = (
+    "threshold_",
+    "pixel_threshold_",
+    "training_scores_",
+    "threshold_rule_",
+    "suspect_indices_",
+)
+
+
+def _threshold_rule(rule, rate, implied, n_images, pixel_quantile) -> dict:
+    """``threshold_rule_``: how the image threshold was set."""
+    return {
+        "rule": rule,
+        "false_alarm_rate": None if rate is None else float(rate),
+        "implied_false_alarm_rate": implied,
+        "n_training_images": n_images,
+        "pixel_quantile": None if pixel_quantile is None else float(pixel_quantile),
+    }
 
 
 def _first_shape(batches: Iterator[torch.Tensor]) -> tuple[tuple[int, ...], Iterator[torch.Tensor]]:

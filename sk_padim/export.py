@@ -44,7 +44,8 @@ _KEEP_FLOAT32 = ("mean_high", "mean_low")
 
 
 class ExportedPadim(nn.Module):
-    """uint8 images ``(B, H, W, 3)`` -> ``anomaly_map``, ``score`` [, ``is_anomalous``].
+    """uint8 images ``(B, H, W, 3)`` [, ``threshold``] -> ``anomaly_map``, ``score`` [,
+    ``is_anomalous``].
 
     The same :class:`~sk_padim.model.PadimModel` that scores in Python, its Gaussians'
     factors kept packed (:class:`~sk_padim.mahalanobis.PatchGaussians`), with
@@ -54,7 +55,9 @@ class ExportedPadim(nn.Module):
     ----------
     model : PadimModel
     threshold : float or None
-        Adds the ``is_anomalous`` output, ``score >= threshold``.
+        The model's image threshold: with one, the module takes a second input, the
+        threshold to judge with (exported as a graph input whose default is this value),
+        and adds the ``is_anomalous`` output, ``score >= threshold``.
     """
 
     def __init__(self, model: PadimModel, threshold: float | None):
@@ -62,11 +65,13 @@ class ExportedPadim(nn.Module):
         self.model = model
         self.threshold = threshold
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, threshold: torch.Tensor | None = None):
         anomaly_map, score = self.model(images.permute(0, 3, 1, 2))
         if self.threshold is None:
             return anomaly_map, score
-        return anomaly_map, score, score >= self.threshold
+        if threshold is None:
+            threshold = torch.tensor(self.threshold, dtype=score.dtype, device=score.device)
+        return anomaly_map, score, score >= threshold
 
 
 def export_onnx(
@@ -116,6 +121,9 @@ def export_onnx(
 
     - ``images``: ``uint8``, ``(batch, H, W, 3)``, RGB, ``(H, W)`` the transformer's
       ``image_size_`` (resize first); normalisation happens in the graph;
+    - ``threshold``: float32 scalar, optional (only when the model has a threshold): the
+      image threshold to judge with, per run or per camera; left out, the model's own
+      (an initializer of the same name holds it, its default);
     - ``anomaly_map``: float32 ``(batch, H_map, W_map)``, as ``score_samples``;
     - ``score``: float32 ``(batch,)``, as ``decision_function``;
     - ``is_anomalous``: bool ``(batch,)``, ``score >= threshold`` as ``predict`` (only
@@ -151,17 +159,23 @@ def export_onnx(
     >>> anomaly_map, score, is_anomalous = session.run(None, {"images": X})
     >>> bool(np.allclose(score, pipe.decision_function(X), rtol=1e-4))
     True
+    >>> lower = np.array(score.min(), dtype=np.float32)  # a threshold set at run time
+    >>> bool(session.run(["is_anomalous"], {"images": X, "threshold": lower})[0].all())
+    True
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder of {str(path)!r} does not exist; create it first.")
     module, metadata, image_size = _exportable(model, float16)
-    example = torch.zeros(1, *image_size, 3, dtype=torch.uint8)
-    outputs = ["anomaly_map", "score"] + (["is_anomalous"] if module.threshold is not None else [])
+    example = (torch.zeros(1, *image_size, 3, dtype=torch.uint8),)
+    outputs = ["anomaly_map", "score"]
+    if module.threshold is not None:
+        example += (torch.tensor(module.threshold, dtype=torch.float32),)
+        outputs.append("is_anomalous")
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         raw = Path(folder) / "raw.onnx"
         _torch_export(module, example, raw, outputs, 17 if opset is None else opset)
-        _finish(raw, path, metadata, float16)
+        _finish(raw, path, metadata, float16, module.threshold)
     return path
 
 
@@ -218,7 +232,8 @@ def _backbone_name(feat, embedding) -> str:
     return embedding.backbone.model_name
 
 
-def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -> None:
+def _torch_export(module, example: tuple, path: Path, outputs: list[str], opset: int) -> None:
+    inputs = ["images", "threshold"][: len(example)]
     dynamic = {"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -235,9 +250,9 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -
             )
             torch.onnx.export(
                 module,
-                (example,),
+                example,
                 str(path),
-                input_names=["images"],
+                input_names=inputs,
                 output_names=outputs,
                 dynamic_axes=dynamic,
                 opset_version=opset,
@@ -253,8 +268,10 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int) -
         ) from error
 
 
-def _finish(raw: Path, path: Path, metadata: dict, float16: bool) -> None:
-    """Metadata, float16 initialisers and, past the size limit, external data; then ``path``.
+def _finish(raw: Path, path: Path, metadata: dict, float16: bool, threshold) -> None:
+    """Metadata, float16 initialisers, the threshold input's default (an initializer of
+    the input's name, which onnxruntime uses when the input is not fed) and, past the
+    size limit, external data; then ``path``.
 
     The initialisers are read where torch wrote them (past 2 GiB, in files next to
     ``raw``, read through memory maps) and external data is written a block at a time,
@@ -269,6 +286,9 @@ def _finish(raw: Path, path: Path, metadata: dict, float16: bool) -> None:
         ) from error
 
     model = onnx.load(str(raw), load_external_data=False)
+    if threshold is not None:
+        default = np.asarray(threshold, dtype=np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(default, "threshold"))
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -167,10 +167,10 @@ class AnomalyMapGenerator(nn.Module):
         return maps
 
 
-def image_and_pixel_thresholds(
+def image_scores_and_pixel_quantile(
     grids, maps: AnomalyMapGenerator, n_maps: int, quantile: float
-) -> tuple[float, float]:
-    """Compute the highest image score of distance grids' maps and a quantile of their pixels.
+) -> tuple[np.ndarray, float]:
+    """Compute the image scores of distance grids' maps and a quantile of their pixels.
 
     The quantile is exact (NumPy's default, linear interpolation) but made from the
     ``(1 - quantile) * n_pixels`` largest pixel values alone, kept as a running top-k
@@ -191,29 +191,31 @@ def image_and_pixel_thresholds(
 
     Returns
     -------
-    highest : float
-        The highest image score (the maximum of a map).
+    scores : ndarray of shape (n_maps,), float32
+        The image scores (the maximum of each map), in the order of the grids.
     pixel : float
         ``np.quantile`` of all the maps' pixels at ``quantile``.
 
     Examples
     --------
     >>> import numpy as np, torch
-    >>> from sk_padim.postprocess import AnomalyMapGenerator, image_and_pixel_thresholds
+    >>> from sk_padim.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
     >>> grids = torch.rand(5, 3, 3)
     >>> maps = AnomalyMapGenerator((3, 3), (3, 3), sigma=0.0, truncate=4.0)
-    >>> highest, pixel = image_and_pixel_thresholds(grids.split(2), maps, 5, 0.9)
+    >>> scores, pixel = image_scores_and_pixel_quantile(grids.split(2), maps, 5, 0.9)
     >>> bool(np.isclose(pixel, np.quantile(grids.numpy(), 0.9)))
+    True
+    >>> bool(np.allclose(scores, grids.numpy().max(axis=(1, 2))))
     True
     """
     height, width = maps.size
     total = n_maps * height * width
     rank = quantile * (total - 1)
     keep = total - math.floor(rank)  # the values from rank's lower neighbour up
-    highest, top = -math.inf, None
+    image_scores, top = [], None
     for batch in grids:
         batch_maps, scores = maps.maps_and_scores(batch)
-        highest = max(highest, float(scores.max()))
+        image_scores.append(scores.float().cpu().numpy())
         # Map by map: topk's workspace (a value and an int64 index per input) is one map's.
         for values in batch_maps.flatten(1):
             if top is not None and len(top) == keep:
@@ -222,4 +224,5 @@ def image_and_pixel_thresholds(
             top = torch.topk(values, min(keep, len(values)), sorted=False).values
     ascending = np.sort(top.double().cpu().numpy())
     lower, upper = ascending[0], ascending[min(1, len(ascending) - 1)]
-    return highest, float(lower + (rank - math.floor(rank)) * (upper - lower))
+    scores = np.concatenate(image_scores) if image_scores else np.zeros(0, np.float32)
+    return scores, float(lower + (rank - math.floor(rank)) * (upper - lower))

@@ -16,10 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sk_padim"
 # (``_checks`` validates labels and masks for the detector's ``fit(X, y)`` as well as
 # for the evaluation).
 LAYERS = {
-    "base": {"_checks", "_version", "files", "versioning"},
+    "base": {"_checks", "_version", "conformal", "files", "versioning"},
     "core": {
         "backbones",
         "devices",
+        "runtimes",
         "embedding",
         "feature_checks",
         "images",
