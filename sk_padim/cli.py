@@ -1,4 +1,5 @@
-"""The ``sk-padim`` command: ``fit``, ``score``, ``calibrate``, ``evaluate`` and ``demo``.
+"""The ``sk-padim`` command: ``fit``, ``score``, ``calibrate``, ``export``, ``info``,
+``evaluate`` and ``demo``.
 
 Run ``sk-padim --help`` or ``sk-padim <command> --help``. Results (tables, CSV without
 ``-o``) go to standard output; messages and progress bars go to standard error.
@@ -19,7 +20,10 @@ a time (:func:`sk_padim.streaming.iter_scores`) and each image's picture, region
 row of ``scores.csv`` (flushed) are written before the next image's, each picture to a
 temporary name renamed into place; only one batch of maps is held, whatever the number
 of images. An interrupted run keeps every completed row; ``--resume`` scores only the
-images not yet in ``scores.csv``.
+images not yet in ``scores.csv``. At the end, ``summary.json`` is written from all the
+rows of ``scores.csv`` (:func:`sk_padim.drift_report`). Ctrl-C is caught by a handler
+installed for the command's run only, which sets a flag checked between images, so no
+interrupt is lost (one landing in a weak-reference callback used to be swallowed).
 """
 
 from __future__ import annotations
@@ -64,7 +68,12 @@ _FEATURE_DEFAULTS = {
     "device": "auto",
 }
 DEMO_BACKBONE = "efficientnet_lite0"  # sk_padim.demo.DEMO_BACKBONE (checked by the tests)
-_CSV_HEADER = ["image", "score", "relative", "normalized", "label"]
+# sk_padim.runtimes.PRECISIONS and RUNTIMES (checked by the tests): importing that module
+# imports torch, which ``sk-padim --help`` does not wait for.
+_PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+_RUNTIMES = ("eager", "openvino")
+_CSV_HEADER = ["image", "score", "p_value", "relative", "normalized", "label"]
+_SUMMARY = "summary.json"
 _MASK_SUFFIX = "_mask.png"
 # A library parameter in an error message, ``name=value``: the command line says
 # ``--name value`` instead (see _command_line_spelling).
@@ -172,12 +181,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     common = _common_options()
     model = _model_options()
-    _add_fit(commands, [common, model])
-    _add_score(commands, [common])
+    speed = _speed_options()
+    _add_fit(commands, [common, model, speed])
+    _add_score(commands, [common, speed])
     _add_calibrate(commands, [common])
     _add_export(commands, [common])
-    _add_evaluate(commands, [common, model])
-    _add_demo(commands, [common])
+    _add_info(commands, [common])
+    _add_evaluate(commands, [common, model, speed])
+    _add_demo(commands, [common, speed])
     return parser
 
 
@@ -255,6 +266,25 @@ def _model_options() -> argparse.ArgumentParser:
     return parser
 
 
+def _speed_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("backbone speed")
+    group.add_argument(
+        "--precision",
+        choices=_PRECISIONS,
+        help="precision the backbone runs in: float32 (exact), bfloat16, float16 (CUDA), or "
+        "auto (bfloat16 where the hardware runs it natively, else float32) (default: "
+        "float32, or the model's when scoring)",
+    )
+    group.add_argument(
+        "--runtime",
+        choices=_RUNTIMES,
+        help="what runs the backbone: eager (PyTorch) or openvino (compiled for the CPU; "
+        "needs sk-padim[openvino]) (default: eager, or the model's when scoring)",
+    )
+    return parser
+
+
 def _add_fit(commands, parents) -> None:
     parser = commands.add_parser(
         "fit",
@@ -274,6 +304,19 @@ def _add_fit(commands, parents) -> None:
     parser.add_argument(
         "-o", "--output", required=True, help="model file to write, e.g. model.joblib"
     )
+    parser.add_argument(
+        "--false-alarm-rate",
+        type=_rate,
+        help="set the image threshold so that at most this fraction of good images like "
+        "the training ones is flagged, e.g. 0.01 (needs at least 1/RATE - 1 training "
+        "images) (default: the highest held-out training score, which implies 1/(n+1))",
+    )
+    parser.add_argument(
+        "--exclude-suspects",
+        action="store_true",
+        help="refit without the training images whose held-out score is an outlier among "
+        "the training images' (named in a warning), reusing their features",
+    )
     parser.set_defaults(run=_fit)
 
 
@@ -284,11 +327,14 @@ def _add_score(commands, parents) -> None:
         help="score images with a fitted model",
         description="Score images with a model from 'sk-padim fit' or 'sk-padim calibrate'. "
         "Writes a CSV with one row per image: image, score (higher = more anomalous, 6 "
-        "significant digits), relative = score / threshold (1 = on the line), normalized = "
-        "score / (score + threshold) (0.5 = on the line; not a probability) and label: "
-        "'anomalous' when score >= threshold, else 'normal' (empty when the model has no "
-        "threshold). With -o, each row is written as soon as its image is scored: an "
-        "interrupted run keeps them, and --resume finishes it.",
+        "significant digits), p_value = (1 + training images scoring as high) / (n + 1) "
+        "(about 1 in 1/p_value good images scores this high), relative = score / threshold "
+        "(1 = on the line), normalized = score / (score + threshold) (0.5 = on the line; "
+        "not a probability) and label: 'anomalous' when score >= threshold, else 'normal' "
+        "(empty when the model has no threshold). With -o, each row is written as soon as "
+        "its image is scored: an interrupted run keeps them, and --resume finishes it; at "
+        "the end OUTPUT/summary.json holds the counts and a drift test of all the rows' "
+        "scores against the training images' (a line is printed when it finds drift).",
     )
     parser.add_argument("model", help="model file written by 'sk-padim fit' or 'calibrate'")
     parser.add_argument(
@@ -326,12 +372,19 @@ def _add_score(commands, parents) -> None:
         help="keep the rows of an existing OUTPUT/scores.csv (an interrupted run) and score "
         "only the images not in it, appending; run with the same options",
     )
-    parser.add_argument(
+    image_threshold = parser.add_mutually_exclusive_group()
+    image_threshold.add_argument(
         "--threshold",
         type=float,
-        help="label images whose score is >= THRESHOLD 'anomalous', others 'normal' "
-        "(default: the model's threshold: calibrated by 'sk-padim calibrate', else the "
-        "one 'fit' sets from the training images)",
+        help="label images whose score is >= THRESHOLD 'anomalous', others 'normal', for "
+        "this run (default: the model's threshold: calibrated by 'sk-padim calibrate', else "
+        "the one 'fit' sets from the training images)",
+    )
+    image_threshold.add_argument(
+        "--false-alarm-rate",
+        type=_rate,
+        help="for this run, the threshold that flags at most this fraction of good images, "
+        "from the model's training scores, e.g. 0.01",
     )
     parser.add_argument(
         "--pixel-threshold",
@@ -410,6 +463,20 @@ def _add_export(commands, parents) -> None:
         help="store the Gaussians and the backbone's weights in half precision (half the size)",
     )
     parser.set_defaults(run=_export)
+
+
+def _add_info(commands, parents) -> None:
+    parser = commands.add_parser(
+        "info",
+        parents=parents,
+        help="describe a model file: its steps, thresholds and how they were set",
+        description="Print what a model file holds: the backbone, image size and features, "
+        "the number of training images, the image threshold and how it was set (rule, "
+        "false-alarm rate), the pixel threshold and its quantile, the range of the training "
+        "images' held-out scores and the suspect training images.",
+    )
+    parser.add_argument("model", help="model file written by 'sk-padim fit' or 'calibrate'")
+    parser.set_defaults(run=_info_command)
 
 
 def _add_evaluate(commands, parents) -> None:
@@ -500,6 +567,13 @@ def _add_heatmap_count(parser: argparse.ArgumentParser, default: int) -> None:
     )
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a rate in (0, 1), e.g. 0.01; got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -541,28 +615,97 @@ def _layers(text: str) -> tuple[str, ...]:
 
 
 def _fit(args: argparse.Namespace, progress: bool) -> None:
+    from sk_padim.conformal import SuspectTrainingImagesWarning
+
     images, source = _training_images(Path(args.images).resolve())
     pipeline = _pipeline(args, progress)
+    detector = pipeline[-1].set_params(false_alarm_rate=args.false_alarm_rate)
     start = time.perf_counter()
-    with _warnings_on_one_line(args):
-        pipeline.fit(images)
+    kept, refit_suspects = images, []
+    with _warnings_on_one_line(args, ignore=SuspectTrainingImagesWarning):
+        # Pipeline.fit's two steps, with the features kept for a refit without suspects.
+        features = pipeline[0].fit_transform(images)
+        detector.fit(features)
+        suspects = _suspect_files(detector, images)
+        if suspects and args.exclude_suspects:
+            detector.fit(features, _suspect_labels(detector, len(images)))
+            kept = [path for path in images if path not in set(suspects)]
+            refit_suspects = _suspect_files(detector, kept)
+    del features
     seconds = time.perf_counter() - start
+    if suspects:
+        _warn(args, _suspects_message(suspects, len(images), args.exclude_suspects))
+        if args.exclude_suspects and refit_suspects:
+            _warn(args, "after the refit, " + _suspects_message(refit_suspects, len(kept), False))
     pipeline.set_params(feat__verbose=False)  # the saved model stays quiet
     output = _dump(pipeline, Path(args.output))
-    _info(args, f"Fitted on {len(images)} images from {source} in {seconds:.1f} s; wrote {output}.")
+    _info(args, f"Fitted on {len(kept)} images from {source} in {seconds:.1f} s; wrote {output}.")
+    if hasattr(detector, "threshold_"):
+        _info(args, f"Image threshold {detector.threshold_:.6g}: {_rule_text(detector)}.")
+
+
+def _suspect_files(detector, images: list[str]) -> list[str]:
+    """The files of the detector's suspect training images."""
+    return [images[i] for i in getattr(detector, "suspect_indices_", ())]
+
+
+def _suspect_labels(detector, n_images: int):
+    """Image labels with the suspects as anomalous: ``fit(X, y)`` leaves them out."""
+    import numpy as np
+
+    labels = np.zeros(n_images, dtype=int)
+    labels[detector.suspect_indices_] = 1
+    return labels
+
+
+def _suspects_message(files: list[str], n_images: int, excluded: bool) -> str:
+    shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+    action = (
+        "they were left out and the model refitted on the others"
+        if excluded
+        else "look at them, and refit with --exclude-suspects to leave them out"
+    )
+    return (
+        f"{len(files)} of {n_images} training images score as outliers among the training "
+        f"images, perhaps defective parts: {shown}; {action}."
+    )
+
+
+def _rule_text(detector) -> str:
+    """How the detector's image threshold was set, in words."""
+    rule = getattr(detector, "threshold_rule_", None)
+    if rule is None:
+        return "set by a version of sk-padim that did not record how"
+    n, implied = rule["n_training_images"], rule["implied_false_alarm_rate"]
+    promise = "" if implied is None else f"; flags at most {implied:.3g} of good images"
+    if rule["rule"] == "false_alarm_rate":
+        return (
+            f"false-alarm rate {rule['false_alarm_rate']:g}, a held-out score of the {n} "
+            f"training images (conformal rank){promise}"
+        )
+    if rule["rule"] == "highest_training_score":
+        return f"the highest held-out score of the {n} training images{promise} (1/(n+1))"
+    return f"given (threshold parameter){promise}"
 
 
 @dataclass
 class _Thresholds:
-    """A loaded model's image threshold, its pixel threshold, and where they came from."""
+    """A loaded model's image threshold, its pixel threshold, where they came from, and
+    the training images' held-out scores they are compared with (None where unknown)."""
 
     image: float | None
     image_source: str | None
     pixel: float | None
     pixel_source: str | None
+    training_scores: object = None
 
 
 def _score(args: argparse.Namespace, progress: bool) -> None:
+    with _Interrupts().installed() as interrupts:
+        _score_images(args, progress, interrupts)
+
+
+def _score_images(args: argparse.Namespace, progress: bool, interrupts: _Interrupts) -> None:
     for flag in ("heatmaps", "regions", "resume"):
         if getattr(args, flag) and args.output is None:
             args.parser.error(f"--{flag} needs -o/--output DIR to write to")
@@ -573,6 +716,18 @@ def _score(args: argparse.Namespace, progress: bool) -> None:
     pipeline, thresholds = _scoring_model(_load_model(Path(args.model)))
     if args.threshold is not None:
         thresholds.image, thresholds.image_source = args.threshold, "given (--threshold)"
+    if args.false_alarm_rate is not None:
+        from sk_padim.conformal import conformal_threshold
+
+        if thresholds.training_scores is None:
+            raise ValueError(
+                "--false-alarm-rate needs the training images' held-out scores, which this "
+                "model does not keep (fitted before sk-padim kept them, or with partial_fit). "
+                "Refit it with sk-padim fit, or pass --threshold."
+            )
+        rate = args.false_alarm_rate
+        thresholds.image = conformal_threshold(thresholds.training_scores, rate)
+        thresholds.image_source = f"false-alarm rate {rate:g} (given, --false-alarm-rate)"
     if args.pixel_threshold is not None:
         thresholds.pixel, thresholds.pixel_source = args.pixel_threshold, "given"
     for value, flag in ((thresholds.image, "--threshold"), (thresholds.pixel, "--pixel-threshold")):
@@ -594,13 +749,65 @@ def _score(args: argparse.Namespace, progress: bool) -> None:
         )
     if args.device is not None:
         _set_device(pipeline, args.device)
+    _set_speed(pipeline, args)
     paths = _image_files(args.images)
     header = _CSV_HEADER + (["regions"] if args.regions else [])
     run = _ScoreRun(args, pipeline, thresholds, paths, header)
     args.interrupted = run.interrupted
+    interrupts.check()  # one that came while the model loaded, if it was swallowed
     run.start()
-    failures = run.score(progress)
-    run.finish(failures)
+    with interrupts.deferred():  # from here, a Ctrl-C stops the run between images
+        failures = run.score(progress, interrupts)
+        run.finish(failures)
+
+
+class _Interrupts:
+    """Ctrl-C for the duration of a command: a handler that sets a flag, which the
+    command checks between images (:meth:`check`), so that no interrupt is lost.
+
+    Python's own handler raises ``KeyboardInterrupt`` wherever the main thread is; when
+    that is inside a weak-reference callback (torch runs many), the exception is printed
+    as ``Exception ignored in ...`` and dropped, and the run went on. While
+    :meth:`deferred` is active the handler only sets the flag; elsewhere it also raises
+    at once (so that loading a model stops promptly). The previous handler is put back
+    when the block ends. Outside the main thread, or when SIGINT is ignored, nothing is
+    installed.
+    """
+
+    def __init__(self):
+        self.received = False
+        self.deferring = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        main_thread = threading.current_thread() is threading.main_thread()
+        if not main_thread or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Only set the flag in the block; raise at its end if it was set."""
+        deferring, self.deferring = self.deferring, True
+        try:
+            yield
+        finally:
+            self.deferring = deferring
+        self.check()
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        if not self.deferring:
+            raise KeyboardInterrupt
 
 
 class _ScoreRun:
@@ -614,6 +821,7 @@ class _ScoreRun:
         self.kept: set[str] = set()  # the images of the CSV being resumed
         self.done: set[str] = set()  # those of them among the images to score
         self.written = 0  # rows written by this run
+        self.scores: list[float] = []  # their scores
         self.scale = None  # the pictures' colour scale
 
     @property
@@ -629,6 +837,7 @@ class _ScoreRun:
         if self.output is None:
             return
         self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / _SUMMARY).unlink(missing_ok=True)  # written again at the end
         if self.args.resume:
             self.kept = _completed_images(self.csv_path, self.header)
             self.done = self.kept & set(self.paths)
@@ -651,8 +860,9 @@ class _ScoreRun:
             "with the same command and --resume"
         )
 
-    def score(self, progress: bool) -> list[tuple[str, str]]:
-        """Score the images not done yet, writing each chunk's results; the failures."""
+    def score(self, progress: bool, interrupts: _Interrupts) -> list[tuple[str, str]]:
+        """Score the images not done yet, writing each image's results; the failures.
+        An interrupt (``interrupts``' flag) stops it between two images."""
         from tqdm.auto import tqdm
 
         todo = [path for path in self.paths if path not in self.done]
@@ -665,7 +875,9 @@ class _ScoreRun:
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
                 for path, image_map, score in _scored(self.pipeline, chunk, failures):
+                    interrupts.check()
                     self.write(path, image_map, score)
+                interrupts.check()
                 bar.update(len(chunk))
         finally:
             bar.close()
@@ -687,7 +899,7 @@ class _ScoreRun:
         if self.args.heatmaps:
             self.save_picture(path, image_map, regions)
         image = self.thresholds.image
-        row = [path, f"{score:.6g}"]
+        row = [path, f"{score:.6g}", self.p_value(score)]
         if image is None:
             row += ["", "", ""]
         else:
@@ -701,14 +913,24 @@ class _ScoreRun:
         text = io.StringIO()
         csv.writer(text, lineterminator="\n").writerow(row)
         records = "".join(json.dumps(_region_record(path, r)) + "\n" for r in regions or ())
-        with _deferred_interrupt():  # an image's regions and row go together
-            if self.regions is not None:
-                self.regions.write(records)
-                self.regions.flush()
-            csv_file = self.open_csv()
-            csv_file.write(text.getvalue())
-            csv_file.flush()
-            self.written += 1
+        # An image's regions and row go together: the run is in _Interrupts.deferred.
+        if self.regions is not None:
+            self.regions.write(records)
+            self.regions.flush()
+        csv_file = self.open_csv()
+        csv_file.write(text.getvalue())
+        csv_file.flush()
+        self.written += 1
+        self.scores.append(score)
+
+    def p_value(self, score: float) -> str:
+        """The image's conformal p-value, as written (empty without training scores)."""
+        from sk_padim.conformal import p_values_from_scores
+
+        training = self.thresholds.training_scores
+        if training is None:
+            return ""
+        return f"{float(p_values_from_scores(training, [score])[0]):.4g}"
 
     def open_csv(self):
         if self.csv is None:
@@ -723,6 +945,34 @@ class _ScoreRun:
                 if not appending:
                     self.csv.write(",".join(self.header) + "\n")
         return self.csv
+
+    def summarize(self) -> None:
+        """``summary.json`` from every row of ``scores.csv`` (this run's scores without
+        ``-o``); a line when the drift test finds drift."""
+        from sk_padim.conformal import drift_report
+
+        scores = self.scores if self.output is None else _csv_scores(self.csv_path)
+        threshold, training = self.thresholds.image, self.thresholds.training_scores
+        summary = {"n_images": len(scores), "n_flagged": None, "threshold": threshold}
+        summary.update(false_alarm_rate=None, drift_p_value=None, drift=None)
+        if threshold is not None:
+            summary["n_flagged"] = sum(score >= threshold for score in scores)
+        if threshold is not None and training is not None and scores:
+            summary.update(drift_report(training, scores, threshold))
+        summary["threshold_source"] = self.thresholds.image_source
+        if self.output is not None:
+            from sk_padim.files import atomic_file
+
+            with atomic_file(self.output / _SUMMARY) as file:
+                file.write((json.dumps(summary, indent=1) + "\n").encode())
+        if summary["drift"]:
+            where = "" if self.output is None else f"; see {self.output / _SUMMARY}"
+            _warn(
+                self.args,
+                f"drift: {summary['n_flagged']} of {summary['n_images']} images are flagged, "
+                f"and good images give at most {summary['false_alarm_rate']:.3g} of them "
+                f"(drift p-value {summary['drift_p_value']:.2g} < {summary['level']:g}){where}",
+            )
 
     def save_picture(self, path: str, image_map, regions) -> None:
         """The image's heat map; the colour scale is the first image's (median to maximum)."""
@@ -754,8 +1004,12 @@ class _ScoreRun:
                 outputs.append(str(self.regions_path))
             if self.args.heatmaps:
                 outputs.append(f"pictures in {self.output / 'heatmaps'}")
+            outputs.append(str(self.output / _SUMMARY))
             resumed = f" ({len(self.done)} from before)" if self.done else ""
+            self.summarize()
             _info(self.args, f"Scored {total} images{resumed}; wrote {', '.join(outputs)}.")
+        else:
+            self.summarize()
         if failures:
             for path, reason in failures:
                 _warn(self.args, f"not scored: {reason if path in reason else f'{path}: {reason}'}")
@@ -825,6 +1079,14 @@ def _completed_images(csv_path: Path, header: list[str]) -> set[str]:
     return {row[0] for row in rows[1:]}
 
 
+def _csv_scores(csv_path: Path) -> list[float]:
+    """The scores of every row of a ``scores.csv``."""
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="", encoding="utf-8") as file:
+        return [float(row["score"]) for row in csv.DictReader(file)]
+
+
 def _drop_partial_line(path: Path) -> None:
     """Cut a file after its last newline (a line cut by a crash)."""
     with open(path, "rb+") as file:
@@ -845,22 +1107,6 @@ def _keep_regions_of(path: Path, images: set[str]) -> None:
 
         with atomic_file(path) as file:
             file.write("".join(kept).encode())
-
-
-@contextlib.contextmanager
-def _deferred_interrupt():
-    """Hold a Ctrl-C back until the block ends, so that the block's writes are whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and previous is not signal.SIG_IGN:
-        raise KeyboardInterrupt
 
 
 def _calibrate(args: argparse.Namespace, progress: bool) -> None:
@@ -931,6 +1177,58 @@ def _export(args: argparse.Namespace, progress: bool) -> None:
         extra.stat().st_size for extra in path.parent.glob(path.name + ".data")
     )
     print(f"Wrote {path} ({size / 2**20:.1f} MiB)")
+
+
+def _info_command(args: argparse.Namespace, progress: bool) -> None:
+    model = _load_model(Path(args.model))
+    pipeline, thresholds = _scoring_model(model)
+    print("\n".join(_model_description(model, pipeline, thresholds)))
+
+
+def _model_description(model, pipeline, thresholds: _Thresholds) -> list[str]:
+    """``sk-padim info``'s lines."""
+    import numpy as np
+
+    feat, detector = pipeline[0], pipeline[-1]
+    steps = ", ".join(f"{name}={type(step).__name__}" for name, step in pipeline.steps)
+    wrapped = "" if model is pipeline else f"{type(model).__name__} around "
+    size = getattr(feat, "image_size_", getattr(feat, "image_size", None))
+    lines = [
+        f"model: {wrapped}Pipeline({steps})",
+        f"backbone: {getattr(feat, 'backbone', '?')}, layers "
+        f"{','.join(getattr(feat, 'layers_', ()) or ())}, d={detector.n_features_in_}, "
+        f"image size {size}, feature grid {tuple(detector.feature_shape_[1:])}",
+        f"training images: {getattr(detector, 'n_samples_seen_', '?')}"
+        + (f" (samples: tiles of {detector.texture_tile})" if detector.texture_tile else ""),
+    ]
+    if thresholds.image is None:
+        lines.append("image threshold: none (fit sets one from two training images or more)")
+    else:
+        lines.append(f"image threshold: {thresholds.image:.6g} ({thresholds.image_source})")
+        if thresholds.image_source == "the model's own":
+            lines.append(f"  rule: {_rule_text(detector)}")
+    if thresholds.pixel is None:
+        lines.append("pixel threshold: none")
+    else:
+        rule = getattr(detector, "threshold_rule_", {}) or {}
+        quantile = rule.get("pixel_quantile")
+        how = thresholds.pixel_source
+        if how == "the model's own" and quantile is not None:
+            how = f"quantile {quantile:g} of the held-out training maps' pixels"
+        lines.append(f"pixel threshold: {thresholds.pixel:.6g} ({how})")
+    training = thresholds.training_scores
+    if training is None:
+        lines.append("training scores: not kept (refit to keep them)")
+    else:
+        low, median, high = np.percentile(training, [0, 50, 100])
+        lines.append(
+            f"training scores (held out, {len(training)} images): min {low:.6g}, "
+            f"median {median:.6g}, max {high:.6g}"
+        )
+        suspects = list(getattr(detector, "suspect_indices_", ()))
+        named = ", ".join(map(str, suspects)) if suspects else "none"
+        lines.append(f"suspect training images (indices): {named}")
+    return lines
 
 
 def _calibration_masks(good: list[str], bad: list[str], args: argparse.Namespace):
@@ -1017,6 +1315,7 @@ def _demo(args: argparse.Namespace, progress: bool) -> None:
         random_state=args.random_state,
         device=args.device,
         progress=progress,
+        **_speed_params(args),
     )
     print(results_table(results))
     seconds = time.perf_counter() - start
@@ -1039,7 +1338,21 @@ def _pipeline(args: argparse.Namespace, progress: bool):
         device=args.device,
         random_state=args.random_state,
         verbose=progress,
+        **_speed_params(args),
     )
+
+
+def _speed_params(args: argparse.Namespace) -> dict:
+    """``--precision`` and ``--runtime`` as transformer parameters, those given."""
+    given = {"precision": args.precision, "runtime": args.runtime}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _set_speed(pipeline, args: argparse.Namespace) -> None:
+    """Run the model's backbone with ``--precision`` / ``--runtime``, when given."""
+    params = _speed_params(args)
+    if params:
+        pipeline.steps[0][1].set_params(**params)
 
 
 def _training_images(folder: Path) -> tuple[list[str], Path]:
@@ -1107,10 +1420,13 @@ def _load_model(path: Path):
 
 
 @contextlib.contextmanager
-def _warnings_on_one_line(args: argparse.Namespace):
-    """The library's warnings during the block, each said on one line at its end."""
+def _warnings_on_one_line(args: argparse.Namespace, ignore: type[Warning] | None = None):
+    """The library's warnings during the block, each said on one line at its end (those
+    of the category ``ignore`` left out: the command says them its own way)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if ignore is not None:
+            warnings.simplefilter("ignore", ignore)
         yield
     for warning in caught:
         _warn(args, one_line(warning.message))
@@ -1154,6 +1470,8 @@ def _scoring_model(model):
     if thresholds.pixel is None and getattr(model[-1], "pixel_threshold_", None) is not None:
         thresholds.pixel = model[-1].pixel_threshold_
         thresholds.pixel_source = "the model's own"
+    if getattr(model[-1], "training_scores_", None) is not None:
+        thresholds.training_scores = model[-1].training_scores_
     return model, thresholds
 
 

@@ -28,7 +28,6 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
-    "SUSPECT_CUTOFF",
     "SuspectTrainingImagesWarning",
     "conformal_rank",
     "conformal_threshold",
@@ -88,7 +87,7 @@ def conformal_rank(n: int, false_alarm_rate: float) -> int:
         needed = math.ceil(round(1 / false_alarm_rate - 1, 9))
         raise ValueError(
             f"false_alarm_rate={false_alarm_rate!r} needs at least {needed} training images "
-            f"(n >= 1 / false_alarm_rate - 1); got {n}. Fit on more images of good parts, or "
+            f"(n >= 1 / alpha - 1); got {n}. Fit on more images of good parts, or "
             f"ask for a rate of at least {1 / (n + 1):.3g} (1 / (n + 1))."
         )
     return max(rank, 1)
@@ -337,8 +336,9 @@ def drift_report(
       drift too often on large batches). Its mean rate is the promised
       ``(n + 1 - k) / (n + 1)``.
     - **shift**: the two-sample Kolmogorov-Smirnov test of the batch's scores against the
-      training scores, against the alternative that the batch scores higher. It sees a
-      shift that has not yet crossed the threshold.
+      training scores (two-sided). It sees a shift that has not crossed the threshold,
+      and scores *lower* than good images give: darker, flatter or defocused images
+      score lower, and a defect on them is missed.
 
     Parameters
     ----------
@@ -383,7 +383,7 @@ def drift_report(
         count_p = float(stats.betabinom.sf(n_flagged - 1, m, n + 1 - below, below))
     shift_p = 1.0
     if m:
-        shift_p = float(stats.ks_2samp(batch, training, alternative="less").pvalue)
+        shift_p = float(stats.ks_2samp(batch, training).pvalue)
     drift_p = min(1.0, 2 * min(count_p, shift_p))
     return {
         "n_images": m,

@@ -180,6 +180,14 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     (2, 16, 16)
     >>> bool(detector.decision_function(X[:1] + 10)[0] > detector.threshold_)
     True
+
+    A threshold that flags at most 10 % of good images like the training ones:
+
+    >>> detector = PadimDetector(false_alarm_rate=0.1).fit(X)
+    >>> detector.threshold_rule_["rule"], detector.training_scores_.shape
+    ('false_alarm_rate', (20,))
+    >>> detector.threshold_rule_["implied_false_alarm_rate"] <= 0.1
+    True
     """
 
     _parameter_constraints: dict = {

@@ -73,10 +73,15 @@ def test_fit_saves_a_pipeline_fitted_on_train_good(fitted, tree):
     assert model.named_steps["feat"].verbose is False
     n_good = len(list((tree / "brick" / "train" / "good").glob("*.png")))
     assert model.named_steps["padim"].n_samples_seen_ == n_good == 6
-    # Standard error is a pipe here: no progress bars, just the one summary line.
-    (line,) = process.stderr.splitlines()
+    # Standard error is a pipe here: no progress bars, the summary and the threshold's rule.
+    line, rule = process.stderr.splitlines()
     assert line.startswith(f"Fitted on 6 images from {tree / 'brick' / 'train' / 'good'} in ")
     assert line.endswith(f"; wrote {model_path}.")
+    threshold = model.named_steps["padim"].threshold_
+    assert rule == (
+        f"Image threshold {threshold:.6g}: the highest held-out score of the 6 training "
+        "images; flags at most 0.143 of good images (1/(n+1))."
+    )
 
 
 def test_fit_on_a_plain_folder_uses_every_image_in_it(tree, resnet18_weights, tmp_path):

@@ -130,6 +130,53 @@ def test_an_interrupted_score_keeps_whole_files_and_resume_finishes_it(data, tmp
     assert n_regions == len((fresh / "regions.jsonl").read_text().splitlines())
 
 
+def test_every_interrupt_stops_score_and_resume_finishes_after_many(data, tmp_path):
+    """Ctrl-C at 10 points of the run (after 1 to 20 more rows, at random sub-row delays)
+    exits with 130 each time, with whole files, and nothing swallowed (issue 30: one
+    interrupt in four landed in a weak-reference callback and was lost); each run resumes
+    the one before, and the last finishes: every image scored once, as a fresh run."""
+    root, _, folder, _ = data
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(4):  # 128 images: long enough a run to interrupt 10 times
+        for image in sorted(folder.iterdir()):
+            (many / f"{i}-{image.name}").symlink_to(image)
+    n_images = 4 * N_IMAGES
+    output = tmp_path / "out"
+    argv = score_argv(root, many, output, "--heatmaps", "--regions")
+    rng = np.random.default_rng(0)
+    for more_rows in (1, 2, 3, 5, 8, 10, 12, 15, 18, 20):
+        before = len(read_rows(output / "scores.csv")) if output.exists() else 0
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sk_padim.cli", *argv, *(["--resume"] if before else [])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        csv_path, deadline = output / "scores.csv", time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if csv_path.exists() and csv_path.read_text().count("\n") >= 1 + before + more_rows:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))  # between two rows, or while one is written
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 130, err
+        assert "Exception ignored" not in err and "Traceback" not in err
+        *resuming, line = err.splitlines()  # "Resuming: ..." after the first run
+        assert len(resuming) == (1 if before else 0)
+        assert line.startswith("sk-padim score: interrupted; ")
+        rows = check_outputs(output)
+        assert len(rows) >= before + more_rows
+        assert not (output / "summary.json").exists()  # written by a finished run only
+    assert main([*argv, "--resume", "-q"]) == 0
+    rows = check_outputs(output, n_images)
+    assert sorted(row["image"] for row in rows) == sorted(str(p) for p in many.iterdir())
+    assert json.loads((output / "summary.json").read_text())["n_images"] == n_images
+
+
 def test_csv_and_regions_hold_the_readable_scores_and_the_library_regions(data, tmp_path):
     root, pipe, folder, _ = data
     output = tmp_path / "out"

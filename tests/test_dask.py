@@ -175,6 +175,18 @@ def test_distributed_fit_equals_local_fit_threshold_included(distributed_fit, im
     np.testing.assert_array_equal(pipe.predict(test), expected.predict(test_features))
 
 
+def test_distributed_fit_keeps_the_training_scores_and_a_conformal_threshold(
+    client, image_paths
+):
+    train = image_paths[0]  # 20 images
+    pipe = fit_distributed(make_pipeline(false_alarm_rate=0.2), train, client, partition_size=6)
+    expected = local_detector(pipe, train, false_alarm_rate=0.2)
+    detector = pipe[-1]
+    np.testing.assert_allclose(detector.training_scores_, expected.training_scores_, rtol=1e-4)
+    assert detector.threshold_ == pytest.approx(expected.threshold_, rel=1e-4)
+    assert detector.threshold_rule_ == expected.threshold_rule_
+
+
 def _tasks_by_kind(records) -> dict:
     """Task stream records by kind and index (keys: padim-fit-<token>-<kind>-<index>)."""
     by_kind = {}

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from onnx import numpy_helper
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
@@ -83,6 +84,24 @@ def test_resnet18_at_224_scores_like_the_pipeline_for_batches_of_1_and_7(r18):
     pipe, test, _, paths = r18
     assert_scores_like(pipe, run(paths[0], test[:7]), test[:7])
     assert_scores_like(pipe, run(paths[0], test[:1]), test[:1])
+
+
+def test_the_threshold_is_an_input_whose_default_is_the_models(r18):
+    pipe, test, _, paths = r18
+    session = onnxruntime.InferenceSession(str(paths[0]), providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(paths[0]))
+    (default,) = [t for t in graph.graph.initializer if t.name == "threshold"]
+    assert float(numpy_helper.to_array(default)) == np.float32(pipe[-1].threshold_)
+    assert [i.name for i in graph.graph.input] == ["images", "threshold"]
+    # onnxruntime lists it as an input with a default: an overridable initializer.
+    assert [i.name for i in session.get_overridable_initializers()] == ["threshold"]
+    scores = pipe.decision_function(test)
+    omitted = session.run(None, {"images": test})[2]  # the model's threshold
+    assert_labels_like(omitted, scores, pipe[-1].threshold_, pipe.predict(test))
+    for threshold in np.quantile(scores, [0.2, 0.5, 0.9]).astype(np.float32):
+        feed = {"images": test, "threshold": np.array(threshold)}  # a 0-d float32 array
+        flags = session.run(["is_anomalous"], feed)[0]
+        assert_labels_like(flags, scores, threshold, np.where(scores >= threshold, -1, 1))
 
 
 def test_float16_keeps_the_auroc_and_the_size_targets(r18):
