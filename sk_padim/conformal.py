@@ -180,8 +180,7 @@ def p_values_from_scores(training_scores, scores) -> np.ndarray:
 
 
 def training_scores_of(estimator) -> np.ndarray:
-    """The held-out training scores of a fitted detector, or of the detector inside a
-    pipeline or calibrator.
+    """The held-out training scores of a fitted detector, pipeline or calibrator.
 
     Parameters
     ----------
@@ -192,6 +191,7 @@ def training_scores_of(estimator) -> np.ndarray:
     Returns
     -------
     training_scores : ndarray of shape (n,)
+        The detector's ``training_scores_``, as float64.
 
     Raises
     ------
@@ -356,8 +356,8 @@ def drift_report(
     report : dict
         ``n_images``, ``n_flagged``, ``flagged_rate``, ``threshold``,
         ``false_alarm_rate`` (the rate the threshold promises on good images,
-        :func:`implied_false_alarm_rate`), ``count_p_value``, ``shift_p_value``,
-        ``drift_p_value``, ``level`` and ``drift`` (bool).
+        :func:`~sk_padim.conformal.implied_false_alarm_rate`), ``count_p_value``,
+        ``shift_p_value``, ``drift_p_value``, ``level`` and ``drift`` (bool).
 
     Examples
     --------

@@ -44,8 +44,7 @@ _KEEP_FLOAT32 = ("mean_high", "mean_low")
 
 
 class ExportedPadim(nn.Module):
-    """uint8 images ``(B, H, W, 3)`` [, ``threshold``] -> ``anomaly_map``, ``score`` [,
-    ``is_anomalous``].
+    """uint8 images ``(B, H, W, 3)`` -> ``anomaly_map``, ``score`` [, ``is_anomalous``].
 
     The same :class:`~sk_padim.model.PadimModel` that scores in Python, its Gaussians'
     factors kept packed (:class:`~sk_padim.mahalanobis.PatchGaussians`), with
