@@ -61,6 +61,7 @@ LAZY_IMPORTS = {
         ("cli", module): _CLI_LAZY
         for module in (
             "calibration",
+            "conformal",
             "datasets",
             "demo",
             "evaluation",
