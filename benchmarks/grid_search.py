@@ -61,7 +61,12 @@ N_FEATURES = [25, 50, 100]
 def pipeline(args, memory=None, threshold=None) -> Pipeline:
     weights = None if args.weights == "none" else args.weights
     feat = PatchFeatureTransformer(
-        weights=weights, image_size=args.image_size, random_state=0, memory=memory
+        weights=weights,
+        image_size=args.image_size,
+        random_state=0,
+        memory=memory,
+        precision=args.precision,
+        runtime=args.runtime,
     )
     return Pipeline([("feat", feat), ("padim", PadimDetector(threshold=threshold))])
 
@@ -141,6 +146,8 @@ def run(args) -> dict:
         "n_images": args.n_images,
         "image_size": args.image_size,
         "n_jobs": args.n_jobs,
+        "precision": args.precision,
+        "runtime": args.runtime,
         "grid_seconds_without_memory": plain_seconds,
         "grid_seconds_with_memory": cached_seconds,
         "grid_seconds_with_memory_fixed_threshold": fixed_seconds,
@@ -169,7 +176,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"ResNet-18, {result['image_size']} px, {result['n_images']} images, "
         f"d in {N_FEATURES} x {len(LAYER_SETS)} layer sets, NormalTrainSplit(3), "
-        f"pixel AUROC, n_jobs={result['n_jobs']}; {result['machine']['cores']} cores, "
+        f"pixel AUROC, n_jobs={result['n_jobs']}, backbone {result['precision']} "
+        f"{result['runtime']}; {result['machine']['cores']} cores, "
         f"{result['machine']['torch_threads']} torch threads",
         "",
         "| | seconds | x grid without memory |",
@@ -208,6 +216,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-jobs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
     parser.add_argument("--out", default="", help="also write the table and JSON here")
+    parser.add_argument("--precision", default="float32", help="the transformer's precision")
+    parser.add_argument("--runtime", default="eager", help="the transformer's runtime")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,7 +227,9 @@ def main(argv=None) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"grid_search_{args.image_size}"
+        stem = f"grid_search_{args.image_size}" + (
+            "" if args.runtime == "eager" else f"_{args.runtime}"
+        )
         (out / f"{stem}.md").write_text(table + "\n")
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -19,11 +19,12 @@ In one process, for each backbone setting (``precision`` x ``runtime``) of
   factorisation, held-out thresholds);
 - the maps' largest relative difference from float32 eager.
 
-Then anomalib's deployment route, in ``--anomalib-python`` (an interpreter where
+In the same rounds, anomalib's deployment route, in ``--anomalib-python`` (an interpreter where
 anomalib and openvino import), with the same images: ``PadimModel`` (ResNet-18, the
 same layers, d=100) fitted on the training images, exported to ONNX and run by OpenVINO
 with its CPU defaults (bf16 on CPUs with AMX), uint8 -> float conversion included, as
-anomalib's ``OpenVINOInferencer`` feeds it. And sk-padim's own ``export_onnx`` file run
+anomalib's ``OpenVINOInferencer`` feeds it (a child process that fits and compiles once,
+then runs the test images once per round); and sk-padim's own ``export_onnx`` file run
 by OpenVINO the same way. Settings that cannot run here (bfloat16 where the CPU
 emulates it: several times slower than float32) are listed with the reason.
 
@@ -120,8 +121,9 @@ def fitted_pipeline(precision: str, runtime: str, train, args) -> dict:
     }
 
 
-def measure_rounds(models: dict, backbone, test, args) -> dict:
-    """Median images/s of the bare backbone and of each model's scoring, alternating."""
+def measure_rounds(models: dict, backbone, others: dict, test, args) -> dict:
+    """Median images/s of the bare backbone, each model's scoring and each of ``others``
+    (name -> a function timing one run over the test images), in interleaved rounds."""
     batch = test[: args.batch_size]
     pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255)
     pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -130,6 +132,7 @@ def measure_rounds(models: dict, backbone, test, args) -> dict:
     for name, model in models.items():
         model["pipe"].decision_function(batch)  # warm-up
         rates[name], own[name] = [], []
+    rates.update({name: [] for name in others})
     with torch.inference_mode():
         backbone(pixels)
     for _ in range(args.repeats):
@@ -142,9 +145,12 @@ def measure_rounds(models: dict, backbone, test, args) -> dict:
             features = pipe[0].transform(batch)
             own_s = seconds_of(lambda pipe=pipe, f=features: pipe[1].decision_function(f))
             own[name].append(own_s / len(batch))
+        for name, timed in others.items():
+            rates[name].append(len(test) / timed())
     return {
         "rates": {name: statistics.median(values) for name, values in rates.items()},
         "own_s_per_image": {name: statistics.median(values) for name, values in own.items()},
+        "rounds": rates,
     }
 
 
@@ -158,8 +164,9 @@ def map_errors(models: dict, test) -> dict:
     }
 
 
-def exported_with_openvino(pipe, test, args) -> dict:
-    """sk-padim's export_onnx file run by OpenVINO with its CPU defaults."""
+def exported_with_openvino(pipe, test, args):
+    """sk-padim's export_onnx file compiled by OpenVINO with its CPU defaults: a function
+    that runs it on the test images, and its maps' error."""
     import openvino as ov
 
     from sk_padim import export_onnx
@@ -175,12 +182,10 @@ def exported_with_openvino(pipe, test, args) -> dict:
         request = compiled.create_infer_request()
         return [request.infer({name: batch}) for batch in batches]
 
-    run()
-    rates = [len(test) / seconds_of(run) for _ in range(args.repeats)]
     maps = np.concatenate([list(result.values())[0] for result in run()])
     exact = pipe.score_samples(test)
     error = float(np.abs(maps.reshape(exact.shape) - exact).max() / np.abs(exact).max())
-    return {"images_per_s": statistics.median(rates), "map_error": error}
+    return run, error
 
 
 def anomalib_child(spec: dict) -> dict:
@@ -238,31 +243,52 @@ def anomalib_child(spec: dict) -> dict:
             request.infer({"input": pixels})
 
     run()
-    rates = [len(test) / seconds_of(run) for _ in range(spec["repeats"])]
-    return {"images_per_s": statistics.median(rates), "precision": precision}
+    print(json.dumps({"precision": precision}), flush=True)
+    for _ in sys.stdin:  # one timed run per line the parent sends: rounds stay interleaved
+        print(json.dumps({"seconds": seconds_of(run)}), flush=True)
 
 
-def anomalib_route(python: str, train, test, args) -> dict:
-    """The anomalib child's figures, or why it was skipped."""
-    with tempfile.TemporaryDirectory() as folder:
+class AnomalibRoute:
+    """anomalib's route in a child process (its own interpreter), timed on request.
+
+    The child fits and compiles once, then runs the test images once per :meth:`seconds`
+    call, so that its runs are interleaved with the others' round by round.
+    """
+
+    def __init__(self, python: str, train, test, args):
+        self.folder = tempfile.TemporaryDirectory()
         spec = {
-            "train": str(Path(folder) / "train.npy"),
-            "test": str(Path(folder) / "test.npy"),
+            "train": str(Path(self.folder.name) / "train.npy"),
+            "test": str(Path(self.folder.name) / "test.npy"),
             "batch_size": args.batch_size,
             "n_features": args.n_features,
-            "repeats": args.repeats,
         }
         np.save(spec["train"], train)
         np.save(spec["test"], test)
-        done = subprocess.run(
+        self.child = subprocess.Popen(
             [python, __file__, CHILD_FLAG, json.dumps(spec)],
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             text=True,
-            timeout=1800,
         )
-    if done.returncode != 0:
-        return {"skipped": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        self.precision = self._answer()["precision"]
+
+    def _answer(self) -> dict:
+        line = self.child.stdout.readline()
+        if not line:
+            raise RuntimeError("anomalib's child process stopped (does anomalib import there?)")
+        return json.loads(line)
+
+    def seconds(self) -> float:
+        self.child.stdin.write("run\n")
+        self.child.stdin.flush()
+        return self._answer()["seconds"]
+
+    def close(self) -> None:
+        self.child.stdin.close()
+        self.child.wait(timeout=60)
+        self.folder.cleanup()
 
 
 def markdown(result: dict) -> str:
@@ -279,7 +305,7 @@ def markdown(result: dict) -> str:
         "error |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    anomalib = result["anomalib"].get("images_per_s")
+    anomalib = result["rates"].get("anomalib")
 
     def versus(rate):
         return f"{rate / anomalib:.2f}x" if anomalib else "n/a"
@@ -292,22 +318,19 @@ def markdown(result: dict) -> str:
             f"{row['compile_s']:.2f} | {row['own_s_per_image'] * rate:.2f} | "
             f"{row['map_error']:.1e} |"
         )
-    exported = result.get("exported")
-    if exported:
-        rate = exported["images_per_s"]
+    if "exported" in result["rates"]:
+        rate = result["rates"]["exported"]
         lines.append(
             f"| sk-padim `export_onnx` file, OpenVINO defaults | {rate:.1f} | "
             f"{rate / result['rates']['float32 eager']:.2f}x | {versus(rate)} | | | | "
-            f"{exported['map_error']:.1e} |"
+            f"{result['exported_map_error']:.1e} |"
         )
     if anomalib:
         lines.append(
             f"| anomalib `PadimModel` -> ONNX -> OpenVINO defaults "
-            f"({result['anomalib']['precision']}) | {anomalib:.1f} | "
+            f"({result['anomalib_precision']}) | {anomalib:.1f} | "
             f"{anomalib / result['rates']['float32 eager']:.2f}x | 1.00x | | | | |"
         )
-    else:
-        lines.append(f"| anomalib + OpenVINO | skipped: {result['anomalib']['skipped']} |")
     lines.append(f"| bare backbone (torchvision, eager float32) | {bare:.1f} | | | | | | |")
     lines += ["", *[f"- {note}" for note in result["notes"]]]
     return "\n".join(lines) + "\n"
@@ -322,36 +345,48 @@ def run(args) -> dict:
     pairs, notes = settings(args.include_emulated)
     models = {f"{p} {r}": fitted_pipeline(p, r, train, args) for p, r in pairs}
     backbone, _ = bare_backbone(args.image_size)
-    measured = measure_rounds(models, backbone, test, args)
+    others, result = {}, {"notes": notes}
+    if any(runtime == "openvino" for _, runtime in pairs):
+        run_exported, error = exported_with_openvino(models["float32 eager"]["pipe"], test, args)
+        others["exported"] = lambda: seconds_of(run_exported)
+        result["exported_map_error"] = error
+    anomalib = None
+    if args.anomalib_python:
+        anomalib = AnomalibRoute(args.anomalib_python, train, test, args)
+        others["anomalib"] = anomalib.seconds
+        result["anomalib_precision"] = anomalib.precision
+    else:
+        notes.append("anomalib left out: pass --anomalib-python")
+    try:
+        measured = measure_rounds(models, backbone, others, test, args)
+    finally:
+        if anomalib is not None:
+            anomalib.close()
     errors = map_errors(models, test)
     native = native_reduced_precision(torch.device("cpu"))
-    result = {
-        "n_features": args.n_features,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"native reduced precision: {native}",
-        "rates": measured["rates"],
-        "settings": {
-            name: {
-                "compile_s": model["compile_s"],
-                "fit_s": model["fit_s"],
-                "own_s_per_image": measured["own_s_per_image"][name],
-                "map_error": errors[name],
-            }
-            for name, model in models.items()
-        },
-        "notes": notes,
-    }
-    if any(runtime == "openvino" for _, runtime in pairs):
-        result["exported"] = exported_with_openvino(models["float32 eager"]["pipe"], test, args)
-    if args.anomalib_python:
-        result["anomalib"] = anomalib_route(args.anomalib_python, train, test, args)
-    else:
-        result["anomalib"] = {"skipped": "pass --anomalib-python"}
+    result.update(
+        {
+            "n_features": args.n_features,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "machine": f"{platform.processor() or platform.machine()}, torch "
+            f"{torch.__version__}, native reduced precision: {native}",
+            "rates": measured["rates"],
+            "rounds": measured["rounds"],
+            "settings": {
+                name: {
+                    "compile_s": model["compile_s"],
+                    "fit_s": model["fit_s"],
+                    "own_s_per_image": measured["own_s_per_image"][name],
+                    "map_error": errors[name],
+                }
+                for name, model in models.items()
+            },
+        }
+    )
     return result
 
 
@@ -366,7 +401,12 @@ def accuracy(args) -> dict:
 
     torch.set_num_threads(args.threads)
     dataset = make_defect_textures(
-        ["brick", "grass", "gravel"], image_size=args.accuracy_size, n_train=40, random_state=0
+        ["brick", "grass", "gravel"],
+        image_size=args.accuracy_size,
+        n_train=40,
+        n_test_good=30,
+        n_test_defective=30,
+        random_state=0,
     )
     pairs = [(p, r) for p, r in ACCURACY_SETTINGS if r != "openvino" or openvino_available()]
     table = {}
@@ -395,7 +435,7 @@ def accuracy(args) -> dict:
 def accuracy_markdown(result: dict) -> str:
     lines = [
         f"EfficientNet-Lite0 (ImageNet weights), d=100, {result['image_size']} px, built-in "
-        "textures (40 training images per category)",
+        "textures (40 training, 30 good and 30 defective test images per category)",
         "",
         "| category | setting | image AUROC | pixel AUROC | change from float32 eager "
         "(image / pixel) | maps' relative error |",

@@ -177,3 +177,40 @@ def test_openvino_with_memory_reads_stored_outputs_and_caches_its_compiled_model
     exact = PatchFeatureTransformer(**params(n_features=12)).fit_transform(images)
     np.testing.assert_allclose(features, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
     assert stored.shape[1] == 24
+
+
+def write_images(folder: Path, images: np.ndarray) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return folder
+
+
+def test_cli_names_the_library_choices():
+    from sk_padim import cli
+
+    assert cli._PRECISIONS == runtimes.PRECISIONS and cli._RUNTIMES == runtimes.RUNTIMES
+
+
+@needs_openvino
+def test_cli_fits_with_a_runtime_the_model_records_and_score_overrides_it(images, tmp_path):
+    from sk_padim.cli import main
+
+    good = write_images(tmp_path / "good", images)
+    model = tmp_path / "model.joblib"
+    options = ["--weights", "none", "--image-size", "64", "--n-features", "24", "--device", "cpu"]
+    assert main(["fit", str(good), "-o", str(model), *options, "--runtime", "openvino", "-q"]) == 0
+    feat = joblib.load(model)[0]
+    assert (feat.runtime, feat.precision) == ("openvino", "float32")
+    for runtime, out in (("openvino", None), ("eager", "--runtime")):
+        folder = tmp_path / runtime
+        argv = ["score", str(model), str(good), "-o", str(folder), "-q"]
+        assert main(argv + ([out, runtime] if out else [])) == 0
+    fast, eager = (
+        np.loadtxt(tmp_path / r / "scores.csv", delimiter=",", skiprows=1, usecols=1)
+        for r in ("openvino", "eager")
+    )
+    np.testing.assert_allclose(fast, eager, rtol=1e-4)
+    assert joblib.load(model)[0].runtime == "openvino", "score changed the model file"
