@@ -123,29 +123,6 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     random_state : int, RandomState instance or None, default=None
         Seeds the draw of the channel indices and, with ``weights=None``, the random
         initialisation of the backbone.
-    precision : {"float32", "bfloat16", "float16", "auto"}, default="float32"
-        The precision the backbone runs in. ``"float32"`` is exact (the reference
-        recipe). ``"bfloat16"`` and ``"float16"`` run it in reduced precision, with
-        channels-last memory; the features handed on are float32 and the statistics,
-        factors and distances stay float32/float64, so only the backbone's rounding
-        changes (features about 1e-2 relative; image and pixel AUROCs within 0.01 of
-        float32 on the built-in data, see docs/performance.md). ``"float16"`` needs a
-        CUDA device. ``"auto"`` is bfloat16 where the device runs it natively (CPUs with
-        AMX or AVX512-BF16, CUDA GPUs from Ampere on) and float32 elsewhere, where
-        bfloat16 is emulated and slower (``sk_padim.runtimes.native_reduced_precision``);
-        it is resolved on the machine that runs the transform, so a model moves between
-        machines and keeps the fast path where there is one.
-    runtime : {"eager", "openvino"}, default="eager"
-        What runs the backbone. ``"eager"``: PyTorch. ``"openvino"``: the truncated
-        backbone traced once per fitted transformer (on a copy), compiled by OpenVINO
-        for the CPU in ``precision`` (its bf16 hint for ``"bfloat16"``, or ``"auto"``
-        where native) and shared by threads; batches and tiles of any size run without
-        recompiling. Needs the ``openvino`` extra and ``device="cpu"``; :meth:`fit`
-        says so when either is missing. A model fitted with it and loaded where
-        OpenVINO is not installed runs eagerly, with one warning. Compiling takes about
-        2 s, at the first :meth:`transform` that runs the backbone (with ``memory``,
-        OpenVINO's compiled model is cached in that folder too). On a 2-core AVX2 CPU
-        it runs ResNet-18 about 2x faster than eager float32 (docs/performance.md).
     autocast : {"bfloat16", "float16"} or None, default=None
         Deprecated: use ``precision``, which this sets when given.
     verbose : bool, default=False
@@ -190,6 +167,31 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         never tiles. Backbones that pool over the whole image (torchvision's
         EfficientNets, with squeeze-and-excitation) cannot be tiled: with them, use
         ``None``.
+    precision : {"float32", "bfloat16", "float16", "auto"}, default="float32"
+        The precision the backbone runs in. ``"float32"`` is exact (the reference
+        recipe). ``"bfloat16"`` and ``"float16"`` run it in reduced precision, with
+        channels-last memory; the features handed on are float32 and the statistics,
+        factors and distances stay float32/float64, so only the backbone's rounding
+        changes (features about 1e-2 relative; image and pixel AUROCs within 0.01 of
+        float32 on the built-in data, see docs/performance.md). ``"float16"`` needs a
+        CUDA device. ``"auto"`` is bfloat16 where the device runs it natively (CPUs with
+        AMX or AVX512-BF16, CUDA GPUs from Ampere on) and float32 elsewhere, where
+        bfloat16 is emulated and slower (``sk_padim.runtimes.native_reduced_precision``);
+        it is resolved on the machine that runs the transform, so a model moves between
+        machines and keeps the fast path where there is one.
+    runtime : {"eager", "openvino"}, default="eager"
+        What runs the backbone. ``"eager"``: PyTorch. ``"openvino"``: the truncated
+        backbone exported once per fitted transformer (``torch.export`` of a copy) and
+        compiled by OpenVINO for the CPU, in bf16 where ``precision`` asks for it and the
+        CPU has it, float32 otherwise; shared by threads, for batches and tiles of any
+        size. Needs the ``openvino`` extra and ``device="cpu"``; :meth:`fit` says so
+        when either is missing, and a model fitted with it and loaded where OpenVINO is
+        not installed runs eagerly, with one warning. Compiling takes 3-4 s, at the
+        first :meth:`transform` that runs the backbone (with ``memory``, only when an
+        image misses the cache, and OpenVINO's compiled model is cached in that folder
+        too). Measure before choosing: on a 2-core AVX2 CPU it scored 1.1x the eager
+        float32 pipeline; OpenVINO's bf16 on CPUs with AMX is reported far faster
+        (docs/performance.md).
 
     Attributes
     ----------

@@ -169,8 +169,9 @@ class OpenVinoBackbone(nn.Module):
 
     A copy of the backbone is exported with ``torch.export`` (the original, which other
     threads may run, is not touched) with a dynamic batch, height and width, so that
-    ragged last batches and tiles of any size run without recompiling, and compiled once. Each call runs its own
-    infer request, so any number of threads may call one instance.
+    ragged last batches and tiles of any size run without recompiling, and compiled
+    once. Each call runs its own infer request, so any number of threads may call one
+    instance.
 
     Parameters
     ----------
