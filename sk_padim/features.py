@@ -186,7 +186,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         CPU has it, float32 otherwise; shared by threads, for batches and tiles of any
         size. Needs the ``openvino`` extra and ``device="cpu"``; :meth:`fit` says so
         when either is missing, and a model fitted with it and loaded where OpenVINO is
-        not installed runs eagerly, with one warning. Compiling takes 3-4 s, at the
+        not installed runs eagerly, with one warning. Compiling takes about 4 s, at the
         first :meth:`transform` that runs the backbone (with ``memory``, only when an
         image misses the cache, and OpenVINO's compiled model is cached in that folder
         too). Measure before choosing: on a 2-core AVX2 CPU it scored 1.1x the eager
