@@ -20,8 +20,8 @@ from torch import nn
 import sk_padim
 from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
 from sk_padim import detector as detector_module
+from sk_padim.core.statistics import PatchStatistics
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
-from sk_padim.statistics import PatchStatistics
 from sk_padim.versioning import VersionMismatchWarning
 
 
@@ -117,6 +117,11 @@ def test_files_of_an_earlier_development_format_say_to_refit(small_detector, tmp
     (tmp_path / "old.joblib").write_bytes(data)
     with pytest.raises(ValueError, match=r"earlier development version.*old\.joblib"):
         load_model(tmp_path / "old.joblib")
+    # A pickle of the format 2 layout names modules that moved into sk_padim.core.
+    (tmp_path / "flat.joblib").write_bytes(b"csk_padim.statistics\nPatchStatistics\n.")
+    with pytest.raises(ValueError, match=r"earlier development version.*refit it") as info:
+        load_model(tmp_path / "flat.joblib")
+    assert "flat.joblib" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_archive_holds_only_plain_arrays_and_json(fitted, tmp_path):
