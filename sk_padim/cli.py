@@ -16,7 +16,7 @@ the regions and the pictures all live in the library. The library (torch, scikit
 is imported inside the commands, so that ``sk-padim --help`` answers at once.
 
 ``sk-padim score -o DIR`` writes each result as it is made
-(:class:`sk_padim.score_run.ScoreRun`). Ctrl-C is caught by a handler installed for the
+(``sk_padim.score_run.ScoreRun``). Ctrl-C is caught by a handler installed for the
 command's run only (``_Interrupts``), which sets a flag checked between images, so that
 no interrupt is lost, even one that lands in a weak-reference callback.
 """

@@ -19,7 +19,7 @@ from torch import nn
 
 import sk_padim
 from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
-from sk_padim import detector as detector_module
+from sk_padim import fitting as fitting_module
 from sk_padim.core.statistics import PatchStatistics
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
 from sk_padim.versioning import VersionMismatchWarning
@@ -455,7 +455,7 @@ def test_fit_interrupted_while_setting_the_threshold_keeps_the_last_state(monkey
     rng = np.random.default_rng(0)
     detector = PadimDetector().fit(rng.normal(size=(5, 3, 2, 2)))
     before = snapshot(detector)
-    interrupt_on_call(monkeypatch, detector_module, "held_out_distances", 1)
+    interrupt_on_call(monkeypatch, fitting_module, "held_out_distances", 1)
     with pytest.raises(KeyboardInterrupt):
         detector.fit(rng.normal(size=(7, 3, 2, 2)))
     monkeypatch.undo()
