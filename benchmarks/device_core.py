@@ -38,8 +38,8 @@ from sklearn.pipeline import Pipeline
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.backbones import load_backbone
-from sk_padim.devices import resolve_device
+from sk_padim.core.backbones import load_backbone
+from sk_padim.core.devices import resolve_device
 
 
 def synchronised(device: torch.device, call):

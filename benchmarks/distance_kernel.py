@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from sk_padim.mahalanobis import PatchGaussians
+from sk_padim.core.mahalanobis import PatchGaussians
 
 
 def seconds_per_call(gaussians: PatchGaussians, features: torch.Tensor, repeats: int) -> float:

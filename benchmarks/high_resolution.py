@@ -97,7 +97,7 @@ def write_dataset(folder: Path, size: tuple[int, int], args) -> dict:
     }
     if meta_path.is_file() and json.loads(meta_path.read_text())["params"] == wanted:
         return json.loads(meta_path.read_text())
-    from sk_padim.datasets import make_high_resolution_textures
+    from sk_padim.synthetic import make_high_resolution_textures
 
     data = make_high_resolution_textures(
         args.category,
@@ -131,7 +131,7 @@ def write_pngs(images: np.ndarray, folder: Path) -> list[str]:
 def save_backbone(folder: Path, args) -> dict:
     """The backbone's weights as a state-dict file and a whole-module file; its layers."""
     from sk_padim import PatchFeatureTransformer
-    from sk_padim.backbones import load_backbone
+    from sk_padim.core.backbones import load_backbone
 
     weights = None if args.weights == "none" else args.weights
     model = load_backbone(args.backbone, weights, init_seed=SEED)
@@ -240,7 +240,7 @@ def child_sk_padim(spec: dict) -> dict:
 
 def child_backbone(spec: dict) -> dict:
     """torchvision's truncated backbone alone on decoded, normalised pixels."""
-    from sk_padim.backbones import TruncatedBackbone, load_backbone
+    from sk_padim.core.backbones import TruncatedBackbone, load_backbone
 
     pixels = [load_pixels(path, spec["size"], spec["normalization"]) for path in spec["test"]]
     model = load_backbone(spec["backbone"], spec["weights"], init_seed=SEED)

@@ -44,13 +44,13 @@ from PIL import Image
 from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer, image_auroc, pixel_auroc
-from sk_padim.backbones import TruncatedBackbone, load_backbone
-from sk_padim.devices import resolve_device
-from sk_padim.images import iter_batches
-from sk_padim.mahalanobis import PatchGaussians
-from sk_padim.model import PatchScorer
-from sk_padim.postprocess import AnomalyMapGenerator
-from sk_padim.statistics import PatchStatistics
+from sk_padim.core.backbones import TruncatedBackbone, load_backbone
+from sk_padim.core.devices import resolve_device
+from sk_padim.core.images import iter_batches
+from sk_padim.core.mahalanobis import PatchGaussians
+from sk_padim.core.model import PatchScorer
+from sk_padim.core.postprocess import AnomalyMapGenerator
+from sk_padim.core.statistics import PatchStatistics
 
 
 def with_defects(images: np.ndarray, seed: int):

@@ -65,7 +65,7 @@ def seconds_of(call) -> float:
 
 def settings(include_emulated: bool) -> tuple[list[tuple[str, str]], list[str]]:
     """The (precision, runtime) pairs to measure here, and notes on those left out."""
-    from sk_padim.runtimes import native_reduced_precision, openvino_available
+    from sk_padim.core.runtimes import native_reduced_precision, openvino_available
 
     native = native_reduced_precision(torch.device("cpu")) is not None
     pairs, notes = [("float32", "eager")], []
@@ -87,7 +87,7 @@ def bare_backbone(image_size: int) -> tuple[torch.nn.Module, torch.Tensor]:
     """torchvision's ResNet-18 cut after layer3, eager float32, and a preprocessed batch."""
     import torchvision
 
-    from sk_padim.backbones import TruncatedBackbone
+    from sk_padim.core.backbones import TruncatedBackbone
 
     model = torchvision.models.resnet18(weights=None).eval()
     probe = torch.zeros(1, 3, image_size, image_size)
@@ -97,7 +97,7 @@ def bare_backbone(image_size: int) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def backbone_runner(feat, precision: str, runtime: str) -> torch.nn.Module:
     """The fitted transformer's backbone as the setting runs it (batch norms folded)."""
-    from sk_padim.runtimes import AutocastBackbone, OpenVinoBackbone, backbone_setting
+    from sk_padim.core.runtimes import AutocastBackbone, OpenVinoBackbone, backbone_setting
 
     setting = backbone_setting(precision, runtime, torch.device("cpu"), strict=True)
     if setting.runtime == "openvino":
@@ -363,7 +363,7 @@ def markdown(result: dict) -> str:
 
 
 def run(args) -> dict:
-    from sk_padim.runtimes import native_reduced_precision
+    from sk_padim.core.runtimes import native_reduced_precision
 
     torch.set_num_threads(args.threads)
     train = synthetic_images(args.n_train, args.image_size, seed=0)
@@ -427,8 +427,8 @@ ACCURACY_SETTINGS = [("float32", "eager"), ("bfloat16", "eager"), ("float32", "o
 def accuracy(args) -> dict:
     """Image and pixel AUROC per category and setting on the built-in textures."""
     from sk_padim import image_auroc, make_defect_textures, pixel_auroc
+    from sk_padim.core.runtimes import openvino_available
     from sk_padim.evaluation import padim_pipeline
-    from sk_padim.runtimes import openvino_available
 
     torch.set_num_threads(args.threads)
     dataset = make_defect_textures(

@@ -20,8 +20,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 
 from sk_padim import F1ThresholdCalibrator, PadimDetector, PatchFeatureTransformer
-from sk_padim.datasets import make_defect_textures
 from sk_padim.plotting import AnomalyMapDisplay, ImageScoreDisplay
+from sk_padim.synthetic import make_defect_textures
 
 # The tests run every example with SK_PADIM_EXAMPLES_SMALL=1, at a smaller size.
 IMAGE_SIZE = 64 if os.environ.get("SK_PADIM_EXAMPLES_SMALL") else 128

@@ -28,7 +28,7 @@ from sk_padim import (
     clear_feature_cache,
     pixel_auroc_scorer,
 )
-from sk_padim.datasets import make_defect_textures
+from sk_padim.synthetic import make_defect_textures
 
 # The tests run every example with SK_PADIM_EXAMPLES_SMALL=1, at a smaller size.
 SMALL = bool(os.environ.get("SK_PADIM_EXAMPLES_SMALL"))

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 from sk_padim import make_defect_textures, write_mvtec_layout
-from sk_padim.datasets import find_mvtec_categories
-from sk_padim.evaluation import Category, evaluate, padim_pipeline, results_table
+from sk_padim.datasets import find_mvtec_categories, load_mvtec_category
+from sk_padim.evaluation import evaluate, padim_pipeline, results_table
 
 # The tests run every example with SK_PADIM_EXAMPLES_SMALL=1, at a smaller size.
 SMALL = bool(os.environ.get("SK_PADIM_EXAMPLES_SMALL"))
@@ -53,7 +53,7 @@ def main() -> None:
         # One category at a time: fit a clone on train/good, score test/ once (maps and
         # image scores), compare with ground_truth/ (masks resized to the maps, nearest).
         results = evaluate(
-            pipe, args.categories or found, lambda name: Category.from_mvtec(root, name)
+            pipe, args.categories or found, lambda name: load_mvtec_category(root, name)
         )
         print(results_table(results))
 

@@ -1,17 +1,17 @@
 """PaDiM image anomaly detection and localisation as scikit-learn estimators."""
 
 # The public names are imported on first use (PEP 562), so that ``import sk_padim.cli``
-# (``sk-padim --help``) does not import torch; ``from sk_padim import X`` works as before.
+# (``sk-padim --help``) does not import torch; ``from sk_padim import X`` imports X's module.
 import importlib
 
 from sk_padim._version import __version__
 
 _SOURCES = {
-    "DeviceFeatures": "devices",
+    "DeviceFeatures": "core.devices",
     "F1ThresholdCalibrator": "calibration",
     "NormalTrainSplit": "model_selection",
     "PadimDetector": "detector",
-    "PadimModel": "model",
+    "PadimModel": "core.model",
     "PatchFeatureTransformer": "features",
     "QuantileThresholdCalibrator": "calibration",
     "aupro": "metrics",
@@ -29,8 +29,8 @@ _SOURCES = {
     "load_model": "persistence",
     "load_mvtec_ad": "datasets",
     "load_npz": "persistence",
-    "make_defect_textures": "datasets",
-    "make_high_resolution_textures": "datasets",
+    "make_defect_textures": "synthetic",
+    "make_high_resolution_textures": "synthetic",
     "normalized_score": "regions",
     "p_values": "conformal",
     "pixel_auroc": "metrics",

@@ -7,6 +7,8 @@ message that says how to fix it. :func:`one_line` puts such a message on one lin
 the front reports it.
 """
 
+import numbers
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -100,6 +102,16 @@ def check_both_classes(truth: NDArray[np.bool_], what: str) -> None:
             f"{what} is undefined: the ground truth holds only {found} samples. Use data "
             "with both normal and anomalous images (or pixels)."
         )
+
+
+def check_int(value, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as an ``int``; a ``ValueError`` naming ``name`` unless it is an integer
+    (not a bool) from ``low`` to ``high`` (no upper bound when None)."""
+    valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not valid or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bounds}; got {value!r}.")
+    return int(value)
 
 
 def one_line(message: object, limit: int | None = None) -> str:

@@ -15,24 +15,16 @@ The command calls the library's public functions only: image discovery
 the regions and the pictures all live in the library. The library (torch, scikit-learn)
 is imported inside the commands, so that ``sk-padim --help`` answers at once.
 
-``sk-padim score -o DIR`` writes each result as it is made: images are scored a batch at
-a time (:func:`sk_padim.streaming.iter_scores`) and each image's picture, regions and
-row of ``scores.csv`` (flushed) are written before the next image's, each picture to a
-temporary name renamed into place; only one batch of maps is held, whatever the number
-of images. An interrupted run keeps every completed row; ``--resume`` scores only the
-images not yet in ``scores.csv``. At the end, ``summary.json`` is written from all the
-rows of ``scores.csv`` (:func:`sk_padim.drift_report`). Ctrl-C is caught by a handler
-installed for the command's run only, which sets a flag checked between images, so no
-interrupt is lost (one landing in a weak-reference callback used to be swallowed).
+``sk-padim score -o DIR`` writes each result as it is made
+(``sk_padim.score_run.ScoreRun``). Ctrl-C is caught by a handler installed for the
+command's run only (``_Interrupts``), which sets a flag checked between images, so that
+no interrupt is lost, even one that lands in a weak-reference callback.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
-import json
 import os
 import re
 import signal
@@ -48,14 +40,14 @@ from pathlib import Path
 from sk_padim._checks import one_line
 from sk_padim._version import __version__
 
+__all__ = ["main"]
+
 # The library is imported inside the commands (torch takes seconds to import), so that
 # ``sk-padim --help`` and usage errors answer at once.
 
 # Errors that come from the user's inputs; they are reported on one line. Anything
 # else is a bug and keeps its traceback.
 _USER_ERRORS = (OSError, ValueError, TypeError, ImportError, RuntimeError)
-_SCORE_CHUNK = 256  # at most this many images scored at once: bounds features and maps
-# (the transformer's batch_size when smaller)
 # PatchFeatureTransformer's defaults, for the help text without importing torch
 # (tests/test_cli.py checks them against the class).
 _FEATURE_DEFAULTS = {
@@ -68,12 +60,11 @@ _FEATURE_DEFAULTS = {
     "device": "auto",
 }
 DEMO_BACKBONE = "efficientnet_lite0"  # sk_padim.demo.DEMO_BACKBONE (checked by the tests)
-# sk_padim.runtimes.PRECISIONS and RUNTIMES (checked by the tests): importing that module
+# sk_padim.core.runtimes.PRECISIONS and RUNTIMES (checked by the tests): importing that module
 # imports torch, which ``sk-padim --help`` does not wait for.
 _PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 _RUNTIMES = ("eager", "openvino")
 _CSV_HEADER = ["image", "score", "p_value", "relative", "normalized", "label"]
-_SUMMARY = "summary.json"
 _MASK_SUFFIX = "_mask.png"
 # A library parameter in an error message, ``name=value``: the command line says
 # ``--name value`` instead (see _command_line_spelling).
@@ -752,12 +743,22 @@ def _score_images(args: argparse.Namespace, progress: bool, interrupts: _Interru
     _set_speed(pipeline, args)
     paths = _image_files(args.images)
     header = _CSV_HEADER + (["regions"] if args.regions else [])
-    run = _ScoreRun(args, pipeline, thresholds, paths, header)
+    from sk_padim.score_run import ScoreRun
+
+    run = ScoreRun(
+        args,
+        pipeline,
+        thresholds,
+        paths,
+        header,
+        info=lambda message: _info(args, message),
+        warn=lambda message: _warn(args, message),
+    )
     args.interrupted = run.interrupted
     interrupts.check()  # one that came while the model loaded, if it was swallowed
     run.start()
     with interrupts.deferred():  # from here, a Ctrl-C stops the run between images
-        failures = run.score(progress, interrupts)
+        failures = run.score(progress, interrupts.check)
         run.finish(failures)
 
 
@@ -808,305 +809,6 @@ class _Interrupts:
         self.received = True
         if not self.deferring:
             raise KeyboardInterrupt
-
-
-class _ScoreRun:
-    """One ``sk-padim score``: its outputs, written as the images are scored."""
-
-    def __init__(self, args, pipeline, thresholds: _Thresholds, paths: list[str], header):
-        self.args, self.pipeline, self.thresholds = args, pipeline, thresholds
-        self.paths, self.header = paths, header
-        self.output = None if args.output is None else Path(args.output)
-        self.csv = self.regions = self.names = None
-        self.kept: set[str] = set()  # the images of the CSV being resumed
-        self.done: set[str] = set()  # those of them among the images to score
-        self.written = 0  # rows written by this run
-        self.scores: list[float] = []  # their scores
-        self.scale = None  # the pictures' colour scale
-
-    @property
-    def csv_path(self) -> Path:
-        return self.output / "scores.csv"
-
-    @property
-    def regions_path(self) -> Path:
-        return self.output / "regions.jsonl"
-
-    def start(self) -> None:
-        """Open the outputs (the CSV itself once a first row is ready)."""
-        if self.output is None:
-            return
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / _SUMMARY).unlink(missing_ok=True)  # written again at the end
-        if self.args.resume:
-            self.kept = _completed_images(self.csv_path, self.header)
-            self.done = self.kept & set(self.paths)
-            if self.args.regions:
-                _keep_regions_of(self.regions_path, self.kept)
-        if self.args.heatmaps:
-            from sk_padim.plotting import picture_names
-
-            self.names = dict(zip(self.paths, picture_names(self.paths), strict=True))
-        if self.args.regions:
-            self.regions = open(self.regions_path, "a" if self.kept else "w", encoding="utf-8")
-
-    def interrupted(self) -> str:
-        if self.output is None:
-            return f"; {self.written} rows were printed"
-        left = len(self.paths) - len(self.done) - self.written
-        return (
-            f"; {len(self.done) + self.written} of {len(self.paths)} images are in "
-            f"{self.csv_path} ({self.written} scored by this run, {left} left); finish "
-            "with the same command and --resume"
-        )
-
-    def score(self, progress: bool, interrupts: _Interrupts) -> list[tuple[str, str]]:
-        """Score the images not done yet, writing each image's results; the failures.
-        An interrupt (``interrupts``' flag) stops it between two images."""
-        from tqdm.auto import tqdm
-
-        todo = [path for path in self.paths if path not in self.done]
-        if self.done:
-            _info(self.args, f"Resuming: {len(self.done)} images already in {self.csv_path}.")
-        failures: list[tuple[str, str]] = []
-        size = max(1, min(_SCORE_CHUNK, getattr(self.pipeline[0], "batch_size", 32) or 32))
-        bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=not progress, leave=False)
-        try:
-            for start in range(0, len(todo), size):
-                chunk = todo[start : start + size]
-                for path, image_map, score in _scored(self.pipeline, chunk, failures):
-                    interrupts.check()
-                    self.write(path, image_map, score)
-                interrupts.check()
-                bar.update(len(chunk))
-        finally:
-            bar.close()
-            if self.regions is not None:
-                self.regions.close()
-            if self.csv is not None and self.output is not None:
-                self.csv.close()
-        return failures
-
-    def write(self, path: str, image_map, score: float) -> None:
-        """The image's picture (renamed into place), then its regions and row together."""
-        from sk_padim.regions import defect_regions, normalized_score, relative_score
-
-        regions = None
-        if self.args.regions:
-            (regions,) = defect_regions(
-                image_map, self.thresholds.pixel, min_area=self.args.min_area
-            )
-        if self.args.heatmaps:
-            self.save_picture(path, image_map, regions)
-        image = self.thresholds.image
-        row = [path, f"{score:.6g}", self.p_value(score)]
-        if image is None:
-            row += ["", "", ""]
-        else:
-            row += [
-                f"{float(relative_score(score, image)):.4f}",
-                f"{float(normalized_score(score, image)):.4f}",
-                "anomalous" if score >= image else "normal",
-            ]
-        if regions is not None:
-            row.append(str(len(regions)))
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerow(row)
-        records = "".join(json.dumps(_region_record(path, r)) + "\n" for r in regions or ())
-        # An image's regions and row go together: the run is in _Interrupts.deferred.
-        if self.regions is not None:
-            self.regions.write(records)
-            self.regions.flush()
-        csv_file = self.open_csv()
-        csv_file.write(text.getvalue())
-        csv_file.flush()
-        self.written += 1
-        self.scores.append(score)
-
-    def p_value(self, score: float) -> str:
-        """The image's conformal p-value, as written (empty without training scores)."""
-        from sk_padim.conformal import p_values_from_scores
-
-        training = self.thresholds.training_scores
-        if training is None:
-            return ""
-        return f"{float(p_values_from_scores(training, [score])[0]):.4g}"
-
-    def open_csv(self):
-        if self.csv is None:
-            if self.output is None:
-                self.csv = sys.stdout
-                self.csv.write(",".join(self.header) + "\n")
-            else:
-                appending = bool(self.kept)
-                self.csv = open(
-                    self.csv_path, "a" if appending else "w", newline="", encoding="utf-8"
-                )
-                if not appending:
-                    self.csv.write(",".join(self.header) + "\n")
-        return self.csv
-
-    def summarize(self) -> None:
-        """``summary.json`` from every row of ``scores.csv`` (this run's scores without
-        ``-o``); a line when the drift test finds drift."""
-        from sk_padim.conformal import drift_report
-
-        scores = self.scores if self.output is None else _csv_scores(self.csv_path)
-        threshold, training = self.thresholds.image, self.thresholds.training_scores
-        summary = {"n_images": len(scores), "n_flagged": None, "threshold": threshold}
-        summary.update(false_alarm_rate=None, drift_p_value=None, drift=None)
-        if threshold is not None:
-            summary["n_flagged"] = sum(score >= threshold for score in scores)
-        if threshold is not None and training is not None and scores:
-            summary.update(drift_report(training, scores, threshold))
-        summary["threshold_source"] = self.thresholds.image_source
-        if self.output is not None:
-            from sk_padim.files import atomic_file
-
-            with atomic_file(self.output / _SUMMARY) as file:
-                file.write((json.dumps(summary, indent=1) + "\n").encode())
-        if summary["drift"]:
-            where = "" if self.output is None else f"; see {self.output / _SUMMARY}"
-            _warn(
-                self.args,
-                f"drift: {summary['n_flagged']} of {summary['n_images']} images are flagged, "
-                f"and good images give at most {summary['false_alarm_rate']:.3g} of them "
-                f"(drift p-value {summary['drift_p_value']:.2g} < {summary['level']:g}){where}",
-            )
-
-    def save_picture(self, path: str, image_map, regions) -> None:
-        """The image's heat map; the colour scale is the first image's (median to maximum)."""
-        import numpy as np
-
-        from sk_padim.plotting import save_heatmaps
-
-        self.scale = self.scale or (float(np.median(image_map)), float(image_map.max()))
-        save_heatmaps(
-            [path],
-            image_map[None],
-            self.output / "heatmaps",
-            threshold=self.thresholds.image,
-            threshold_source=self.thresholds.image_source,
-            pixel_threshold=self.thresholds.pixel,
-            regions=None if regions is None else [regions],
-            names=[self.names[path]],
-            vmin=self.scale[0],
-            vmax=self.scale[1],
-        )
-
-    def finish(self, failures: list[tuple[str, str]]) -> None:
-        total = len(self.done) + self.written
-        if failures and not total:
-            raise ValueError(failures[0][1])  # nothing could be scored: the first reason
-        if self.output is not None:
-            outputs = [str(self.csv_path)]
-            if self.args.regions:
-                outputs.append(str(self.regions_path))
-            if self.args.heatmaps:
-                outputs.append(f"pictures in {self.output / 'heatmaps'}")
-            outputs.append(str(self.output / _SUMMARY))
-            resumed = f" ({len(self.done)} from before)" if self.done else ""
-            self.summarize()
-            _info(self.args, f"Scored {total} images{resumed}; wrote {', '.join(outputs)}.")
-        else:
-            self.summarize()
-        if failures:
-            for path, reason in failures:
-                _warn(self.args, f"not scored: {reason if path in reason else f'{path}: {reason}'}")
-            raise ValueError(
-                f"{len(failures)} of {len(self.paths)} images could not be scored (see the "
-                "warnings above); the others were."
-            )
-
-
-def _scored(pipeline, chunk: list[str], failures: list):
-    """``(path, map, score)`` of each image of a chunk that can be scored.
-
-    The chunk is scored as one batch (:func:`~sk_padim.streaming.iter_scores`), which
-    raises before yielding anything when an image cannot be read; it is then scored
-    again image by image, so that the others are scored and each bad file is recorded
-    in ``failures`` with the reason.
-    """
-    from sk_padim.streaming import iter_scores
-
-    try:
-        for index, image_map, score in iter_scores(pipeline, chunk, batch_size=len(chunk)):
-            yield chunk[index], image_map, score
-        return
-    except (OSError, ValueError) as error:
-        if len(chunk) == 1:
-            failures.append((chunk[0], one_line(error)))
-            return
-    for path in chunk:
-        try:
-            ((_, image_map, score),) = iter_scores(pipeline, [path])
-        except (OSError, ValueError) as error:
-            failures.append((path, one_line(error)))
-        else:
-            yield path, image_map, score
-
-
-def _region_record(path: str, region) -> dict:
-    """One line of regions.jsonl: the image's path, then the region's fields."""
-    record = {"image": path}
-    for name, value in region.as_dict().items():
-        if name == "image":
-            continue
-        record["region" if name == "label" else name] = (
-            float(f"{value:.6g}") if isinstance(value, float) else value
-        )
-    return record
-
-
-def _completed_images(csv_path: Path, header: list[str]) -> set[str]:
-    """The images already in an interrupted run's CSV (a cut last line is dropped)."""
-    if not csv_path.is_file():
-        return set()
-    _drop_partial_line(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as file:
-        rows = list(csv.reader(file))
-    if not rows:
-        return set()
-    if rows[0] != header:
-        raise ValueError(
-            f"{csv_path} has the columns {','.join(rows[0])}, not {','.join(header)}: it was "
-            "written with other options. Resume with the options it was written with, or "
-            "leave out --resume to start again."
-        )
-    bad = [i + 2 for i, row in enumerate(rows[1:]) if len(row) != len(header)]
-    if bad:
-        raise ValueError(f"{csv_path} line {bad[0]} is not a complete row; fix or remove it.")
-    return {row[0] for row in rows[1:]}
-
-
-def _csv_scores(csv_path: Path) -> list[float]:
-    """The scores of every row of a ``scores.csv``."""
-    if not csv_path.is_file():
-        return []
-    with open(csv_path, newline="", encoding="utf-8") as file:
-        return [float(row["score"]) for row in csv.DictReader(file)]
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Cut a file after its last newline (a line cut by a crash)."""
-    with open(path, "rb+") as file:
-        data = file.read()
-        if data and not data.endswith(b"\n"):
-            file.truncate(data.rfind(b"\n") + 1)
-
-
-def _keep_regions_of(path: Path, images: set[str]) -> None:
-    """Keep only the region records of ``images`` (those whose rows were written)."""
-    if not path.is_file():
-        return
-    _drop_partial_line(path)
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["image"] in images]
-    if len(kept) != len(lines):
-        from sk_padim.files import atomic_file
-
-        with atomic_file(path) as file:
-            file.write("".join(kept).encode())
 
 
 def _calibrate(args: argparse.Namespace, progress: bool) -> None:
@@ -1393,14 +1095,12 @@ def _image_files(inputs: Sequence[str]) -> list[str]:
 
 
 def _dump(model, output: Path) -> Path:
-    """Write a model file with joblib, whole or not at all."""
-    import joblib
-
-    from sk_padim.files import atomic_file
+    """Write a model file and its checksum (:func:`sk_padim.save_model`), each whole or
+    not at all."""
+    from sk_padim.persistence import save_model
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output) as file:
-        joblib.dump(model, file)
+    save_model(model, output)
     return output
 
 
@@ -1435,10 +1135,10 @@ def _warnings_on_one_line(args: argparse.Namespace, ignore: type[Warning] | None
 def _scoring_model(model):
     """The fitted image pipeline inside a loaded model, and its thresholds: a
     calibrator's, else the detector's own (None where unset)."""
-    from sklearn.pipeline import Pipeline
     from sklearn.utils.validation import check_is_fitted
 
     from sk_padim.calibration import F1ThresholdCalibrator, QuantileThresholdCalibrator
+    from sk_padim.pipelines import padim_steps
 
     thresholds = _Thresholds(None, None, None, None)
     if isinstance(model, F1ThresholdCalibrator):
@@ -1453,18 +1153,14 @@ def _scoring_model(model):
         thresholds.pixel = model.pixel_threshold_
         thresholds.pixel_source = f"quantile {model.quantile:g} of good pixels"
         model = model.estimator_
-    is_image_model = (
-        isinstance(model, Pipeline)
-        and len(model.steps) > 1
-        and all(hasattr(model[-1], name) for name in ("score_samples", "decision_function"))
-    )
-    if not is_image_model:
+    try:
+        padim_steps(model, "sk-padim", fitted=True)
+    except TypeError:
         raise TypeError(
             f"The model file holds a {type(model).__name__}, not an image model. Save a "
             "Pipeline of PatchFeatureTransformer and PadimDetector ('sk-padim fit' makes "
             "one), or a calibrator wrapping one ('sk-padim calibrate')."
-        )
-    check_is_fitted(model[-1])
+        ) from None
     if thresholds.image is None and getattr(model[-1], "threshold_", None) is not None:
         thresholds.image, thresholds.image_source = model[-1].threshold_, "the model's own"
     if thresholds.pixel is None and getattr(model[-1], "pixel_threshold_", None) is not None:

@@ -39,7 +39,7 @@ __all__ = [
     "training_scores_of",
 ]
 
-SUSPECT_CUTOFF = 5.0
+_SUSPECT_CUTOFF = 5.0
 """Robust z-score of a training image's log held-out score above which it is named a
 suspect (see :func:`suspect_indices`)."""
 _MIN_SUSPECT_IMAGES = 20  # fewer training scores give no robust spread: no suspects named
@@ -271,7 +271,7 @@ def p_values(estimator, X) -> np.ndarray:
     return p_values_from_scores(training, scores)
 
 
-def suspect_indices(training_scores, cutoff: float = SUSPECT_CUTOFF) -> np.ndarray:
+def suspect_indices(training_scores, cutoff: float = _SUSPECT_CUTOFF) -> np.ndarray:
     """Training images whose held-out score is an outlier among the training scores.
 
     The rule: a robust z-score of the logarithm of the scores, ``(log s - median) /

@@ -35,7 +35,6 @@ import os
 import pickle
 import uuid
 from collections.abc import Sequence
-from numbers import Integral
 
 import numpy as np
 import torch
@@ -54,22 +53,23 @@ except ImportError as error:  # pragma: no cover - exercised in a test with dask
         "pip install 'sk-padim[dask]' (or pip install 'dask[distributed]')."
     ) from error
 
+from sk_padim._checks import check_int
+from sk_padim.core.devices import as_tensor
+from sk_padim.core.images import check_images
+from sk_padim.core.model import PatchScorer
+from sk_padim.core.statistics import PatchStatistics, position_ranges
+from sk_padim.core.tiling import images_per_pass
 from sk_padim.detector import PadimDetector
-from sk_padim.devices import as_tensor
 from sk_padim.features import PatchFeatureTransformer
 from sk_padim.files import atomic_file
-from sk_padim.images import check_images
-from sk_padim.model import PatchScorer
 from sk_padim.pipelines import padim_steps
-from sk_padim.statistics import PatchStatistics, position_ranges
-from sk_padim.tiling import images_per_pass
 
 __all__ = ["DistributedScorer", "fit_distributed", "score_distributed"]
 
 # Largest partition of a fit, in bytes of features (ResNet-18, d=100 at 224 px: about
 # 200 images). Features stay on their worker until the threshold pass; Dask spills them
 # to the worker's disk beyond its memory target, a partition at a time.
-PARTITION_BYTES = 256 * 2**20
+_PARTITION_BYTES = 256 * 2**20
 
 
 def fit_distributed(
@@ -89,10 +89,10 @@ def fit_distributed(
     threads), cut into partitions. A task per partition extracts its features, which
     stay on that worker. The positions of the feature grid are cut into one range per
     worker, and a range's owner accumulates the range's statistics
-    (:class:`~sk_padim.statistics.PatchStatistics`) from every partition's features of
+    (:class:`~sk_padim.core.statistics.PatchStatistics`) from every partition's features of
     the range, which it receives, in the order of ``paths``. The ranges' statistics come
     back and are joined (:meth:`PatchStatistics.join
-    <sk_padim.statistics.PatchStatistics.join>`) into the model
+    <sk_padim.core.statistics.PatchStatistics.join>`) into the model
     (:meth:`~sk_padim.PadimDetector.from_statistics`); no model-sized object is sent to
     every worker. The statistics equal those of ``pipeline.fit`` on the same images to
     the float32 rounding of the features, which the backbone computes in other batches
@@ -164,10 +164,10 @@ def fit_distributed(
     (feat_name, feat), (detector_name, detector) = padim_steps(pipeline, "fit_distributed")
     paths = _check_paths(paths)
     if partition_size is not None:
-        partition_size = _check_count(partition_size, "partition_size", minimum=1)
+        partition_size = check_int(partition_size, "partition_size", 1)
     if torch_threads is not None:
-        torch_threads = _check_count(torch_threads, "torch_threads", minimum=1)
-    retries = _check_count(retries, "retries", minimum=0)
+        torch_threads = check_int(torch_threads, "torch_threads", 1)
+    retries = check_int(retries, "retries", 0)
     _check_client(client)
     if detector.texture_tile is not None:
         raise ValueError(
@@ -500,10 +500,10 @@ def _score_options(paths, partition_size, heatmap_dir, torch_threads, retries) -
     """Checked scoring arguments, with the heat maps' file paths (or None)."""
     paths = _check_paths(paths)
     if partition_size is not None:
-        partition_size = _check_count(partition_size, "partition_size", minimum=1)
+        partition_size = check_int(partition_size, "partition_size", 1)
     if torch_threads is not None:
-        torch_threads = _check_count(torch_threads, "torch_threads", minimum=1)
-    retries = _check_count(retries, "retries", minimum=0)
+        torch_threads = check_int(torch_threads, "torch_threads", 1)
+    retries = check_int(retries, "retries", 0)
     targets = None
     if heatmap_dir is not None:
         if not isinstance(heatmap_dir, (str, os.PathLike)):
@@ -675,9 +675,9 @@ def _threads_per_host(workers: dict[str, int]) -> dict[str, int]:
 
 
 def _fit_partition_size(n_images: int, workers: dict[str, int], image_bytes: int) -> int:
-    """Partitions of at most PARTITION_BYTES of features, at least one per worker thread."""
+    """Partitions of at most _PARTITION_BYTES of features, at least one per worker thread."""
     per_thread = math.ceil(n_images / sum(workers.values()))
-    per_partition = min(per_thread, max(1, PARTITION_BYTES // image_bytes))
+    per_partition = min(per_thread, max(1, _PARTITION_BYTES // image_bytes))
     return math.ceil(per_thread / math.ceil(per_thread / per_partition))
 
 
@@ -711,12 +711,6 @@ def _check_paths(paths) -> list:
                 "already in memory use Pipeline.fit or sk_padim.fit_streaming."
             )
     return items
-
-
-def _check_count(value, name: str, minimum: int) -> int:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
-    return int(value)
 
 
 def _check_client(client) -> None:

@@ -11,9 +11,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from sk_padim.datasets import make_defect_textures
 from sk_padim.evaluation import Category, CategoryResult, evaluate, padim_pipeline
 from sk_padim.plotting import heatmap_writer
+from sk_padim.synthetic import make_defect_textures
 
 __all__ = ["DEMO_BACKBONE", "run_demo"]
 

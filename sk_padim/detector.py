@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -17,38 +15,52 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sk_padim._checks import normal_rows
-from sk_padim.conformal import (
-    SuspectTrainingImagesWarning,
-    conformal_rank,
-    conformal_threshold,
-    implied_false_alarm_rate,
-    suspect_indices,
-)
-from sk_padim.devices import PerDeviceCache, resolve_device
-from sk_padim.feature_checks import (
+from sk_padim.conformal import conformal_rank
+from sk_padim.core.devices import PerDeviceCache, resolve_device
+from sk_padim.core.feature_checks import (
     check_feature_shape_matches,
     check_features,
     feature_batches,
 )
-from sk_padim.images import size_pair
-from sk_padim.mahalanobis import PatchGaussians
-from sk_padim.model import PatchScorer
-from sk_padim.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
-from sk_padim.statistics import PatchStatistics, held_out_distances
-from sk_padim.store import StoreFolder
-from sk_padim.texture import FeatureTiles, TiledGaussians
+from sk_padim.core.images import size_pair
+from sk_padim.core.mahalanobis import PatchGaussians
+from sk_padim.core.model import PatchScorer
+from sk_padim.core.postprocess import AnomalyMapGenerator
+from sk_padim.core.statistics import PatchStatistics
+from sk_padim.core.store import StoreFolder
+from sk_padim.fitting import (
+    THRESHOLD_ATTRIBUTES,
+    accumulate,
+    check_threshold_rule,
+    feature_tiles,
+    first_shape,
+    fit_gaussians,
+    fit_statistics,
+    given_threshold,
+    held_out_grids,
+    memory_layout,
+    n_positions,
+    scoring_gaussians,
+    threshold_attributes,
+    threshold_record,
+    thresholds_from_grids,
+    too_few_images,
+    warn_of_suspects,
+)
 from sk_padim.versioning import VersionedPickleMixin
+
+__all__ = ["PadimDetector"]
 
 
 class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     """PaDiM: a multivariate Gaussian per patch position of the feature grid.
 
     Fitting accumulates the count, mean and scatter of the training feature vectors at
-    each position (:class:`~sk_padim.statistics.PatchStatistics`); the covariance is
+    each position (:class:`~sk_padim.core.statistics.PatchStatistics`); the covariance is
     ``scatter / (N - 1) + reg * I``. Scoring takes the Mahalanobis distance to each
     position's Gaussian, upsamples the grid bilinearly to ``map_size`` and smooths it
     (``sigma``); the image score is the maximum of the map. Features may be NumPy
-    arrays, tensors (any device) or :class:`~sk_padim.devices.DeviceFeatures`; tensors
+    arrays, tensors (any device) or :class:`~sk_padim.core.devices.DeviceFeatures`; tensors
     in give tensors out. Any number of threads may score one fitted detector.
 
     **Sign convention**: :meth:`score_samples` and :meth:`decision_function` are
@@ -72,7 +84,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         :meth:`fit` sets ``threshold_`` from the held-out scores of the training images
         (``training_scores_``: each image's score under the model fitted without it,
         by exact rank-one downdates in one scoring pass, see
-        :func:`sk_padim.statistics.held_out_distances`), by ``false_alarm_rate``.
+        :func:`sk_padim.core.statistics.held_out_distances`), by ``false_alarm_rate``.
         :meth:`partial_fit` and :meth:`merge` set it only from an explicit
         ``threshold``. To tune it on labelled data, use
         :class:`sk_padim.F1ThresholdCalibrator`.
@@ -132,7 +144,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     Attributes
     ----------
-    statistics_ : sk_padim.statistics.PatchStatistics or None
+    statistics_ : sk_padim.core.statistics.PatchStatistics or None
         Count, per-position mean (float64) and packed scatter (float32) of the training
         features, positions in row-major order; None in a model loaded from float16
         factors.
@@ -337,18 +349,19 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             check_feature_shape_matches(features, self.feature_shape_)
             previous = self._trainable_statistics("train further").to(device).copy()
         else:
-            n_positions, d = self._n_positions(features.shape[1:]), features.shape[1]
-            if self._layout(n_positions, d) != "memory":
+            positions, d = n_positions(features.shape[1:], self.texture_tile), features.shape[1]
+            if self._layout(positions, d) != "memory":
                 raise ValueError(
-                    f"partial_fit keeps the statistics and Gaussians of {n_positions} positions in "
+                    f"partial_fit keeps the statistics and Gaussians of {positions} positions in "
                     f"memory, more than max_memory={self.max_memory} GiB: fit on all the "
                     "images at once (fit writes what does not fit to store), or raise max_memory."
                 )
-            previous = PatchStatistics.empty(n_positions, d, device)
+            previous = PatchStatistics.empty(positions, d, device)
         for batch in feature_batches(features, self.batch_size, device):
-            self._accumulate(batch, previous)
+            accumulate(batch, previous, self.texture_tile)
         stats = previous.check_finite()
-        self._set_fitted(features.shape[1:], stats.count, stats, thresholds=self._given_threshold())
+        thresholds = given_threshold(self.threshold)
+        self._set_fitted(features.shape[1:], stats.count, stats, thresholds=thresholds)
         return self
 
     def merge(self, other: PadimDetector) -> PadimDetector:
@@ -394,7 +407,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        statistics : sk_padim.statistics.PatchStatistics
+        statistics : sk_padim.core.statistics.PatchStatistics
             Used as they are (not copied).
         feature_shape : tuple of int
             ``(d, h, w)`` of the features the statistics are of.
@@ -413,21 +426,23 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         detector = cls(**params)
         detector._validate_params()
         detector._check_map_size()
-        detector._check_threshold_rule()
+        check_threshold_rule(detector.threshold, detector.false_alarm_rate)
         d, h, w = (int(size) for size in feature_shape)
-        if (statistics.n_positions, statistics.n_features) != (detector._n_positions((d, h, w)), d):
+        positions = n_positions((d, h, w), detector.texture_tile)
+        if (statistics.n_positions, statistics.n_features) != (positions, d):
             raise ValueError(
                 f"Statistics of {statistics.n_positions} positions and "
                 f"{statistics.n_features} features do not fit feature_shape={feature_shape}."
             )
-        thresholds = detector._given_threshold()
+        thresholds = given_threshold(detector.threshold)
         if held_out_distances is not None:
             device = resolve_device(detector.device)
-            tiles = detector._tiles((d, h, w))
+            tiles = feature_tiles((d, h, w), detector.texture_tile)
             n_images = statistics.count // (1 if tiles is None else tiles.n_tiles)
             thresholds = detector._thresholds_of(held_out_distances, (d, h, w), n_images, device)
         detector._set_fitted((d, h, w), statistics.count, statistics, thresholds=thresholds)
-        detector._warn_of_suspects(stacklevel=3)
+        suspects, n_training = detector._suspects()
+        warn_of_suspects(suspects, n_training, stacklevel=3)
         return detector
 
     def score_samples(self, X) -> np.ndarray | torch.Tensor:
@@ -498,7 +513,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
         Returns
         -------
-        scorer : sk_padim.model.PatchScorer
+        scorer : sk_padim.core.model.PatchScorer
             The Gaussians and the map generator, on ``device``.
         """
         check_is_fitted(self)
@@ -506,7 +521,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self._check_map_size()
         device = resolve_device(self.device if device is None else device)
         maps = self._map_generator(self.feature_shape_, device)
-        gaussians = self._scoring_gaussians(self._gaussians(device), self.feature_shape_)
+        gaussians = scoring_gaussians(
+            self._gaussians(device), self.feature_shape_, self.texture_tile
+        )
         return PatchScorer(gaussians, maps)
 
     def fitted_state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -525,15 +542,8 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         record = {
             "n_samples_seen_": int(self.n_samples_seen_),
             "feature_shape_": [int(size) for size in self.feature_shape_],
+            **threshold_record(self),
         }
-        for name in ("threshold_", "pixel_threshold_"):
-            if hasattr(self, name):
-                record[name] = float(getattr(self, name))
-        for name in ("training_scores_", "suspect_indices_"):
-            if hasattr(self, name):
-                record[name] = getattr(self, name).tolist()
-        if hasattr(self, "threshold_rule_"):
-            record["threshold_rule_"] = dict(self.threshold_rule_)
         if self.covariance_dtype == "float32" and self.statistics_ is not None:
             return self.statistics_.arrays(), record
         return self._gaussians(resolve_device(self.device)).arrays(), record
@@ -564,22 +574,16 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             detector = cls(**params)
             gaussians = PatchGaussians.from_arrays(**arrays)
             if detector.covariance_dtype != gaussians.storage or (
-                (len(gaussians), gaussians.n_features) != (detector._n_positions(shape), shape[0])
+                (len(gaussians), gaussians.n_features)
+                != (n_positions(shape, detector.texture_tile), shape[0])
             ):
                 raise ValueError(
                     f"the stored {gaussians.storage} factors do not fit a "
                     f"{detector.covariance_dtype} model of {shape}"
                 )
             detector._set_fitted(shape, count, None, gaussians)
-        for name in ("threshold_", "pixel_threshold_"):
-            if name in record:
-                setattr(detector, name, float(record[name]))
-        if "training_scores_" in record:
-            detector.training_scores_ = np.asarray(record["training_scores_"], np.float32)
-        if "suspect_indices_" in record:
-            detector.suspect_indices_ = np.asarray(record["suspect_indices_"], np.intp)
-        if "threshold_rule_" in record:
-            detector.threshold_rule_ = dict(record["threshold_rule_"])
+        for name, value in threshold_attributes(record).items():
+            setattr(detector, name, value)
         return detector
 
     def _trainable_statistics(self, action: str) -> PatchStatistics:
@@ -596,16 +600,15 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     def _fit_passes(self, batches: Callable[[], Iterator[torch.Tensor]], device) -> PadimDetector:
         """Fit on ``batches()``, feature batches on ``device``: one pass accumulates the
         statistics, a second scores the training images for the thresholds."""
-        self._check_threshold_rule()
-        shape, stream = _first_shape(batches())
-        n_positions, d = self._n_positions(shape), shape[0]
-        layout = self._layout(n_positions, d)
+        check_threshold_rule(self.threshold, self.false_alarm_rate)
+        shape, stream = first_shape(batches())
+        layout = self._layout(n_positions(shape, self.texture_tile), shape[0])
         store = StoreFolder(self.store) if layout.startswith("store") else None
         # Everything is computed before any attribute changes, so that an error or an
         # interrupt leaves the detector as it was (and deletes what it wrote to a store).
         try:
-            stats, n_images = self._fit_statistics(stream, shape, store, device)
-            gaussians = self._fit_gaussians(stats, layout, store)
+            stats, n_images = fit_statistics(stream, shape, self.texture_tile, store, device)
+            gaussians = fit_gaussians(stats, layout, store, self.reg, self.covariance_dtype)
             count = stats.count
             if layout == "in_place":
                 stats = None  # its scatter holds the factors now; free its mean
@@ -617,167 +620,47 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
                 store.discard()
             raise
         self._set_fitted(shape, count, stats, gaussians, thresholds)
-        self._warn_of_suspects(stacklevel=5)  # past fit and scikit-learn's _fit_context
+        suspects, n_training = self._suspects()
+        warn_of_suspects(suspects, n_training, stacklevel=5)  # past fit and _fit_context
         return self
 
-    def _check_threshold_rule(self) -> None:
-        if self.threshold is not None and self.false_alarm_rate is not None:
-            raise ValueError(
-                f"threshold={self.threshold!r} and false_alarm_rate={self.false_alarm_rate!r} "
-                "both set the image threshold; give one of them (set the other to None)."
-            )
-
-    def _given_threshold(self) -> dict:
-        """The fitted attributes of an explicit ``threshold`` (none without one)."""
-        if self.threshold is None:
-            return {}
-        rule = _threshold_rule("given", None, None, None, None)
-        return {"threshold_": float(self.threshold), "threshold_rule_": rule}
-
-    def _warn_of_suspects(self, stacklevel: int) -> None:
-        suspects = getattr(self, "suspect_indices_", ())
-        if len(suspects):
-            listed = ", ".join(map(str, suspects[:20])) + (", ..." if len(suspects) > 20 else "")
-            warnings.warn(
-                f"{len(suspects)} of {len(self.training_scores_)} training images score as "
-                f"outliers among the training images (indices {listed}): perhaps defective "
-                "parts among the good ones. Look at them (suspect_indices_), and refit without "
-                "those that are defective.",
-                SuspectTrainingImagesWarning,
-                stacklevel=stacklevel,
-            )
-
-    def _fit_statistics(self, batches, shape, store, device) -> tuple[PatchStatistics, int]:
-        """The statistics of the feature ``batches`` (scatter in ``store`` if given) and
-        the number of images."""
-        n_positions, d = self._n_positions(shape), shape[0]
-        scatter = None
-        if store is not None:
-            scatter = store.create("scatter", (n_positions, d * (d + 1) // 2), torch.float32)
-        stats = PatchStatistics.empty(n_positions, d, device, scatter=scatter)
-        n_images = 0
-        for batch in batches:
-            n_images += len(batch)
-            self._accumulate(batch, stats)
-            del batch  # not held while the next batch is made (streamed fits)
-        return stats.check_finite(), n_images
-
-    def _fit_gaussians(self, stats: PatchStatistics, layout: str, store) -> PatchGaussians:
-        """The Gaussians of ``stats``, laid out as ``layout``."""
-        factor_out = None  # a new tensor
-        if layout == "in_place":
-            factor_out = stats.scatter
-        elif layout == "store_all":
-            factor_out = store.create("factor", tuple(stats.scatter.shape), torch.float32)
-        return stats.gaussians(self.reg, self.covariance_dtype, factor_out)
+    def _suspects(self) -> tuple:
+        """The suspect training images and the number of training images (if known)."""
+        return getattr(self, "suspect_indices_", ()), len(getattr(self, "training_scores_", ()))
 
     def _fit_thresholds(self, count: int, gaussians, batches, shape, n_images: int, device):
         """The thresholds from the training images' leave-one-out maps (their own scores
         under the model fitted on all ``count`` samples are far lower than a new normal
         image's); ``batches()`` gives the training features again."""
         if count < 2:
+            message = too_few_images(self.false_alarm_rate, n_images)
             if self.false_alarm_rate is not None:
-                raise ValueError(
-                    f"false_alarm_rate={self.false_alarm_rate!r} needs at least "
-                    f"{max(2, math.ceil(round(1 / self.false_alarm_rate - 1, 9)))} training "
-                    f"images; got {n_images}. Fit on more images of good parts."
-                )
-            message = "Fitting on one image: covariances are reg * I, and the thresholds "
-            message += "need two images or more. Fit on more images of good parts."
+                raise ValueError(message)
             warnings.warn(message, UserWarning, stacklevel=5)  # past sklearn's _fit_context
-            return self._given_threshold()
+            return given_threshold(self.threshold)
         if self.false_alarm_rate is not None:
             conformal_rank(n_images, self.false_alarm_rate)  # too few images: before scoring
-        scoring = self._scoring_gaussians(gaussians, shape)
-
-        def grids():
-            scored = 0
-            for batch in batches():
-                scored += len(batch)
-                distances = held_out_distances(scoring(batch), count)
-                del batch  # not held while the next batch is made (streamed fits)
-                yield distances
-            if scored != n_images:
-                raise ValueError(
-                    f"The feature batches held {n_images} images when the statistics were "
-                    f"accumulated and {scored} when they were scored; make_batches must give "
-                    "the same features each time it is called."
-                )
-
-        return self._thresholds_of(grids(), shape, n_images, device)
-
-    def _accumulate(self, batch: torch.Tensor, stats: PatchStatistics) -> None:
-        """Add a batch of features (or of their tiles, in texture mode) to ``stats``."""
-        tiles = self._tiles(batch.shape[1:])
-        stats.update(batch if tiles is None else tiles.samples(batch))
-
-    def _tiles(self, shape) -> FeatureTiles | None:
-        """The texture tiling of ``(d, h, w)`` features, or None (one Gaussian per cell)."""
-        if self.texture_tile is None:
-            return None
-        return FeatureTiles(shape[1:], size_pair(self.texture_tile, "texture_tile"))
-
-    def _n_positions(self, shape) -> int:
-        """Positions of the Gaussians of ``(d, h, w)`` features: the grid's, or a tile's."""
-        tiles = self._tiles(shape)
-        return shape[1] * shape[2] if tiles is None else tiles.tile[0] * tiles.tile[1]
-
-    def _scoring_gaussians(self, gaussians: PatchGaussians, shape):
-        """``gaussians`` as they score ``(d, h, w)`` features: tile by tile in texture mode."""
-        tiles = self._tiles(shape)
-        return gaussians if tiles is None else TiledGaussians(gaussians, tiles)
+        scoring = scoring_gaussians(gaussians, shape, self.texture_tile)
+        grids = held_out_grids(batches, scoring, count, n_images)
+        return self._thresholds_of(grids, shape, n_images, device)
 
     def _layout(self, n_positions: int, n_features: int) -> str:
-        """Where the fitted arrays go under ``max_memory``: ``"memory"`` (statistics and
-        Gaussians), ``"in_place"`` (the Gaussians replace the statistics),
-        ``"store_statistics"`` or ``"store_all"`` (those arrays in ``store``)."""
-        array_bytes = n_positions * (8 * n_features + 2 * n_features * (n_features + 1))
-        limit = self.max_memory * 2**30
-        if 2 * array_bytes <= limit:
-            return "memory"
-        if array_bytes <= limit:
-            return "in_place" if self.store is None else "store_statistics"
-        if self.store is None:
-            raise ValueError(
-                f"The Gaussians of {n_positions} positions x {n_features} features take "
-                f"{array_bytes / 2**30:.1f} GiB, more than max_memory={self.max_memory} GiB: "
-                f"set store=<folder> to keep them on disk ({2 * array_bytes / 1e9:.1f} GB), "
-                "raise max_memory, or use fewer features or a smaller image_size."
-            )
-        return "store_all"
+        """Where the fitted arrays go (:func:`sk_padim.fitting.memory_layout`)."""
+        return memory_layout(n_positions, n_features, self.max_memory, self.store)
 
     def _thresholds_of(self, grids, shape, n_images: int, device) -> dict:
         """The fitted attributes set from the maps of held-out distance grids (an iterable
-        of batches): their image scores (``training_scores_``), the image threshold
-        (``threshold``, or by ``false_alarm_rate``), how it was set, the ``pixel_quantile``
-        of their pixels and the suspect training images."""
+        of batches): :func:`sk_padim.fitting.thresholds_from_grids`."""
         maps = self._map_generator(shape, device)
-        with torch.inference_mode():
-            scores, pixel = image_scores_and_pixel_quantile(
-                grids, maps, n_images, self.pixel_quantile
-            )
-        if self.threshold is not None:
-            threshold, rule = float(self.threshold), "given"
-        elif self.false_alarm_rate is not None:
-            threshold, rule = conformal_threshold(scores, self.false_alarm_rate), "false_alarm_rate"
-        else:
-            threshold, rule = float(scores.max()), "highest_training_score"
-        implied = implied_false_alarm_rate(scores, threshold)
-        return {
-            "threshold_": threshold,
-            "pixel_threshold_": pixel,
-            "training_scores_": scores,
-            "threshold_rule_": _threshold_rule(
-                rule, self.false_alarm_rate, implied, len(scores), self.pixel_quantile
-            ),
-            "suspect_indices_": suspect_indices(scores),
-        }
+        return thresholds_from_grids(
+            grids, maps, n_images, self.threshold, self.false_alarm_rate, self.pixel_quantile
+        )
 
     def _set_fitted(self, shape, count, stats, gaussians=None, thresholds=None):
         """Replace the fitted state at once: the statistics (with their ``gaussians``, if
         made already) or, for a model that keeps no statistics, its ``gaussians``; the
         ``thresholds`` are fitted attributes by name (``threshold_``, ...)."""
-        for name in _THRESHOLD_ATTRIBUTES:
+        for name in THRESHOLD_ATTRIBUTES:
             vars(self).pop(name, None)
         self.n_samples_seen_, self.n_features_in_ = int(count), int(shape[0])
         self.feature_shape_ = tuple(int(size) for size in shape)
@@ -856,31 +739,3 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         return tags
-
-
-_THRESHOLD_ATTRIBUTES = (
-    "threshold_",
-    "pixel_threshold_",
-    "training_scores_",
-    "threshold_rule_",
-    "suspect_indices_",
-)
-
-
-def _threshold_rule(rule, rate, implied, n_images, pixel_quantile) -> dict:
-    """``threshold_rule_``: how the image threshold was set."""
-    return {
-        "rule": rule,
-        "false_alarm_rate": None if rate is None else float(rate),
-        "implied_false_alarm_rate": implied,
-        "n_training_images": n_images,
-        "pixel_quantile": None if pixel_quantile is None else float(pixel_quantile),
-    }
-
-
-def _first_shape(batches: Iterator[torch.Tensor]) -> tuple[tuple[int, ...], Iterator[torch.Tensor]]:
-    """The ``(d, h, w)`` of the first of feature ``batches``, and all the batches."""
-    first = next(batches, None)
-    if first is None:
-        raise ValueError("There are no features to fit on: give features of one image or more.")
-    return tuple(first.shape[1:]), itertools.chain([first], batches)

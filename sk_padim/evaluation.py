@@ -19,7 +19,6 @@ import csv
 import io
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,40 +84,6 @@ class Category:
     y_test: np.ndarray
     masks_test: np.ndarray | list
     defect_types_test: np.ndarray
-
-    @classmethod
-    def from_mvtec(
-        cls, root: str | os.PathLike, name: str, *, mask_suffix: str = "_mask.png"
-    ) -> Category:
-        """Deprecated: use :func:`sk_padim.datasets.load_mvtec_category`.
-
-        .. deprecated:: 0.1.0.dev0
-            Reading a dataset layout belongs to the front (:mod:`sk_padim.datasets`),
-            which the evaluation layer does not import; this alias will be removed.
-
-        Parameters
-        ----------
-        root : str or path-like
-            The folder holding the category folder.
-        name : str
-            The category folder's name.
-        mask_suffix : str, default="_mask.png"
-            What follows an image's name in its mask's file name.
-
-        Returns
-        -------
-        category : Category
-        """
-        warnings.warn(
-            "Category.from_mvtec is deprecated; use "
-            "sk_padim.datasets.load_mvtec_category(root, name, mask_suffix=...).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        # Lazy: a deprecated alias into the front, which imports this module.
-        from sk_padim.datasets import load_mvtec_category
-
-        return load_mvtec_category(root, name, mask_suffix=mask_suffix)
 
     @classmethod
     def from_textures(cls, name: str, bunch) -> Category:
@@ -262,7 +227,6 @@ def evaluate(
     output: str | os.PathLike | None = None,
     on_scored: Callable[[Category, np.ndarray, np.ndarray], object] | None = None,
     progress: bool = False,
-    n_heatmaps: int | None = None,
 ) -> list[CategoryResult]:
     """Fit a clone of ``estimator`` on each category and evaluate it on its test images.
 
@@ -283,9 +247,6 @@ def evaluate(
         :func:`sk_padim.plotting.heatmap_writer` to draw pictures of them.
     progress : bool, default=False
         Show a progress bar over the categories.
-    n_heatmaps : int, default=None
-        Deprecated: pass ``on_scored=heatmap_writer(Path(output) / "heatmaps",
-        n_heatmaps)`` (:func:`sk_padim.plotting.heatmap_writer`) instead.
 
     Returns
     -------
@@ -310,8 +271,6 @@ def evaluate(
     >>> [(result.category, result.n_train, result.n_test) for result in results]
     [('brick', 5, 4), ('grass', 5, 4)]
     """
-    if n_heatmaps is not None:
-        on_scored = _deprecated_heatmaps(output, n_heatmaps, on_scored)
     results = []
     bar = tqdm(names, desc="categories", unit="category", disable=not progress, leave=False)
     for name in bar:
@@ -324,24 +283,6 @@ def evaluate(
     if output is not None:
         write_results(results, output)
     return results
-
-
-def _deprecated_heatmaps(output, n_heatmaps: int, on_scored) -> Callable | None:
-    """The ``on_scored`` that ``evaluate(n_heatmaps=...)`` stands for, with its warning."""
-    warnings.warn(
-        "evaluate(n_heatmaps=...) is deprecated; pass on_scored=sk_padim.plotting."
-        "heatmap_writer(Path(output) / 'heatmaps', n_heatmaps) instead.",
-        FutureWarning,
-        stacklevel=3,
-    )
-    if not n_heatmaps or output is None:
-        return on_scored
-    if on_scored is not None:
-        raise ValueError("Pass on_scored or the deprecated n_heatmaps, not both.")
-    # Lazy: a deprecated parameter drawing with the front, which imports this module.
-    from sk_padim.plotting import heatmap_writer
-
-    return heatmap_writer(Path(output) / "heatmaps", n_heatmaps)
 
 
 def _fit_and_score(estimator: Pipeline, category: Category):

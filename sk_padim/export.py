@@ -24,9 +24,10 @@ from torch import nn
 
 from sk_padim._checks import one_line
 from sk_padim._version import __version__
-from sk_padim.model import PadimModel, PatchScorer
+from sk_padim.core.model import PadimModel, PatchScorer
+from sk_padim.core.pruning import pruned_embedding
+from sk_padim.files import atomic_file
 from sk_padim.pipelines import padim_steps
-from sk_padim.pruning import pruned_embedding
 
 __all__ = ["export_onnx"]
 
@@ -46,8 +47,8 @@ _KEEP_FLOAT32 = ("mean_high", "mean_low")
 class ExportedPadim(nn.Module):
     """uint8 images ``(B, H, W, 3)`` -> ``anomaly_map``, ``score`` [, ``is_anomalous``].
 
-    The same :class:`~sk_padim.model.PadimModel` that scores in Python, its Gaussians'
-    factors kept packed (:class:`~sk_padim.mahalanobis.PatchGaussians`), with
+    The same :class:`~sk_padim.core.model.PadimModel` that scores in Python, its Gaussians'
+    factors kept packed (:class:`~sk_padim.core.mahalanobis.PatchGaussians`), with
     the layout change of the input and the verdict around it.
 
     Parameters
@@ -88,7 +89,7 @@ def export_onnx(
         A fitted ``Pipeline([PatchFeatureTransformer, PadimDetector])``, a fitted
         calibrator around one (:class:`~sk_padim.F1ThresholdCalibrator` or
         :class:`~sk_padim.QuantileThresholdCalibrator`: its thresholds are used), or a
-        :class:`~sk_padim.model.PadimModel` (no threshold).
+        :class:`~sk_padim.core.model.PadimModel` (no threshold).
     path : str or path-like
         The ``.onnx`` file to write. A model larger than 2 GiB also writes its weights
         next to it, in ``<path>.data`` (ONNX external data); keep the two together.
@@ -133,7 +134,7 @@ def export_onnx(
     ``normalization_std`` (applied to RGB in [0, 1] inside the graph), ``threshold``
     (empty when there is none), ``threshold_source``, ``pixel_threshold`` (the pixel score
     defect regions are cut at; empty when there is none), ``storage`` (float32 or float16).
-    The graph is the Python scoring model itself (:class:`~sk_padim.model.PadimModel`,
+    The graph is the Python scoring model itself (:class:`~sk_padim.core.model.PadimModel`,
     its factors packed), the means kept as float32 high + low pairs, so the file scores
     as Python does, float16 models included.
 
@@ -245,7 +246,7 @@ def _torch_export(module, example: tuple, path: Path, outputs: list[str], opset:
             # The backbone's tiles are laid out for the exported image size, which is
             # fixed (only the batch is dynamic): their size arithmetic is constant.
             warnings.filterwarnings(
-                "ignore", category=torch.jit.TracerWarning, module="sk_padim.tiling"
+                "ignore", category=torch.jit.TracerWarning, module="sk_padim.core.tiling"
             )
             torch.onnx.export(
                 module,
@@ -297,10 +298,10 @@ def _finish(raw: Path, path: Path, metadata: dict, float16: bool, threshold) -> 
         values.size * (2 if tensor.name in halves else values.itemsize)
         for tensor, values in tensors
     )
-    staged = raw.with_name("final.onnx")
     data_name = path.name + ".data"
     external = size >= EXTERNAL_DATA_BYTES
-    with open(staged.with_name(data_name), "wb") if external else contextlib.nullcontext() as data:
+    data_file = atomic_file(path.with_name(data_name)) if external else contextlib.nullcontext()
+    with data_file as data:
         for tensor, values in tensors:
             dtype = np.float16 if tensor.name in halves else values.dtype
             if external and values.nbytes >= _EXTERNAL_MIN_BYTES:
@@ -308,10 +309,8 @@ def _finish(raw: Path, path: Path, metadata: dict, float16: bool, threshold) -> 
             elif dtype != values.dtype or _is_external(tensor):
                 tensor.CopyFrom(numpy_helper.from_array(np.asarray(values, dtype), tensor.name))
     _cast_halves(model, halves)
-    onnx.save_model(model, str(staged))
-    if external:
-        os.replace(staged.with_name(data_name), path.with_name(data_name))
-    os.replace(staged, path)
+    with atomic_file(path) as file:
+        file.write(model.SerializeToString())
 
 
 def _values(tensor, folder: Path) -> np.ndarray:

@@ -38,7 +38,7 @@ from sk_padim.files import atomic_file
 __all__ = [
     "LayerCache",
     "clear_feature_cache",
-    "image_digests",
+    "_image_digests",
     "model_digest",
 ]
 
@@ -84,7 +84,7 @@ def model_digest(model: nn.Module, weights_key: str | None = None) -> str:
 
     The module tree is the model's ``repr`` (module classes and their settings). The
     weights are known by ``weights_key`` when it fixes them (see
-    :func:`sk_padim.backbones.weights_key`; the library versions are part of every cache
+    :func:`sk_padim.core.backbones.weights_key`; the library versions are part of every cache
     key), else every tensor of the state dict goes in with its name, dtype and shape
     (0.08 s for ResNet-18). Python code in a custom module's ``forward`` is not part of
     it: clear the cache after changing such code (:func:`clear_feature_cache`).
@@ -119,7 +119,7 @@ def model_digest(model: nn.Module, weights_key: str | None = None) -> str:
     return digest.hexdigest()
 
 
-def image_digests(pixels: torch.Tensor) -> list[str]:
+def _image_digests(pixels: torch.Tensor) -> list[str]:
     """A digest of each image of a batch of pixels ``(B, C, H, W)`` (dtype, shape, values).
 
     Parameters
@@ -221,7 +221,7 @@ class LayerCache:
         -------
         layer_maps : list of Tensor of shape (B, C_l, h_l, w_l), float32, on the CPU
         """
-        digests = image_digests(pixels)
+        digests = _image_digests(pixels)
         found = [[self.load(image, layer) for layer in layers] for image in digests]
         missing = [i for i, outputs in enumerate(found) if any(o is None for o in outputs)]
         if missing:

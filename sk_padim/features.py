@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from sk_padim.backbones import (
+from sk_padim.core.backbones import (
     REGISTRY,
     TruncatedBackbone,
     check_backbone,
@@ -28,10 +28,9 @@ from sk_padim.backbones import (
     load_backbone,
     weights_key,
 )
-from sk_padim.devices import DeviceFeatures, PerDeviceCache, resolve_device
-from sk_padim.embedding import PatchEmbedding, semi_orthogonal_matrix
-from sk_padim.feature_cache import LayerCache, model_digest
-from sk_padim.images import (
+from sk_padim.core.devices import DeviceFeatures, PerDeviceCache, resolve_device
+from sk_padim.core.embedding import PatchEmbedding, semi_orthogonal_matrix
+from sk_padim.core.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     check_images,
@@ -39,7 +38,7 @@ from sk_padim.images import (
     iter_batches,
     size_pair,
 )
-from sk_padim.runtimes import (
+from sk_padim.core.runtimes import (
     PRECISIONS,
     RUNTIMES,
     AutocastBackbone,
@@ -47,8 +46,11 @@ from sk_padim.runtimes import (
     OpenVinoBackbone,
     backbone_setting,
 )
-from sk_padim.tiling import TilePlan, images_per_pass, plan_tiles
+from sk_padim.core.tiling import TilePlan, images_per_pass, plan_tiles
+from sk_padim.feature_cache import LayerCache, model_digest
 from sk_padim.versioning import VersionedPickleMixin
+
+__all__ = ["PatchFeatureTransformer"]
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         multiples of 4; otherwise set its ``map_size`` to ``image_size_``.
     batch_size : int, default=32
         Images per forward pass, fewer when they would hold more than
-        ``sk_padim.tiling.BATCH_PIXELS`` pixels (1.6 megapixels: 32 images of 224 x
+        ``sk_padim.core.tiling.BATCH_PIXELS`` pixels (1.6 megapixels: 32 images of 224 x
         224 px, 6 of 512 x 512, one of 1024 x 1024 or larger), so that the activations
-        stay bounded; one image runs whole up to ``sk_padim.tiling.PIXEL_BUDGET`` (4
+        stay bounded; one image runs whole up to ``sk_padim.core.tiling.PIXEL_BUDGET`` (4
         megapixels: 0.5 GB of activations for ResNet-18 up to ``layer3``, 1.2 GB for
         EfficientNet-Lite0, measured on a CPU), larger ones in tiles (``tile_size``).
     device : str or torch.device, default="auto"
@@ -158,8 +160,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         Run the backbone on overlapping tiles of each image, so that activation memory
         stays that of one tile. Tiling is exact: the stitched layer outputs equal the
         whole image's, to float32 rounding (tiles overlap by the layers' receptive
-        field, measured at :meth:`fit`; see ``sk_padim.tiling``). ``"auto"`` tiles
-        images above ``sk_padim.tiling.PIXEL_BUDGET`` pixels (4 megapixels; 224 px
+        field, measured at :meth:`fit`; see ``sk_padim.core.tiling``). ``"auto"`` tiles
+        images above ``sk_padim.core.tiling.PIXEL_BUDGET`` pixels (4 megapixels; 224 px
         images never are),
         with the largest square tiles that fit it, margins included. An int tiles every
         image larger than it, with cores of this side in pixels (rounded up to a
@@ -176,7 +178,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         float32 on the built-in data, see docs/performance.md). ``"float16"`` needs a
         CUDA device. ``"auto"`` is bfloat16 where the device runs it natively (CPUs with
         AMX or AVX512-BF16, CUDA GPUs from Ampere on) and float32 elsewhere, where
-        bfloat16 is emulated and slower (``sk_padim.runtimes.native_reduced_precision``);
+        bfloat16 is emulated and slower (``sk_padim.core.runtimes.native_reduced_precision``);
         it is resolved on the machine that runs the transform, so a model moves between
         machines and keeps the fast path where there is one.
     runtime : {"eager", "openvino"}, default="eager"
@@ -195,10 +197,10 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     Attributes
     ----------
-    backbone_ : sk_padim.backbones.TruncatedBackbone
+    backbone_ : sk_padim.core.backbones.TruncatedBackbone
         The truncated backbone, on the CPU: batch norms folded into the convolutions
         before them where the order is known (see
-        ``sk_padim.backbones.fold_batch_norms``), run up to the deepest layer.
+        ``sk_padim.core.backbones.fold_batch_norms``), run up to the deepest layer.
     layers_ : tuple of str
         The layers used.
     layer_channels_ : tuple of int
@@ -215,7 +217,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     image_size_ : tuple of int
         ``(height, width)`` the images are resized to, or, with ``image_size=None``,
         the training images' own size.
-    tile_plan_ : sk_padim.tiling.TilePlan or None
+    tile_plan_ : sk_padim.core.tiling.TilePlan or None
         The tiles the backbone runs on (``None``: whole images).
     normalization_ : tuple
         ``(mean, std)`` applied to the RGB pixels in [0, 1].
@@ -418,7 +420,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         -------
         features : ndarray, Tensor or DeviceFeatures of shape (n, d, h, w), float32
             A tensor on the transformer's device for a tensor ``X``. Otherwise a NumPy
-            array on the CPU, and on a GPU a :class:`~sk_padim.devices.DeviceFeatures`:
+            array on the CPU, and on a GPU a :class:`~sk_padim.core.devices.DeviceFeatures`:
             the features stay on the GPU (where :class:`PadimDetector` reads them) and
             turn into a NumPy array with ``np.asarray``.
         """
@@ -504,7 +506,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
         Returns
         -------
-        embedding : sk_padim.embedding.PatchEmbedding
+        embedding : sk_padim.core.embedding.PatchEmbedding
             Pixels -> features, on ``device``.
         """
         check_is_fitted(self)
@@ -759,7 +761,7 @@ def _plan_record(plan: TilePlan | None) -> dict | None:
 
 
 def _stored_plan(record: dict | None) -> TilePlan | None:
-    """The recorded tile plan, checked (None: whole images, as before tiling existed)."""
+    """The recorded tile plan, checked (None: whole images, untiled)."""
     if record is None:
         return None
     try:

@@ -41,8 +41,10 @@ from sk_padim.versioning import (
     warn_if_versions_differ,
 )
 
-FORMAT = "sk-padim-npz"
-FORMAT_VERSION = STATE_FORMAT  # the container and the estimators' state layout
+__all__ = ["load_model", "load_npz", "save_model", "save_npz"]
+
+_FORMAT = "sk-padim-npz"
+_FORMAT_VERSION = STATE_FORMAT  # the container and the estimators' state layout
 _METADATA_KEY = "metadata"
 _CLASSES = {"PadimDetector": PadimDetector, "PatchFeatureTransformer": PatchFeatureTransformer}
 # Parameters given as tuples; JSON turns them into lists.
@@ -102,8 +104,8 @@ def save_npz(model, path: str | os.PathLike) -> None:
             }
         )
     metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
         "versions": current_versions(),
         "kind": "Pipeline" if isinstance(model, Pipeline) else type(model).__name__,
         "steps": step_records,
@@ -248,6 +250,12 @@ def load_model(path: str | os.PathLike, verify: bool | None = None):
     except OldFormatError as error:
         raise OldFormatError(f"{error} (file {path!r})") from None
     except ImportError as error:
+        if (getattr(error, "name", None) or "").startswith("sk_padim."):
+            raise OldFormatError(
+                f"The model file {path!r} was saved by an earlier development version of "
+                f"sk-padim (it names the module {error.name}, which this version does not "
+                "have); refit it and save it again."
+            ) from None
         raise ImportError(
             f"Loading {path!r} needs a module that is not installed here: {error}."
         ) from error
@@ -355,13 +363,13 @@ def _parse_metadata(entry: np.ndarray | None) -> dict:
         metadata = json.loads(str(entry))
     except json.JSONDecodeError as error:
         raise _NotAnExport(f"its metadata is not valid JSON: {error}") from error
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise _NotAnExport(f"its metadata does not declare format {FORMAT!r}")
+    if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT:
+        raise _NotAnExport(f"its metadata does not declare format {_FORMAT!r}")
     version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > _FORMAT_VERSION:
         raise _NewerFormat(
             f"its format_version {version!r} is not one this sk-padim reads "
-            f"({FORMAT_VERSION}); upgrade sk-padim"
+            f"({_FORMAT_VERSION}); upgrade sk-padim"
         )
     check_state_format(version, "This model file")
     if metadata.get("kind") not in ("Pipeline", *_CLASSES) or not metadata.get("steps"):

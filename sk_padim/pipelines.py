@@ -8,6 +8,8 @@ from sklearn.utils.validation import check_is_fitted
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
 
+__all__ = ["padim_steps"]
+
 
 def padim_steps(pipeline, caller: str, fitted: bool = False) -> tuple[tuple, tuple]:
     """The ``(name, transformer)`` and ``(name, detector)`` steps of a PaDiM pipeline.

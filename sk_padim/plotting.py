@@ -29,9 +29,9 @@ from sklearn.metrics import roc_curve
 
 from sk_padim._checks import image_labels
 from sk_padim.calibration import f1_optimal_threshold
+from sk_padim.core.images import check_images, read_image
 from sk_padim.evaluation import Category
 from sk_padim.files import atomic_file
-from sk_padim.images import check_images, read_image
 from sk_padim.metrics import image_auroc
 from sk_padim.regions import defect_regions, normalized_score, relative_score
 
@@ -928,7 +928,7 @@ def heatmap_writer(
         category_folder = Path(folder) / category.name
         category_folder.mkdir(parents=True, exist_ok=True)
         records = (
-            json.dumps({"image": all_names[region.image], **_rounded(region.as_dict())})
+            json.dumps({"image": all_names[region.image], "index": region.image, **region.record()})
             for image_regions in regions
             for region in image_regions
         )
@@ -946,12 +946,3 @@ def heatmap_writer(
         )
 
     return on_scored
-
-
-def _rounded(record: dict) -> dict:
-    """The region's fields for a JSON record: ``image`` (an index) as ``index``, ``label``
-    as ``region`` (as ``sk-padim score --regions`` writes them), floats to 6 digits."""
-    rounded = {"index": record.pop("image"), "region": record.pop("label")}
-    for name, value in record.items():
-        rounded[name] = float(f"{value:.6g}") if isinstance(value, float) else value
-    return rounded

@@ -172,6 +172,24 @@ class Region:
         """
         return asdict(self)
 
+    def record(self) -> dict:
+        """Give the fields of a ``regions.jsonl`` line, less the image it is in.
+
+        ``label`` is named ``region``, floats are rounded to 6 significant digits, and
+        ``image`` (an index) is left out: the writer names the image its own way.
+
+        Returns
+        -------
+        dict
+            ``{"region": label, <the other fields>}``, plain Python numbers.
+        """
+        fields = self.as_dict()
+        del fields["image"]
+        record = {"region": fields.pop("label")}
+        for name, value in fields.items():
+            record[name] = float(f"{value:.6g}") if isinstance(value, float) else value
+        return record
+
 
 def defect_regions(
     maps: ArrayLike, threshold: float, *, min_area: int = 1, connectivity: int = 2

@@ -25,9 +25,12 @@ from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
-from sk_padim.images import check_images
+from sk_padim._checks import check_int
+from sk_padim.core.images import check_images
+from sk_padim.core.tiling import images_per_pass
 from sk_padim.pipelines import padim_steps
-from sk_padim.tiling import images_per_pass
+
+__all__ = ["ScoredImage", "fit_streaming", "iter_scores"]
 
 
 def fit_streaming(
@@ -54,7 +57,7 @@ def fit_streaming(
         A list of paths is the way to fit on more images than fit in memory.
     chunk_size : int or None, default=None
         Images transformed at a time; memory grows with it, not with ``len(X)``.
-        ``None``: the images of one backbone pass (``sk_padim.tiling.images_per_pass``:
+        ``None``: the images of one backbone pass (``sk_padim.core.tiling.images_per_pass``:
         32 images of 224 x 224, one of 1024 x 1024 or more).
     verbose : bool, default=False
         Show a progress bar over chunks.
@@ -159,8 +162,7 @@ def iter_scores(estimator, X, batch_size: int = 32) -> Iterator[ScoredImage]:
     1 (32, 32) True
     2 (32, 32) True
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+    check_int(batch_size, "batch_size", 1)
     if not hasattr(estimator, "score_samples"):
         raise TypeError(
             "iter_scores needs a fitted estimator with score_samples, such as "

@@ -8,8 +8,19 @@ import torch
 
 from sk_padim._version import __version__
 
-STATE_FORMAT = 2
-"""The layout of the estimators' fitted state; files of another layout must be refitted."""
+__all__ = [
+    "OldFormatError",
+    "STATE_FORMAT",
+    "VersionMismatchWarning",
+    "VersionedPickleMixin",
+    "check_state_format",
+    "current_versions",
+    "warn_if_versions_differ",
+]
+
+STATE_FORMAT = 3
+"""The layout of the estimators' fitted state and of the package's modules (format 3: the torch
+core in ``sk_padim.core``); files of another layout must be refitted."""
 
 
 class VersionMismatchWarning(UserWarning):
@@ -24,7 +35,7 @@ def current_versions() -> dict[str, str]:
     return {"sk_padim": __version__, "torch": torch.__version__}
 
 
-def major_minor(version: str) -> tuple[str, ...]:
+def _major_minor(version: str) -> tuple[str, ...]:
     """``("2", "14")`` of ``"2.14.1+cu130"``: the part whose change may change results."""
     return tuple(version.split("+")[0].split(".")[:2])
 
@@ -34,7 +45,7 @@ def warn_if_versions_differ(saved: dict, what: str) -> None:
     major.minor from this process's; ``what`` names the model in the message."""
     for package, version in current_versions().items():
         old = saved.get(package)
-        if isinstance(old, str) and major_minor(old) != major_minor(version):
+        if isinstance(old, str) and _major_minor(old) != _major_minor(version):
             warnings.warn(
                 f"{what} was saved with {package} {old} and is loaded with {version}; "
                 f"results may differ. Refit it, or install {package}=={old}.",

@@ -9,8 +9,8 @@ from synthetic import smooth_texture
 from torch import nn
 
 from sk_padim import PatchFeatureTransformer
-from sk_padim.backbones import REGISTRY, TruncatedBackbone, fold_batch_norms, load_backbone
-from sk_padim.embedding import PatchEmbedding
+from sk_padim.core.backbones import REGISTRY, TruncatedBackbone, fold_batch_norms, load_backbone
+from sk_padim.core.embedding import PatchEmbedding
 
 lite = pytest.importorskip("efficientnet_lite_pytorch")
 

@@ -718,7 +718,7 @@ def test_failed_refit_leaves_the_pipeline_scoring_as_before(files, rgb, route):
 
 
 def test_a_missing_folder_is_said_to_be_missing(tmp_path):
-    from sk_padim.images import check_images
+    from sk_padim.core.images import check_images
 
     with pytest.raises(FileNotFoundError, match="Folder not found: no/such/folder"):
         check_images("no/such/folder")

@@ -34,6 +34,7 @@ def run_cli(*args, cwd):
         capture_output=True,
         text=True,
         cwd=cwd,
+        timeout=600,
     )
 
 

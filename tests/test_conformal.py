@@ -28,8 +28,8 @@ from sk_padim.conformal import (
     p_values_from_scores,
     suspect_indices,
 )
+from sk_padim.core.statistics import PatchStatistics
 from sk_padim.persistence import load_npz, save_npz
-from sk_padim.statistics import PatchStatistics
 
 
 def features(n, seed=0, shape=(4, 3, 3)):
@@ -49,7 +49,7 @@ def brute_force_threshold(scores, alpha):
 def held_out_scores_numpy(X, reg=0.01):
     """Each training image's score (sigma=0, maps at the grid's size: the largest
     distance) under the Gaussians of the others, with their scatter divided by n - 1
-    (the downdate of sk_padim.statistics.held_out_distances), in NumPy."""
+    (the downdate of sk_padim.core.statistics.held_out_distances), in NumPy."""
     n, d = len(X), X.shape[1]
     vectors = X.reshape(n, d, -1).transpose(2, 0, 1).astype(np.float64)  # (P, n, d)
     scores = []

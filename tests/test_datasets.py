@@ -1,4 +1,5 @@
-"""Tests for sk_padim.datasets: the MVTec AD loader and the built-in texture dataset."""
+"""Tests for sk_padim.datasets (the MVTec AD layout) and sk_padim.synthetic (the built-in
+texture datasets)."""
 
 import doctest
 import functools
@@ -13,15 +14,15 @@ from PIL import Image
 from skimage import data as skimage_data
 
 import sk_padim.datasets
+import sk_padim.synthetic
 from sk_padim.datasets import (
     find_mvtec_categories,
     list_images,
     load_masks,
     load_mvtec_ad,
-    make_defect_textures,
-    make_high_resolution_textures,
     write_mvtec_layout,
 )
+from sk_padim.synthetic import make_defect_textures, make_high_resolution_textures
 
 KINDS = ["hole", "patch", "scratch", "stain"]
 
@@ -543,7 +544,8 @@ def test_load_masks_mirrors_the_images_below_their_common_folder(tree):
         load_masks(images, truth / "crack")
 
 
-def test_docstring_examples_run():
-    result = doctest.testmod(sk_padim.datasets, optionflags=doctest.NORMALIZE_WHITESPACE)
+@pytest.mark.parametrize("module", [sk_padim.datasets, sk_padim.synthetic])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0

@@ -10,7 +10,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from sk_padim import PadimDetector
-from sk_padim import statistics as statistics_module
+from sk_padim.core import statistics as statistics_module
 
 
 def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:

@@ -116,12 +116,6 @@ def test_on_scored_gets_each_category_its_maps_and_masks_at_the_maps_size(catego
         np.testing.assert_array_equal(masks, category.masks_test)
 
 
-def test_deprecated_n_heatmaps_still_writes_the_pictures(categories, tmp_path):
-    with pytest.warns(FutureWarning, match="on_scored=sk_padim.plotting.heatmap_writer"):
-        evaluate(MapIsImage(), ["a"], categories.__getitem__, output=tmp_path, n_heatmaps=1)
-    assert len(list((tmp_path / "heatmaps" / "a").glob("*.png"))) == 2
-
-
 def test_results_table_adds_a_mean_row_with_totals():
     results = [
         CategoryResult("x", 10, 4, 0.5, 0.7, 0.2, 1.0, 2.0),
@@ -163,7 +157,3 @@ def test_load_mvtec_category_reads_masks_with_another_suffix(tmp_path):
     np.testing.assert_array_equal(category.masks_test, data.grass.masks_test)
     np.testing.assert_array_equal(category.y_test, data.grass.y_test)
     assert len(category.X_train) == 2
-    with pytest.warns(FutureWarning, match="load_mvtec_category"):
-        alias = Category.from_mvtec(root, "grass", mask_suffix=".png")
-    np.testing.assert_array_equal(alias.masks_test, category.masks_test)
-    assert alias.X_test == category.X_test

@@ -25,6 +25,7 @@ def run_example(name, *args, cwd):
         text=True,
         cwd=cwd,
         env={**os.environ, "SK_PADIM_EXAMPLES_SMALL": "1", "MPLBACKEND": "Agg"},
+        timeout=600,
     )
 
 

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
-from synthetic import textures_with_squares
+from synthetic import assert_labels_like, textures_with_squares
 from torch import nn
 
 import sk_padim
@@ -29,7 +29,7 @@ from sk_padim import (
 )
 from sk_padim import export as export_module
 from sk_padim.cli import main
-from sk_padim.model import PadimModel
+from sk_padim.core.model import PadimModel
 
 
 def make_pipeline(image_size, n_features=100, backbone="resnet18", **feat_params):
@@ -60,14 +60,6 @@ def assert_scores_like(pipe, outputs, images, rtol=1e-4):
     np.testing.assert_allclose(outputs[0], maps, atol=rtol * np.ptp(maps))
     np.testing.assert_allclose(outputs[1], scores, rtol=rtol)
     assert_labels_like(outputs[2], scores, pipe[-1].threshold_, pipe.predict(images), rtol)
-
-
-def assert_labels_like(flags, scores, threshold, labels, rtol=1e-4):
-    """Verdicts agree wherever float32 rounding cannot move a score across the threshold
-    (a calibrated threshold is one of the scores: that image is left out)."""
-    clear = np.abs(scores - threshold) > 2 * rtol * abs(threshold)
-    assert clear.sum() >= len(clear) - 1
-    np.testing.assert_array_equal(flags[clear], (labels == -1)[clear])
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +268,7 @@ def test_the_file_runs_in_a_process_without_torch(r18, tmp_path):
         check=True,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     np.testing.assert_allclose(
         json.loads(result.stdout), pipe.decision_function(test[:3]), rtol=1e-4
@@ -335,7 +328,13 @@ def test_command_line_export(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "module", ["sk_padim.export", "sk_padim.model", "sk_padim.devices", "sk_padim.mahalanobis"]
+    "module",
+    [
+        "sk_padim.export",
+        "sk_padim.core.model",
+        "sk_padim.core.devices",
+        "sk_padim.core.mahalanobis",
+    ],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(

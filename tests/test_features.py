@@ -13,8 +13,8 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from sk_padim import PatchFeatureTransformer
-from sk_padim.backbones import REGISTRY, TruncatedBackbone, fold_batch_norms, load_backbone
-from sk_padim.images import iter_batches
+from sk_padim.core.backbones import REGISTRY, TruncatedBackbone, fold_batch_norms, load_backbone
+from sk_padim.core.images import iter_batches
 
 
 def reference_features(images, weights_path, size, indices):

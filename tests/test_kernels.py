@@ -9,11 +9,11 @@ import pytest
 import torch
 from synthetic import unpack_upper
 
-from sk_padim import mahalanobis, statistics, whitening
-from sk_padim.mahalanobis import PatchGaussians
-from sk_padim.packing import pack_lower, unpack_symmetric
-from sk_padim.statistics import PatchStatistics
-from sk_padim.whitening import whitening_factors
+from sk_padim.core import mahalanobis, statistics, whitening
+from sk_padim.core.mahalanobis import PatchGaussians
+from sk_padim.core.packing import pack_lower, unpack_symmetric
+from sk_padim.core.statistics import PatchStatistics
+from sk_padim.core.whitening import whitening_factors
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_factorisation_threads_each_run_lapack_on_one_thread(monkeypatch):
         return cholesky_ex(matrices, **options)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", recording)
-    monkeypatch.setattr(whitening, "CPU_CHUNK_POSITIONS", 2)
+    monkeypatch.setattr(whitening, "_CPU_CHUNK_POSITIONS", 2)
     before = torch.get_num_threads()
     packed = pack_lower(torch.eye(3).expand(10, 3, 3))
     with torch.inference_mode():
@@ -189,4 +189,4 @@ def test_scoring_shows_no_torch_notice_even_when_warnings_are_errors():
         "PadimDetector().fit(X).score_samples(X)\n"
         "assert warnings.filters == filters\n"
     )
-    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, timeout=300)

@@ -6,7 +6,7 @@ from PIL import Image
 from sklearn.pipeline import Pipeline
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.images import image_sizes, read_image
+from sk_padim.core.images import image_sizes, read_image
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
 
 PARAMS = {"weights": None, "n_features": 12, "random_state": 0}

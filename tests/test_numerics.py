@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from synthetic import smooth_texture, unpack_upper
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.packing import pack_lower, unpack_symmetric
-from sk_padim.whitening import whitening_factors
+from sk_padim.core.packing import pack_lower, unpack_symmetric
+from sk_padim.core.whitening import whitening_factors
 
 RTOL = 2e-5
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sk_padim import PadimDetector
-from sk_padim import statistics as statistics_module
-from sk_padim.store import RowFile, StoreFolder
+from sk_padim.core import statistics as statistics_module
+from sk_padim.core.store import RowFile, StoreFolder
 
 D, H, W = 6, 8, 10
 ARRAY_BYTES = H * W * (8 * D + 2 * D * (D + 1))  # statistics, or Gaussians, of the grid

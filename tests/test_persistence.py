@@ -19,9 +19,9 @@ from torch import nn
 
 import sk_padim
 from sk_padim import PadimDetector, PatchFeatureTransformer, fit_streaming
-from sk_padim import detector as detector_module
+from sk_padim import fitting as fitting_module
+from sk_padim.core.statistics import PatchStatistics
 from sk_padim.persistence import load_model, load_npz, save_model, save_npz
-from sk_padim.statistics import PatchStatistics
 from sk_padim.versioning import VersionMismatchWarning
 
 
@@ -117,6 +117,11 @@ def test_files_of_an_earlier_development_format_say_to_refit(small_detector, tmp
     (tmp_path / "old.joblib").write_bytes(data)
     with pytest.raises(ValueError, match=r"earlier development version.*old\.joblib"):
         load_model(tmp_path / "old.joblib")
+    # A pickle of the format 2 layout names modules that moved into sk_padim.core.
+    (tmp_path / "flat.joblib").write_bytes(b"csk_padim.statistics\nPatchStatistics\n.")
+    with pytest.raises(ValueError, match=r"earlier development version.*refit it") as info:
+        load_model(tmp_path / "flat.joblib")
+    assert "flat.joblib" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_archive_holds_only_plain_arrays_and_json(fitted, tmp_path):
@@ -450,7 +455,7 @@ def test_fit_interrupted_while_setting_the_threshold_keeps_the_last_state(monkey
     rng = np.random.default_rng(0)
     detector = PadimDetector().fit(rng.normal(size=(5, 3, 2, 2)))
     before = snapshot(detector)
-    interrupt_on_call(monkeypatch, detector_module, "held_out_distances", 1)
+    interrupt_on_call(monkeypatch, fitting_module, "held_out_distances", 1)
     with pytest.raises(KeyboardInterrupt):
         detector.fit(rng.normal(size=(7, 3, 2, 2)))
     monkeypatch.undo()

@@ -65,9 +65,17 @@ def test_joblib_round_trip_in_fresh_process_scores_identically(fitted, data, tmp
         [sys.executable, "-c", script, str(model_path), str(images_path), str(out_path)],
         check=True,
         cwd=tmp_path,
-        env={"TORCH_HOME": str(empty_home), "PATH": "", "HOME": str(tmp_path)},
+        env={
+            "TORCH_HOME": str(empty_home),
+            "PATH": "",
+            "HOME": str(tmp_path),
+            # The sk_padim under test, where it is not the installed one.
+            **{name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ},
+        },
+        timeout=300,
     )
-    np.testing.assert_array_equal(np.load(out_path), fitted.score_samples(test))
+    # Another process may use another number of threads, which may round otherwise.
+    np.testing.assert_allclose(np.load(out_path), fitted.score_samples(test), rtol=1e-5)
 
 
 def test_pipeline_params_clone_and_set_params(resnet18_weights):
@@ -85,7 +93,7 @@ def test_pipeline_predict_uses_the_detector_threshold(fitted, data):
     assert (fitted.predict(train) == 1).all()
     scores = fitted.decision_function(test)
     threshold = fitted.named_steps["padim"].threshold_
-    np.testing.assert_array_equal(fitted.predict(test), np.where(scores > threshold, -1, 1))
+    np.testing.assert_array_equal(fitted.predict(test), np.where(scores >= threshold, -1, 1))
 
 
 def test_fit_streaming_equals_pipeline_fit(data, resnet18_weights):
@@ -157,6 +165,7 @@ def test_model_fitted_on_gpu_scores_the_same_on_a_cpu_only_process(
         [sys.executable, "-c", script, str(model_path), str(images_path), str(out_path)],
         check=True,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
     )
     # CUDA convolutions use TF32 by default: maps agree with the CPU's to about 1e-3.
     np.testing.assert_allclose(np.load(out_path), gpu_maps, rtol=5e-3, atol=5e-3)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from sk_padim import postprocess
-from sk_padim.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
+from sk_padim.core import postprocess
+from sk_padim.core.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
 
 
 def anomaly_maps(grids, size, sigma, truncate):
@@ -73,7 +73,7 @@ def scipy_maps(grids, size, sigma, truncate=4.0):
     ],
 )
 def test_blocked_axes_match_torch_interpolate_then_scipy(grid, size, sigma):
-    assert max(size) > postprocess.BLOCK
+    assert max(size) > postprocess._BLOCK
     grids = np.random.default_rng(2).random((2, *grid))
     result = anomaly_maps(torch.tensor(grids, dtype=torch.float32), size, sigma, 4.0)
     np.testing.assert_allclose(result.numpy(), scipy_maps(grids, size, sigma), atol=1e-5)
@@ -86,11 +86,11 @@ def test_blocked_axes_match_torch_interpolate_then_scipy(grid, size, sigma):
 def test_blocks_equal_one_dense_matmul_per_axis(grid, size, sigma):
     grids = torch.rand(3, *grid, generator=torch.Generator().manual_seed(3))
     dense = anomaly_maps(grids, size, sigma, 4.0)
-    postprocess.axis_blocks.cache_clear()
+    postprocess._axis_blocks.cache_clear()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(postprocess, "BLOCK", 16)
+        patch.setattr(postprocess, "_BLOCK", 16)
         blocked = AnomalyMapGenerator(grid, size, sigma, 4.0)
-    postprocess.axis_blocks.cache_clear()
+    postprocess._axis_blocks.cache_clear()
     assert blocked.rows_index is not None  # the rule took the blocked form
     np.testing.assert_allclose(blocked(grids).numpy(), dense.numpy(), atol=1e-6)
 

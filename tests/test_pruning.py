@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from sk_padim import PatchFeatureTransformer
-from sk_padim.embedding import PatchEmbedding
-from sk_padim.pruning import _prune_output_channels, pruned_embedding
+from sk_padim.core.embedding import PatchEmbedding
+from sk_padim.core.pruning import _prune_output_channels, pruned_embedding
 
 PIXELS = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

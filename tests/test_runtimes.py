@@ -10,8 +10,9 @@ import pytest
 import torch
 from synthetic import smooth_texture
 
-from sk_padim import PadimDetector, PatchFeatureTransformer, runtimes
-from sk_padim.runtimes import AutocastBackbone, backbone_setting, native_reduced_precision
+from sk_padim import PadimDetector, PatchFeatureTransformer
+from sk_padim.core import runtimes
+from sk_padim.core.runtimes import AutocastBackbone, backbone_setting, native_reduced_precision
 
 CPU = torch.device("cpu")
 needs_openvino = pytest.mark.skipif(

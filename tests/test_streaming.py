@@ -14,7 +14,7 @@ from synthetic import textures_with_squares
 from torch.overrides import TorchFunctionMode
 
 from sk_padim import PadimDetector, PatchFeatureTransformer
-from sk_padim.postprocess import AnomalyMapGenerator
+from sk_padim.core.postprocess import AnomalyMapGenerator
 from sk_padim.streaming import ScoredImage, iter_scores
 
 SIZE = 32
@@ -96,7 +96,7 @@ def test_iter_scores_read_files_when_their_batch_is_scored(fitted, tmp_path):
 def test_iter_scores_bad_arguments_are_clear_errors(fitted):
     pipe, test = fitted
     for batch_size in (0, 1.5, True):
-        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
             next(iter_scores(pipe, test, batch_size=batch_size))
     with pytest.raises(TypeError, match="score_samples.*PadimDetector"):
         next(iter_scores(pipe[0], test))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sk_padim.model import PatchScorer
-from sk_padim.postprocess import AnomalyMapGenerator
-from sk_padim.statistics import PatchStatistics
-from sk_padim.texture import FeatureTiles, TiledGaussians
+from sk_padim.core.model import PatchScorer
+from sk_padim.core.postprocess import AnomalyMapGenerator
+from sk_padim.core.statistics import PatchStatistics
+from sk_padim.core.texture import FeatureTiles, TiledGaussians
 
 # (grid, tile): dividing, non-dividing along one or both axes, one tile, thin tiles.
 TILINGS = [

@@ -8,7 +8,7 @@ import torch
 from sklearn.base import clone
 
 from sk_padim import PadimDetector
-from sk_padim.statistics import held_out_distances
+from sk_padim.core.statistics import held_out_distances
 
 D = 4
 

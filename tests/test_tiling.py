@@ -1,4 +1,4 @@
-"""The backbone run in tiles (sk_padim.tiling): stitched outputs equal the whole image's."""
+"""The backbone run in tiles (sk_padim.core.tiling): stitched outputs equal the whole image's."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sk_padim import PatchFeatureTransformer
-from sk_padim.tiling import TilePlan, images_per_pass, receptive_margin, tiled_layer_maps
+from sk_padim.core.tiling import TilePlan, images_per_pass, receptive_margin, tiled_layer_maps
 
 # Tiled and whole outputs differ by float32 rounding only (a convolution over another
 # size may sum in another order): 1e-5 of the outputs' scale.
@@ -138,7 +138,7 @@ def test_images_per_pass_holds_to_the_pixel_budget(monkeypatch):
             seen.append(len(x))
             return self.b(self.a(x))
 
-    monkeypatch.setattr("sk_padim.tiling.BATCH_PIXELS", 3 * 32 * 32)
+    monkeypatch.setattr("sk_padim.core.tiling.BATCH_PIXELS", 3 * 32 * 32)
     feat = PatchFeatureTransformer(
         Recorder(), layers=("a", "b"), weights=None, image_size=32, n_features=4
     ).fit()
@@ -147,7 +147,7 @@ def test_images_per_pass_holds_to_the_pixel_budget(monkeypatch):
     features = feat.transform(X)
     assert seen == [3, 3, 1]
     unbounded = feat.set_params(batch_size=7)
-    monkeypatch.setattr("sk_padim.tiling.BATCH_PIXELS", 10**9)
+    monkeypatch.setattr("sk_padim.core.tiling.BATCH_PIXELS", 10**9)
     np.testing.assert_allclose(features, unbounded.transform(X), rtol=1e-5, atol=1e-5)
 
 
@@ -185,7 +185,7 @@ def test_auto_tiles_images_above_the_budget_where_it_can(backbone, tiled, monkey
     params = {"layers": ("a", "b"), "weights": None, "image_size": None, "n_features": 8}
     params["random_state"] = 0
     expected = PatchFeatureTransformer(backbone, **params, tile_size=None).fit_transform(X)
-    monkeypatch.setattr("sk_padim.tiling.PIXEL_BUDGET", 60 * 60)
+    monkeypatch.setattr("sk_padim.core.tiling.PIXEL_BUDGET", 60 * 60)
     auto = PatchFeatureTransformer(backbone, **params)
     if not tiled:
         with pytest.raises(ValueError, match="squeeze-and-excitation.*tile_size=None"):

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+__all__ = ["DeviceFeatures", "PerDeviceCache", "as_tensor", "resolve_device", "run_chunks"]
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """Turn a ``device`` parameter into a usable ``torch.device``.
@@ -61,7 +63,7 @@ class DeviceFeatures:
     --------
     >>> import numpy as np
     >>> import torch
-    >>> from sk_padim.devices import DeviceFeatures
+    >>> from sk_padim.core.devices import DeviceFeatures
     >>> features = DeviceFeatures(torch.zeros(2, 3, 4, 4))
     >>> features.shape, np.asarray(features).dtype
     ((2, 3, 4, 4), dtype('float32'))
@@ -192,7 +194,7 @@ def run_chunks(work: Callable[[slice], None], chunks: list[slice], device: torch
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.devices import run_chunks
+    >>> from sk_padim.core.devices import run_chunks
     >>> out = torch.zeros(6)
     >>> def double(rows):
     ...     out[rows] = 2 * torch.arange(6.0)[rows]

@@ -17,7 +17,18 @@ import torch
 import torchvision
 from torch import nn
 
-from sk_padim.images import IMAGENET_MEAN, IMAGENET_STD
+from sk_padim.core.images import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "BackboneSpec",
+    "REGISTRY",
+    "TruncatedBackbone",
+    "check_backbone",
+    "check_layers",
+    "fold_batch_norms",
+    "load_backbone",
+    "weights_key",
+]
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,7 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
-def torchvision_names() -> list[str]:
+def _torchvision_names() -> list[str]:
     """Names of torchvision's image classification models."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -80,7 +91,7 @@ def check_backbone(backbone: str | nn.Module) -> None:
     """Raise a ValueError naming the choices if ``backbone`` is no known model or module."""
     if isinstance(backbone, nn.Module) or backbone == "efficientnet_lite0":
         return
-    if backbone not in torchvision_names():
+    if backbone not in _torchvision_names():
         raise ValueError(
             f"Unknown backbone {backbone!r}. Use one of {sorted(REGISTRY)}, any torchvision "
             "classification model name (torchvision.models.list_models()), or an nn.Module."
@@ -98,7 +109,7 @@ def _load_backbone(backbone, weights) -> nn.Module:
         model = copy.deepcopy(backbone).cpu()
     elif backbone == "efficientnet_lite0":
         model = _load_efficientnet_lite0(use_packaged=weights_path is None and weights is not None)
-    elif backbone in torchvision_names() and weights_path is not None:
+    elif backbone in _torchvision_names() and weights_path is not None:
         return _torchvision_from_file(backbone, weights_path).eval()
     else:
         check_backbone(backbone)
@@ -118,7 +129,7 @@ def weights_key(backbone: str | nn.Module, weights, init_seed: int) -> str | Non
 
     Examples
     --------
-    >>> from sk_padim.backbones import weights_key
+    >>> from sk_padim.core.backbones import weights_key
     >>> weights_key("resnet18", None, 7), weights_key("resnet18", "DEFAULT", 7)
     ('random 7', 'named DEFAULT')
     """
@@ -272,7 +283,7 @@ class TruncatedBackbone(nn.Module):
     forward pass changes no state shared between calls, so any number of threads may
     run one module at once, and nothing is traced (``torch.fx`` patches
     ``nn.Module.__call__`` for every thread while it traces, see
-    :func:`sk_padim.pruning.pruned_embedding`). The state dict keys are the model's own,
+    :func:`sk_padim.core.pruning.pruned_embedding`). The state dict keys are the model's own,
     prefixed ``model.``.
 
     Parameters
@@ -295,7 +306,7 @@ class TruncatedBackbone(nn.Module):
     Examples
     --------
     >>> import torch, torchvision
-    >>> from sk_padim.backbones import TruncatedBackbone
+    >>> from sk_padim.core.backbones import TruncatedBackbone
     >>> model = torchvision.models.resnet18(weights=None).eval()
     >>> probe = torch.zeros(1, 3, 64, 64)
     >>> truncated = TruncatedBackbone(model, ("layer1", "layer2"), probe)

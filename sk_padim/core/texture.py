@@ -20,10 +20,12 @@ import itertools
 import torch
 from torch import nn
 
-from sk_padim.mahalanobis import PatchGaussians
+from sk_padim.core.mahalanobis import PatchGaussians
+
+__all__ = ["FeatureTiles", "TiledGaussians"]
 
 
-def axis_tiles(length: int, size: int) -> list[tuple[slice, slice]]:
+def _axis_tiles(length: int, size: int) -> list[tuple[slice, slice]]:
     """``(tiles, cells)`` pairs along one axis: the regular tiles, then the edge tile if any.
 
     ``tiles`` indexes the tiles along the axis, ``cells`` the grid cells they cover,
@@ -57,7 +59,7 @@ class FeatureTiles:
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.texture import FeatureTiles
+    >>> from sk_padim.core.texture import FeatureTiles
     >>> tiles = FeatureTiles((5, 4), (2, 2))
     >>> features = torch.randn(3, 8, 5, 4)
     >>> samples = tiles.samples(features)
@@ -77,7 +79,7 @@ class FeatureTiles:
             )
         self.grid = (height, width)
         self.tile = (tile_height, tile_width)
-        self._parts = (axis_tiles(height, tile_height), axis_tiles(width, tile_width))
+        self._parts = (_axis_tiles(height, tile_height), _axis_tiles(width, tile_width))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -155,7 +157,7 @@ class TiledGaussians(nn.Module):
     Every tile of the features is scored against the same Gaussians (one per cell of
     the tile), and the tiles' distance grids are stitched back (:class:`FeatureTiles`).
     It stands wherever ``PatchGaussians`` does (the
-    ``gaussians`` of ``sk_padim.model.PatchScorer``), moves with ``.to(device)``
+    ``gaussians`` of ``sk_padim.core.model.PatchScorer``), moves with ``.to(device)``
     and pickles with its Gaussians.
 
     Parameters
@@ -169,8 +171,8 @@ class TiledGaussians(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.statistics import PatchStatistics
-    >>> from sk_padim.texture import FeatureTiles, TiledGaussians
+    >>> from sk_padim.core.statistics import PatchStatistics
+    >>> from sk_padim.core.texture import FeatureTiles, TiledGaussians
     >>> tiles = FeatureTiles((6, 9), (3, 3))
     >>> features = torch.randn(4, 5, 6, 9)
     >>> stats = PatchStatistics.empty(9, 5).update(tiles.samples(features))

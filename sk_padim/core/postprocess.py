@@ -8,10 +8,10 @@ does: the same normalised kernel of radius ``int(truncate * sigma + 0.5)`` and s
 Both steps are linear and separable, so along each axis they compose into one matrix
 ``A`` (blur after resize, built in float64), and the maps are ``A_h @ grid @ A_w^T``.
 ``A`` is banded: an output pixel depends on the few grid cells under its kernel. So
-each axis is cut into blocks of at most ``BLOCK`` output pixels, and a block is
+each axis is cut into blocks of at most ``_BLOCK`` output pixels, and a block is
 one small dense matrix applied to the strip of grid cells it reads: a batched matmul
-whose cost per pixel does not grow with the map (``BLOCK / scale + kernel / scale``
-multiply-adds instead of the grid's length). An axis of at most ``BLOCK`` pixels
+whose cost per pixel does not grow with the map (``_BLOCK / scale + kernel / scale``
+multiply-adds instead of the grid's length). An axis of at most ``_BLOCK`` pixels
 is one block, a plain matmul. On 2 CPU threads a 224 x 224 map takes 0.07 ms either
 way (an interpolation and two padded convolutions took 3.4 ms); a 2048 x 2048 map 11 ms
 in blocks, 42 ms as one dense matmul per axis (whose operators weighed 8 MB, not 1.2).
@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["AnomalyMapGenerator", "image_scores_and_pixel_quantile"]
+
 # Output pixels per block of an axis (see the module's docstring); measured on the
 # CPU, 128 and 512 are within 10 % of it at 1024 and 2048 px.
-BLOCK = 256
+_BLOCK = 256
 
 
-def gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
+def _gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
     """scipy's normalised 1-D Gaussian kernel, float64 (``[1.0]`` for ``sigma=0``)."""
     if sigma == 0:
         return torch.ones(1, dtype=torch.float64)
@@ -42,7 +44,7 @@ def gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def reflect_indices(length: int, radius: int) -> torch.Tensor:
+def _reflect_indices(length: int, radius: int) -> torch.Tensor:
     """Indices padding an axis by ``radius`` with scipy's ``reflect`` (symmetric) rule.
 
     The extended signal repeats with period ``2 * length`` as ``a b c d | d c b a``, which
@@ -52,7 +54,7 @@ def reflect_indices(length: int, radius: int) -> torch.Tensor:
     return torch.where(index < length, index, 2 * length - 1 - index)
 
 
-def axis_taps(
+def _axis_taps(
     length_in: int, length_out: int, sigma: float, truncate: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The non-zero entries of one axis's resize-then-blur matrix, as coordinates.
@@ -66,9 +68,9 @@ def axis_taps(
     source = F.interpolate(ramp, size=length_out, mode="linear", align_corners=False)[0, 0]
     low = source.floor().long()
     high, high_weight = torch.clamp(low + 1, max=length_in - 1), source - low
-    kernel = gaussian_kernel(sigma, truncate)
+    kernel = _gaussian_kernel(sigma, truncate)
     # taps[i, t]: the resized pixel under kernel tap t of output pixel i.
-    taps = reflect_indices(length_out, (len(kernel) - 1) // 2).unfold(0, len(kernel), 1)
+    taps = _reflect_indices(length_out, (len(kernel) - 1) // 2).unfold(0, len(kernel), 1)
     rows = torch.arange(length_out)[:, None].expand(-1, 2 * len(kernel))
     cols = torch.cat([low[taps], high[taps]], 1)
     weights = torch.cat([kernel * (1 - high_weight[taps]), kernel * high_weight[taps]], 1)
@@ -76,38 +78,38 @@ def axis_taps(
 
 
 @functools.lru_cache(maxsize=16)
-def axis_blocks(
+def _axis_blocks(
     length_in: int, length_out: int, sigma: float, truncate: float
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """One axis's resize-then-blur matrix in blocks of ``BLOCK`` output pixels.
+    """One axis's resize-then-blur matrix in blocks of ``_BLOCK`` output pixels.
 
     Returns None for the identity, else ``(blocks, index)``: ``blocks`` is the
-    ``(n_blocks, BLOCK, span)`` float64 matrix of each block (one ``(length_out,
+    ``(n_blocks, _BLOCK, span)`` float64 matrix of each block (one ``(length_out,
     length_in)`` matrix if the axis is one block), ``index`` the ``n_blocks * span``
     grid cells the blocks read (None for one block, which reads the whole axis).
     Cached (read-only): built once per map size, not once per batch.
     """
     if length_in == length_out and sigma == 0:
         return None
-    rows, cols, weights = axis_taps(length_in, length_out, sigma, truncate)
-    if length_out <= BLOCK:
+    rows, cols, weights = _axis_taps(length_in, length_out, sigma, truncate)
+    if length_out <= _BLOCK:
         matrix = torch.zeros(length_out, length_in, dtype=torch.float64)
         return matrix.index_put_((rows, cols), weights, accumulate=True)[None], None
-    n_blocks = -(-length_out // BLOCK)
-    block = rows // BLOCK
+    n_blocks = -(-length_out // _BLOCK)
+    block = rows // _BLOCK
     first = cols.new_full((n_blocks,), length_in).scatter_reduce(0, block, cols, "amin")
     last = cols.new_zeros(n_blocks).scatter_reduce(0, block, cols, "amax")
     span = int((last - first).max()) + 1
     start = torch.clamp(first, max=length_in - span)
-    blocks = torch.zeros(n_blocks, BLOCK, span, dtype=torch.float64)
-    blocks.index_put_((block, rows % BLOCK, cols - start[block]), weights, accumulate=True)
+    blocks = torch.zeros(n_blocks, _BLOCK, span, dtype=torch.float64)
+    blocks.index_put_((block, rows % _BLOCK, cols - start[block]), weights, accumulate=True)
     return blocks, (start[:, None] + torch.arange(span)).flatten()
 
 
-def apply_blocks(
+def _apply_blocks(
     values: torch.Tensor, blocks: torch.Tensor, index: torch.Tensor | None, length: int
 ) -> torch.Tensor:
-    """Apply one axis's blocks (``axis_blocks``) along ``values``' dimension -2."""
+    """Apply one axis's blocks (``_axis_blocks``) along ``values``' dimension -2."""
     if index is None:
         return torch.matmul(blocks[0], values)
     n_blocks, _, span = blocks.shape
@@ -120,7 +122,7 @@ class AnomalyMapGenerator(nn.Module):
 
     The per-axis blocks and the cells they read are buffers (float32 and int64), so
     the module moves with ``.to(device)`` and exports as gathers and matmuls; the cost
-    per map pixel does not grow with the map's size (see the module ``sk_padim.postprocess``).
+    per map pixel does not grow with the map's size (see the module ``sk_padim.core.postprocess``).
 
     Parameters
     ----------
@@ -134,7 +136,7 @@ class AnomalyMapGenerator(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.postprocess import AnomalyMapGenerator
+    >>> from sk_padim.core.postprocess import AnomalyMapGenerator
     >>> generator = AnomalyMapGenerator((2, 2), (8, 8), sigma=1.0, truncate=4.0)
     >>> generator(torch.ones(3, 2, 2)).shape
     torch.Size([3, 8, 8])
@@ -144,7 +146,7 @@ class AnomalyMapGenerator(nn.Module):
         super().__init__()
         self.size = tuple(size)
         for axis, length_in, length_out in (("rows", grid[0], size[0]), ("cols", grid[1], size[1])):
-            operator = axis_blocks(length_in, length_out, sigma, truncate)
+            operator = _axis_blocks(length_in, length_out, sigma, truncate)
             blocks, index = (None, None) if operator is None else operator
             # An identity axis keeps None buffers: nothing to do along it.
             self.register_buffer(f"{axis}_blocks", None if blocks is None else blocks.float())
@@ -160,10 +162,10 @@ class AnomalyMapGenerator(nn.Module):
         maps = distances
         if self.cols_blocks is not None:
             by_columns = maps.transpose(1, 2)  # not .mT, which ONNX has no operator for
-            by_columns = apply_blocks(by_columns, self.cols_blocks, self.cols_index, self.size[1])
+            by_columns = _apply_blocks(by_columns, self.cols_blocks, self.cols_index, self.size[1])
             maps = by_columns.transpose(1, 2)
         if self.rows_blocks is not None:
-            maps = apply_blocks(maps, self.rows_blocks, self.rows_index, self.size[0])
+            maps = _apply_blocks(maps, self.rows_blocks, self.rows_index, self.size[0])
         return maps
 
 
@@ -199,7 +201,7 @@ def image_scores_and_pixel_quantile(
     Examples
     --------
     >>> import numpy as np, torch
-    >>> from sk_padim.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
+    >>> from sk_padim.core.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
     >>> grids = torch.rand(5, 3, 3)
     >>> maps = AnomalyMapGenerator((3, 3), (3, 3), sigma=0.0, truncate=4.0)
     >>> scores, pixel = image_scores_and_pixel_quantile(grids.split(2), maps, 5, 0.9)

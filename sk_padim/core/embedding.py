@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sk_padim.backbones import TruncatedBackbone
-from sk_padim.tiling import TilePlan, tiled_layer_maps
+from sk_padim.core.backbones import TruncatedBackbone
+from sk_padim.core.tiling import TilePlan, tiled_layer_maps
+
+__all__ = ["PatchEmbedding", "semi_orthogonal_matrix"]
 
 
 class PatchEmbedding(nn.Module):
@@ -38,9 +40,9 @@ class PatchEmbedding(nn.Module):
         ``(H, W)`` of the pixels it takes (kept for exports; not checked).
     projection : array-like of shape (F, d) or None, default=None
         With ``channel_indices=None``: the projection ``W``, ``F = sum(layer_channels)``.
-    tile_plan : sk_padim.tiling.TilePlan or None, default=None
+    tile_plan : sk_padim.core.tiling.TilePlan or None, default=None
         Run the backbone on these overlapping tiles (its stitched outputs equal the
-        whole image's, see ``sk_padim.tiling``); ``None``: on whole images.
+        whole image's, see ``sk_padim.core.tiling``); ``None``: on whole images.
 
     Examples
     --------
@@ -168,7 +170,7 @@ class PatchEmbedding(nn.Module):
                     total = total + F.interpolate(part, size=grid, mode="nearest")
                 return total.float()
             for position, part in enumerate(parts):
-                upsample_nearest_into(part, out, accumulate=position > 0)
+                _upsample_nearest_into(part, out, accumulate=position > 0)
             return out
         parts = [
             layer_maps[number]
@@ -181,7 +183,7 @@ class PatchEmbedding(nn.Module):
             return torch.cat(parts, dim=1).float()
         position = 0
         for part in parts:
-            upsample_nearest_into(part, out[:, position : position + part.shape[1]])
+            _upsample_nearest_into(part, out[:, position : position + part.shape[1]])
             position += part.shape[1]
         return out
 
@@ -196,7 +198,7 @@ def semi_orthogonal_matrix(n_rows: int, n_columns: int, rng: np.random.RandomSta
     Examples
     --------
     >>> import numpy as np
-    >>> from sk_padim.embedding import semi_orthogonal_matrix
+    >>> from sk_padim.core.embedding import semi_orthogonal_matrix
     >>> W = semi_orthogonal_matrix(6, 3, np.random.RandomState(0))
     >>> bool(np.allclose(W.T @ W, np.eye(3), atol=1e-6))
     True
@@ -205,7 +207,7 @@ def semi_orthogonal_matrix(n_rows: int, n_columns: int, rng: np.random.RandomSta
     return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
-def upsample_nearest_into(maps: torch.Tensor, out: torch.Tensor, accumulate: bool = False):
+def _upsample_nearest_into(maps: torch.Tensor, out: torch.Tensor, accumulate: bool = False):
     """``F.interpolate(maps, size=out.shape[2:], mode="nearest")`` written into ``out``.
 
     Added to ``out`` instead with ``accumulate=True``. For a whole-number scale (layers of

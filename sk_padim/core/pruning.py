@@ -22,8 +22,10 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from sk_padim.backbones import TruncatedBackbone
-from sk_padim.embedding import PatchEmbedding
+from sk_padim.core.backbones import TruncatedBackbone
+from sk_padim.core.embedding import PatchEmbedding
+
+__all__ = ["pruned_embedding"]
 
 # Modules and functions that act on each channel alone: the kept channels of their
 # output are those of their input(s).
@@ -63,19 +65,19 @@ def pruned_embedding(embedding: PatchEmbedding) -> PatchEmbedding:
 
     Parameters
     ----------
-    embedding : sk_padim.embedding.PatchEmbedding
+    embedding : sk_padim.core.embedding.PatchEmbedding
         On any device; left unchanged.
 
     Returns
     -------
-    embedding : sk_padim.embedding.PatchEmbedding
+    embedding : sk_padim.core.embedding.PatchEmbedding
         The pruned copy, or ``embedding`` itself.
 
     Examples
     --------
     >>> import torch
     >>> from sk_padim import PatchFeatureTransformer
-    >>> from sk_padim.pruning import pruned_embedding
+    >>> from sk_padim.core.pruning import pruned_embedding
     >>> feat = PatchFeatureTransformer(weights=None, image_size=32, n_features=8,
     ...                                random_state=0).fit()
     >>> embedding = feat.to_module("cpu")

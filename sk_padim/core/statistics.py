@@ -27,19 +27,21 @@ import math
 import numpy as np
 import torch
 
-from sk_padim.devices import run_chunks
-from sk_padim.mahalanobis import (
+from sk_padim.core.devices import run_chunks
+from sk_padim.core.mahalanobis import (
     PatchGaussians,
     centred_position_chunks,
     position_parts,
     positions_per_chunk,
 )
-from sk_padim.packing import lower_offsets
-from sk_padim.store import tensor_of
-from sk_padim.whitening import whitening_factors
+from sk_padim.core.packing import lower_offsets
+from sk_padim.core.store import tensor_of
+from sk_padim.core.whitening import whitening_factors
 
-STORAGES = ("float32", "float16")
-CHECK_CHUNK_VALUES = 2**24  # scatter values checked at a time (64 MB)
+__all__ = ["PatchStatistics", "held_out_distances"]
+
+_STORAGES = ("float32", "float16")
+_CHECK_CHUNK_VALUES = 2**24  # scatter values checked at a time (64 MB)
 
 
 class PatchStatistics:
@@ -53,14 +55,14 @@ class PatchStatistics:
         Per-position mean, positions in row-major order of the ``(h, w)`` grid.
     scatter : Tensor or RowFile of shape (P, d (d + 1) / 2), float32
         Per-position scatter matrix, its lower triangle packed row by row
-        (``torch.tril_indices`` order, as ``sk_padim.packing.pack_lower`` packs it); a
-        :class:`~sk_padim.store.RowFile` keeps it in a file, for grids larger than
+        (``torch.tril_indices`` order, as ``sk_padim.core.packing.pack_lower`` packs it); a
+        :class:`~sk_padim.core.store.RowFile` keeps it in a file, for grids larger than
         memory (such statistics update and factorise, but do not merge or move).
 
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.statistics import PatchStatistics
+    >>> from sk_padim.core.statistics import PatchStatistics
     >>> features = torch.randn(6, 3, 2, 2)
     >>> stats = PatchStatistics.empty(4, 3).update(features[:4]).update(features[4:])
     >>> whole = PatchStatistics.empty(4, 3).update(features)
@@ -191,7 +193,7 @@ class PatchStatistics:
         self : PatchStatistics
             These statistics, when finite.
         """
-        rows = max(1, CHECK_CHUNK_VALUES // self.scatter.shape[1])
+        rows = max(1, _CHECK_CHUNK_VALUES // self.scatter.shape[1])
         chunks = (slice(s, s + rows) for s in range(0, self.n_positions, rows))
         if not all(all_finite(self.scatter[chunk]) for chunk in chunks):
             raise FloatingPointError(
@@ -326,8 +328,8 @@ class PatchStatistics:
         gaussians : PatchGaussians
             The Gaussians' means and whitening factors, on this device.
         """
-        if storage not in STORAGES:
-            raise ValueError(f"storage must be one of {STORAGES}; got {storage!r}.")
+        if storage not in _STORAGES:
+            raise ValueError(f"storage must be one of {_STORAGES}; got {storage!r}.")
         if out is None:
             out = torch.empty(self.scatter.shape, device=self.device)
         whitening_factors(self.covariance, self.n_positions, self.n_features, reg, out, storage)
@@ -490,7 +492,7 @@ def held_out_distances(distances: torch.Tensor, n_samples: int) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.statistics import held_out_distances
+    >>> from sk_padim.core.statistics import held_out_distances
     >>> held_out_distances(torch.tensor([0.0, 1.0]), n_samples=5)
     tensor([0.0000, 1.5076])
     """

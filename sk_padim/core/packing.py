@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["lower_offsets", "n_features_of_packed", "pack_lower", "unpack_symmetric"]
+
 
 def lower_offsets(n_features: int, device=None, transposed: bool = False) -> torch.Tensor:
     """Offsets of the lower triangle's entries in a flattened ``(d, d)`` matrix, in
@@ -30,7 +32,7 @@ def pack_lower(matrices: torch.Tensor) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.packing import pack_lower
+    >>> from sk_padim.core.packing import pack_lower
     >>> pack_lower(torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))
     tensor([[1., 3., 4.]])
     """

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+__all__ = ["RowFile", "StoreFolder"]
+
 COMPLETE = "COMPLETE"  # the marker file of a fit that wrote all its arrays
 
 
@@ -44,7 +46,7 @@ class RowFile:
     --------
     >>> import tempfile, torch
     >>> from pathlib import Path
-    >>> from sk_padim.store import RowFile
+    >>> from sk_padim.core.store import RowFile
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     rows = RowFile.create(Path(folder) / "a.npy", (4, 3), torch.float32)
     ...     rows[1:3] = torch.ones(2, 3)
@@ -172,7 +174,7 @@ class StoreFolder:
     Examples
     --------
     >>> import tempfile, torch
-    >>> from sk_padim.store import StoreFolder
+    >>> from sk_padim.core.store import StoreFolder
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     store = StoreFolder(folder)
     ...     rows = store.create("scatter", (2, 3), torch.float32)

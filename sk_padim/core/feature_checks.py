@@ -7,8 +7,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from sk_padim.devices import as_tensor
-from sk_padim.statistics import all_finite
+from sk_padim.core.devices import as_tensor
+from sk_padim.core.statistics import all_finite
+
+__all__ = ["check_feature_shape_matches", "check_features", "feature_batches"]
 
 _TRANSFORMER_HINT = (
     "PadimDetector takes patch features (n, d, h, w), not images: put a "

@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from sk_padim.devices import run_chunks
-from sk_padim.packing import lower_offsets, unpack_symmetric
+from sk_padim.core.devices import run_chunks
+from sk_padim.core.packing import lower_offsets, unpack_symmetric
 
-CPU_CHUNK_POSITIONS = 64  # positions per factorisation step on the CPU, at most
+__all__ = ["whitening_factors"]
+
+_CPU_CHUNK_POSITIONS = 64  # positions per factorisation step on the CPU, at most
 
 
 def whitening_factors(
@@ -34,14 +36,14 @@ def whitening_factors(
     a time, to bound memory, on the covariances' device, and each chunk's upper
     triangular factors ``U`` are written to ``out[rows]`` as ``pack_lower(U.mT)``
     (float32; rounded to float16 values with ``storage="float16"``). ``out`` is a
-    ``(P, d (d + 1) / 2)`` tensor or :class:`~sk_padim.store.RowFile`, and may be where
+    ``(P, d (d + 1) / 2)`` tensor or :class:`~sk_padim.core.store.RowFile`, and may be where
     the covariances are read from: each chunk is read before it is written, so the
     factors then replace the covariances in place. Where a factorisation fails (never
     for finite statistics and ``reg > 0`` in exact arithmetic), ``reg`` is raised
     tenfold for the failing positions, with a warning.
 
     On the CPU, chunks run in threads of one torch thread each
-    (:func:`sk_padim.devices.run_chunks`): batched Cholesky and triangular solves of
+    (:func:`sk_padim.core.devices.run_chunks`): batched Cholesky and triangular solves of
     small matrices gain nothing from torch's intra-op threads, and when another process
     competes for the cores their thread synchronisation made them 5-10x slower (measured
     on 2 cores: 15.8 s with 2 threads vs 1.5 s with one for 3,136 matrices of 100 x 100).
@@ -60,7 +62,7 @@ def whitening_factors(
     budget = 2**22 if device.type == "cpu" else 2**24  # float64 values per chunk
     chunk = max(1, budget // n_features**2)
     if device.type == "cpu":
-        chunk = min(chunk, CPU_CHUNK_POSITIONS)
+        chunk = min(chunk, _CPU_CHUNK_POSITIONS)
     chunks = [slice(s, min(s + chunk, n_positions)) for s in range(0, n_positions, chunk)]
     run_chunks(factorise, chunks, device)
 

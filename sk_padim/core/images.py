@@ -36,6 +36,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+    "check_images",
+    "image_sizes",
+    "iter_batches",
+    "list_images",
+    "read_image",
+    "size_pair",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
@@ -125,7 +137,7 @@ def check_images(X) -> np.ndarray | torch.Tensor | list:
             if os.path.isdir(path):
                 raise FileNotFoundError(
                     f"{os.fspath(path)!r} is a directory, not an image file; pass the folder "
-                    "itself as X, or its files: sk_padim.images.list_images(folder)."
+                    "itself as X, or its files: sk_padim.core.images.list_images(folder)."
                 )
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
@@ -160,7 +172,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]
     --------
     >>> import tempfile
     >>> from pathlib import Path
-    >>> from sk_padim.images import list_images
+    >>> from sk_padim.core.images import list_images
     >>> folder = Path(tempfile.mkdtemp())
     >>> (folder / "b").mkdir()
     >>> for name in ["b/0.png", "1.JPG", "notes.txt"]:
@@ -310,7 +322,7 @@ def read_image(item) -> np.ndarray:
     Examples
     --------
     >>> from PIL import Image
-    >>> from sk_padim.images import read_image
+    >>> from sk_padim.core.images import read_image
     >>> read_image(Image.new("L", (4, 3), 7)).shape
     (3, 4, 3)
     """
@@ -346,7 +358,7 @@ def image_sizes(images: np.ndarray | torch.Tensor | list) -> list[tuple[int, int
     --------
     >>> import numpy as np
     >>> from PIL import Image
-    >>> from sk_padim.images import image_sizes
+    >>> from sk_padim.core.images import image_sizes
     >>> image_sizes(np.zeros((2, 30, 40, 3), np.uint8))
     [(30, 40), (30, 40)]
     >>> image_sizes([Image.new("RGB", (40, 30)), np.zeros((5, 6))])
@@ -438,7 +450,7 @@ def iter_batches(
     A batch is ``uint8`` (0-255) where the images were ``uint8`` at ``size`` (for an
     array, a view of it: no copy), and float32 in [0, 1] otherwise; normalising and
     repeating grey channels is left to the device (see
-    :meth:`sk_padim.embedding.PatchEmbedding.normalise`). Images are decoded and resized
+    :meth:`sk_padim.core.embedding.PatchEmbedding.normalise`). Images are decoded and resized
     one batch at a time, so memory holds two batches: a background thread prepares the
     next batch while the caller computes on this one (PIL's decoders and torch's kernels
     release the GIL), so that reading image files overlaps with the backbone. Resizing
@@ -473,7 +485,7 @@ def size_pair(size, name: str) -> tuple[int, int]:
 
     Examples
     --------
-    >>> from sk_padim.images import size_pair
+    >>> from sk_padim.core.images import size_pair
     >>> size_pair(224, "image_size"), size_pair((64, 128), "map_size")
     ((224, 224), (64, 128))
     """

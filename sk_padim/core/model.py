@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sk_padim.embedding import PatchEmbedding
-from sk_padim.mahalanobis import PatchGaussians
-from sk_padim.postprocess import AnomalyMapGenerator
+from sk_padim.core.embedding import PatchEmbedding
+from sk_padim.core.mahalanobis import PatchGaussians
+from sk_padim.core.postprocess import AnomalyMapGenerator
+
+__all__ = ["PadimModel"]
 
 
 class PatchScorer(nn.Module):
@@ -103,7 +105,7 @@ class PadimModel(nn.Module):
     >>> import torch
     >>> from sklearn.pipeline import Pipeline
     >>> from sk_padim import PadimDetector, PatchFeatureTransformer
-    >>> from sk_padim.model import PadimModel
+    >>> from sk_padim.core.model import PadimModel
     >>> X = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     >>> pipe = Pipeline([
     ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),

@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 
+__all__ = ["TilePlan", "receptive_margin", "tiled_layer_maps"]
+
 PIXEL_BUDGET = 4 * 1024 * 1024
 """Pixels per forward pass of the backbone (images x height x width, tile margins
 included): 4 megapixels, e.g. one 2048 x 2048 image, or 83 images of 224 x 224 px.
@@ -59,7 +61,7 @@ def images_per_pass(image_size: tuple[int, int], batch_size: int) -> int:
 
     Examples
     --------
-    >>> from sk_padim.tiling import images_per_pass
+    >>> from sk_padim.core.tiling import images_per_pass
     >>> images_per_pass((224, 224), 32), images_per_pass((512, 512), 32)
     (32, 6)
     >>> images_per_pass((1024, 1024), 32)
@@ -100,7 +102,7 @@ def plan_tiles(
     return TilePlan(strides, margin, (core, core))
 
 
-class Span(NamedTuple):
+class _Span(NamedTuple):
     """One tile along an axis: its core ``[core_start, core_stop)`` and its input
     ``[start, stop)`` (the core and the margins inside the image), in pixels."""
 
@@ -128,13 +130,13 @@ class TilePlan:
 
     Examples
     --------
-    >>> from sk_padim.tiling import TilePlan
+    >>> from sk_padim.core.tiling import TilePlan
     >>> plan = TilePlan(strides=(4, 8, 16), margin=32, core=(64, 64))
     >>> for span in plan.spans(150, axis=0):  # 150 = 9 x 16 + 6: 6 px added to (0, 96)
     ...     print(span)
-    Span(core_start=0, core_stop=64, start=0, stop=102)
-    Span(core_start=64, core_stop=128, start=32, stop=150)
-    Span(core_start=128, core_stop=150, start=96, stop=150)
+    _Span(core_start=0, core_stop=64, start=0, stop=102)
+    _Span(core_start=64, core_stop=128, start=32, stop=150)
+    _Span(core_start=128, core_stop=150, start=96, stop=150)
     """
 
     strides: tuple[int, ...]
@@ -192,7 +194,7 @@ class TilePlan:
             )
         return cls(tuple(strides), margin, (side, side))
 
-    def spans(self, length: int, axis: int) -> list[Span]:
+    def spans(self, length: int, axis: int) -> list[_Span]:
         """The tiles along an axis (0: height, 1: width) of ``length`` pixels, in order.
 
         A span's input is its core and the margins inside the image. One that stops
@@ -208,7 +210,7 @@ class TilePlan:
 
         Returns
         -------
-        spans : list of Span
+        spans : list of _Span
             The tiles' cores and inputs, in order.
         """
         core, stride = self.core[axis], self.stride
@@ -217,7 +219,7 @@ class TilePlan:
             core_stop = min(core_start + core, length)
             stop = core_stop + self.margin
             stop = length if stop >= length else stop + length % stride
-            spans.append(Span(core_start, core_stop, max(core_start - self.margin, 0), stop))
+            spans.append(_Span(core_start, core_stop, max(core_start - self.margin, 0), stop))
         return spans
 
 
@@ -248,7 +250,7 @@ def tiled_layer_maps(
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from sk_padim.tiling import TilePlan, receptive_margin, tiled_layer_maps
+    >>> from sk_padim.core.tiling import TilePlan, receptive_margin, tiled_layer_maps
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1))
     >>> def backbone(x):
     ...     return [net(x)]
@@ -283,7 +285,7 @@ def tiled_layer_maps(
     return whole
 
 
-def _whole_map(output: torch.Tensor, row: Span, column: Span, stride: int) -> torch.Tensor:
+def _whole_map(output: torch.Tensor, row: _Span, column: _Span, stride: int) -> torch.Tensor:
     """An empty whole layer map, sized from the bottom-right tile's ``output``."""
     n_images, n_channels, height, width = output.shape
     shape = (n_images, n_channels, row.start // stride + height, column.start // stride + width)
@@ -292,7 +294,7 @@ def _whole_map(output: torch.Tensor, row: Span, column: Span, stride: int) -> to
     )
 
 
-def _core_cells(span: Span, length: int, stride: int, n_cells: int) -> tuple[slice, slice]:
+def _core_cells(span: _Span, length: int, stride: int, n_cells: int) -> tuple[slice, slice]:
     """The cells of a span's core: in the whole map, and in the tile's output."""
     first = span.core_start // stride
     last = span.core_stop // stride if span.core_stop < length else n_cells

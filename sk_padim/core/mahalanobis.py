@@ -9,20 +9,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from sk_padim.devices import run_chunks
-from sk_padim.packing import lower_offsets, n_features_of_packed
-from sk_padim.store import tensor_of
+from sk_padim.core.devices import run_chunks
+from sk_padim.core.packing import lower_offsets, n_features_of_packed
+from sk_padim.core.store import tensor_of
+
+__all__ = [
+    "PatchGaussians",
+    "block_lower_pattern",
+    "centred_position_chunks",
+    "position_parts",
+    "positions_per_chunk",
+]
 
 # Temporary bytes per step of the batched kernels: cache-sized on the CPU (the copy,
 # the matmul and the reduction then stay in cache), large on a GPU (fewer launches).
-CPU_CHUNK_BYTES = 4 * 2**20
-GPU_CHUNK_BYTES = 2**30
-MEAN_CHUNK_VALUES = 2**22  # means split into float32 hi + lo a chunk of values at a time
+_CPU_CHUNK_BYTES = 4 * 2**20
+_GPU_CHUNK_BYTES = 2**30
+_MEAN_CHUNK_VALUES = 2**22  # means split into float32 hi + lo a chunk of values at a time
 
 
 def positions_per_chunk(device: torch.device, n_rows: int, n_features: int) -> int:
     """Positions per step of the batched kernels (``3 * n_rows * d + d * d`` floats each)."""
-    budget = CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
+    budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
     return max(1, budget // (4 * n_features * (3 * n_rows + n_features)))
 
 
@@ -31,7 +39,7 @@ class PatchGaussians(nn.Module):
 
     The whitening factors are kept packed (their ``d (d + 1) / 2`` nonzero values per
     position, half the memory of whole matrices), in memory or in a file
-    (:class:`~sk_padim.store.RowFile`, for models larger than memory), and scored as
+    (:class:`~sk_padim.core.store.RowFile`, for models larger than memory), and scored as
     they are, a cache-sized chunk of positions at a time (a block-diagonal sparse
     matmul, see :meth:`_whiten`). An ONNX export traces the whole-grid form instead
     (one ``Gather`` unpacks every factor).
@@ -42,7 +50,7 @@ class PatchGaussians(nn.Module):
         Per-position means, P = h * w in row-major order. Kept as a float32 hi + lo
         pair, so that features with a large common offset keep their small spread.
     packed_factor : Tensor or RowFile of shape (P, d (d + 1) / 2), float32
-        Per-position whitening factors ``U`` (see :mod:`sk_padim.whitening`), the
+        Per-position whitening factors ``U`` (see :mod:`sk_padim.core.whitening`), the
         distance being ``|(x - mean) @ U|``, packed as ``pack_lower(U.mT)``.
     storage : {"float32", "float16"}, default="float32"
         The precision the factors are stored in: ``"float16"`` factors hold values
@@ -51,8 +59,8 @@ class PatchGaussians(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.mahalanobis import PatchGaussians
-    >>> from sk_padim.packing import pack_lower
+    >>> from sk_padim.core.mahalanobis import PatchGaussians
+    >>> from sk_padim.core.packing import pack_lower
     >>> factor = torch.eye(2).expand(4, 2, 2) * 0.5
     >>> gaussians = PatchGaussians(torch.zeros(4, 2, dtype=torch.float64), pack_lower(factor))
     >>> gaussians(torch.ones(1, 2, 2, 2))[0]
@@ -66,7 +74,7 @@ class PatchGaussians(nn.Module):
             raise ValueError(f"storage must be 'float32' or 'float16'; got {storage!r}.")
         high = mean.to(torch.float32)
         low = torch.empty_like(high)
-        step = max(1, MEAN_CHUNK_VALUES // max(1, mean.shape[1]))
+        step = max(1, _MEAN_CHUNK_VALUES // max(1, mean.shape[1]))
         for start in range(0, len(mean), step):  # no float64 temporary as large as mean
             rows = slice(start, start + step)
             low[rows] = mean[rows] - high[rows].to(mean.dtype)
@@ -185,10 +193,10 @@ class PatchGaussians(nn.Module):
 
     def _position_chunks(self, flat: torch.Tensor, chunk: int) -> torch.Tensor:
         """Distances ``(P, B)``, the positions shared among threads of one torch thread
-        each on the CPU (:func:`~sk_padim.devices.run_chunks`)."""
+        each on the CPU (:func:`~sk_padim.core.devices.run_chunks`)."""
         distances = flat.new_empty(flat.shape[2], flat.shape[0])
         parts = position_parts(flat.shape[2], chunk, flat.device)
-        make_first_sparse_tensor_quietly()
+        _make_first_sparse_tensor_quietly()
         run_chunks(lambda rows: self._whiten(flat, rows, chunk, distances), parts, flat.device)
         return distances
 
@@ -230,7 +238,7 @@ class PatchGaussians(nn.Module):
 
 def position_parts(n_positions: int, chunk: int, device: torch.device) -> list[slice]:
     """Contiguous ranges of positions, one per CPU thread (at least a chunk each), or the
-    whole range elsewhere: the parts :func:`~sk_padim.devices.run_chunks` shares out."""
+    whole range elsewhere: the parts :func:`~sk_padim.core.devices.run_chunks` shares out."""
     n_parts = 1
     if device.type == "cpu":
         n_parts = max(1, min(torch.get_num_threads(), n_positions // chunk))
@@ -250,7 +258,7 @@ def block_lower_pattern(
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.mahalanobis import block_lower_pattern
+    >>> from sk_padim.core.mahalanobis import block_lower_pattern
     >>> crow, col = block_lower_pattern(2, 2, torch.device("cpu"))
     >>> crow.tolist(), col.tolist()
     ([0, 1, 3, 4, 6], [0, 0, 1, 2, 2, 3])
@@ -267,7 +275,7 @@ def block_lower_pattern(
 
 
 @functools.cache
-def make_first_sparse_tensor_quietly() -> None:
+def _make_first_sparse_tensor_quietly() -> None:
     """Make the process's first CSR tensor with torch's "beta" notice filtered out.
 
     torch warns when the first CSR tensor of a process is made (on any device) that CSR

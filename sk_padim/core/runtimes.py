@@ -22,6 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
+__all__ = [
+    "AutocastBackbone",
+    "BackboneSetting",
+    "OpenVinoBackbone",
+    "PRECISIONS",
+    "RUNTIMES",
+    "backbone_setting",
+    "native_reduced_precision",
+    "openvino_available",
+]
+
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 RUNTIMES = ("eager", "openvino")
 
@@ -36,7 +47,7 @@ def native_reduced_precision(device: torch.device) -> torch.dtype | None:
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.runtimes import native_reduced_precision
+    >>> from sk_padim.core.runtimes import native_reduced_precision
     >>> native_reduced_precision(torch.device("cpu")) in (None, torch.bfloat16)
     True
     """
@@ -84,7 +95,7 @@ def backbone_setting(
     Examples
     --------
     >>> import torch
-    >>> from sk_padim.runtimes import backbone_setting
+    >>> from sk_padim.core.runtimes import backbone_setting
     >>> backbone_setting("float16", "eager", torch.device("cpu"), strict=False).dtype
     torch.float32
     """
@@ -187,8 +198,8 @@ class OpenVinoBackbone(nn.Module):
     Examples
     --------
     >>> import torch, torchvision
-    >>> from sk_padim.backbones import TruncatedBackbone
-    >>> from sk_padim.runtimes import OpenVinoBackbone
+    >>> from sk_padim.core.backbones import TruncatedBackbone
+    >>> from sk_padim.core.runtimes import OpenVinoBackbone
     >>> model = torchvision.models.resnet18(weights=None).eval()
     >>> probe = torch.zeros(1, 3, 64, 64)
     >>> eager = TruncatedBackbone(model, ("layer1", "layer2"), probe)
