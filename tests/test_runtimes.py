@@ -56,6 +56,17 @@ def test_auto_is_bfloat16_exactly_where_the_cpu_has_bfloat16_instructions():
     assert backbone_setting("auto", "eager", CPU, strict=True).dtype == expected
 
 
+@pytest.mark.skipif(
+    native_reduced_precision(CPU) is not None, reason="this CPU runs bfloat16 natively"
+)
+def test_emulated_bfloat16_is_fitted_with_a_warning_that_names_auto():
+    with pytest.warns(UserWarning, match="emulated.*precision='auto' picks float32"):
+        PatchFeatureTransformer(**params(precision="bfloat16")).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PatchFeatureTransformer(**params(precision="auto")).fit()
+
+
 def test_float16_off_cuda_is_refused_at_fit_and_falls_back_when_loaded():
     with pytest.raises(ValueError, match="CUDA GPUs only.*'bfloat16' or 'auto'"):
         backbone_setting("float16", "eager", CPU, strict=True)

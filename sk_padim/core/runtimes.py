@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def backbone_setting(
 ) -> BackboneSetting:
     """The dtype and runtime the backbone runs in on ``device`` for these parameters.
 
-    ``"auto"`` is :func:`native_reduced_precision` or float32. What cannot run here
+    ``"auto"`` is :func:`native_reduced_precision` or float32. An explicit bfloat16
+    where it is emulated runs, with a warning when ``strict``. What cannot run here
     (``"float16"`` off CUDA; ``"openvino"`` off the CPU or without the package) raises
     with ``strict=True`` (when fitting), and otherwise falls back to float32 or
     ``"eager"`` with the reason in ``fallback`` (a model fitted elsewhere and loaded
@@ -109,6 +111,14 @@ def backbone_setting(
         raise ValueError(precision_problem)
     if strict and runtime_problem:
         raise runtime_problem
+    if strict and dtype == torch.bfloat16 and native_reduced_precision(device) is None:
+        warnings.warn(
+            f"precision='bfloat16' is emulated on this {device.type} (no native bfloat16: "
+            "AMX or AVX512-BF16 on a CPU, compute capability 8.0 on a GPU), so the backbone "
+            "runs several times slower than in float32; precision='auto' picks float32 here.",
+            UserWarning,
+            stacklevel=2,
+        )
     fallback = " ".join(str(p) for p in (precision_problem, runtime_problem) if p) or None
     return BackboneSetting(dtype, "eager" if runtime_problem else runtime, fallback)
 
