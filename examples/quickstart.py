@@ -24,7 +24,8 @@ from sk_padim import (
     make_defect_textures,
     pixel_auroc,
 )
-from sk_padim.plotting import AnomalyMapDisplay, ImageScoreDisplay, save_heatmaps
+from sk_padim.heatmaps import save_heatmaps
+from sk_padim.plotting import AnomalyMapDisplay, ImageScoreDisplay
 
 # The tests run every example with SK_PADIM_EXAMPLES_SMALL=1, at a smaller size.
 IMAGE_SIZE = 64 if os.environ.get("SK_PADIM_EXAMPLES_SMALL") else 128

@@ -952,7 +952,8 @@ def _calibration_masks(good: list[str], bad: list[str], args: argparse.Namespace
 def _evaluate(args: argparse.Namespace, progress: bool) -> None:
     from sk_padim.datasets import load_mvtec_category
     from sk_padim.evaluation import evaluate, results_table
-    from sk_padim.plotting import check_matplotlib, heatmap_writer
+    from sk_padim.heatmaps import heatmap_writer
+    from sk_padim.plotting import check_matplotlib
 
     root, found = _mvtec_categories(Path(args.root))
     names = _evaluable(args, root, args.categories or found, explicit=bool(args.categories))

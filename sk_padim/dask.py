@@ -61,7 +61,7 @@ from sk_padim.core.statistics import PatchStatistics, position_ranges
 from sk_padim.core.tiling import images_per_pass
 from sk_padim.detector import PadimDetector
 from sk_padim.features import PatchFeatureTransformer
-from sk_padim.files import atomic_file
+from sk_padim.files import atomic_file, output_names
 from sk_padim.pipelines import padim_steps
 
 __all__ = ["DistributedScorer", "fit_distributed", "score_distributed"]
@@ -345,12 +345,14 @@ def score_distributed(
         but at least the transformer's ``batch_size`` images.
     heatmap_dir : str, os.PathLike or None, default=None
         If given, each task also writes every image's anomaly map (``score_samples``,
-        ``(H, W)`` float32) with ``np.save`` to
-        ``heatmap_dir/<path relative to the images' common folder, extension .npy>``,
-        e.g. ``good/000.png`` -> ``heatmap_dir/good/000.npy``. The folder must be
+        ``(H, W)`` float32) with ``np.save`` to ``heatmap_dir/<name>.npy``, named by
+        :func:`sk_padim.files.output_names`: the path relative to the images' common
+        folder with ``/`` replaced by ``_``, e.g. ``good/000.png`` ->
+        ``heatmap_dir/good_000.npy``, and ``-2``, ``-3``, ... for a name already given
+        (``a.png`` and ``a.jpg`` give ``a.npy`` and ``a-2.npy``). The folder must be
         writable by the workers (a shared file system for a remote cluster). Files are
         written atomically (temporary file, then rename), so a retried task leaves no
-        partial file. Two paths that would give the same file name are an error.
+        partial file.
     torch_threads : int or None, default=None
         Torch threads per task; ``None``: the worker's share of its machine's cores, as
         in :func:`fit_distributed`.
@@ -511,7 +513,7 @@ def _score_options(paths, partition_size, heatmap_dir, torch_threads, retries) -
                 f"heatmap_dir must be a folder path or None; got {type(heatmap_dir).__name__}."
             )
         root = os.fspath(heatmap_dir)
-        targets = [os.path.join(root, name) for name in _heatmap_names(paths)]
+        targets = [os.path.join(root, f"{name}.npy") for name in output_names(paths)]
     return paths, partition_size, targets, torch_threads, retries
 
 
@@ -636,21 +638,6 @@ def _save_map(target: str, anomaly_map: np.ndarray) -> None:
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     with atomic_file(target) as file:
         np.save(file, anomaly_map)
-
-
-def _heatmap_names(paths: list) -> list[str]:
-    """Paths relative to their common folder, extension replaced by ``.npy``."""
-    full = [os.path.abspath(os.fspath(path)) for path in paths]
-    base = os.path.commonpath([os.path.dirname(path) for path in full])
-    names = [os.path.splitext(os.path.relpath(path, base))[0] + ".npy" for path in full]
-    owners: dict[str, str] = {}
-    for path, name in zip(full, names, strict=True):
-        if owners.setdefault(name, path) != path:
-            raise ValueError(
-                f"Images {owners[name]!r} and {path!r} would both write the heat map "
-                f"{name!r}; rename one of them (they differ only by extension)."
-            )
-    return names
 
 
 def _partitions(n: int, size: int) -> list[slice]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sk_padim.evaluation import Category, CategoryResult, evaluate, padim_pipeline
-from sk_padim.plotting import heatmap_writer
+from sk_padim.heatmaps import heatmap_writer
 from sk_padim.synthetic import make_defect_textures
 
 __all__ = ["DEMO_BACKBONE", "run_demo"]
@@ -54,7 +54,7 @@ def run_demo(
     n_heatmaps : int, default=2
         Heat-map PNGs per defect type and category (needs matplotlib), with the defect
         regions boxed, and each category's ``regions.jsonl``
-        (:func:`sk_padim.plotting.heatmap_writer`); 0 for none.
+        (:func:`sk_padim.heatmaps.heatmap_writer`); 0 for none.
     random_state : int, default=0
         Seeds the dataset and the channel draw.
     device : str, default="auto"

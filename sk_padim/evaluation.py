@@ -9,7 +9,8 @@ evaluate`` and ``sk-padim demo`` are thin wrappers around :func:`evaluate`.
 
 This module returns numbers; it draws nothing and reads no dataset layout. The front
 does: :func:`sk_padim.datasets.load_mvtec_category` reads a category, and
-:func:`sk_padim.plotting.heatmap_writer` draws each category's maps when passed as
+:func:`sk_padim.heatmaps.heatmap_writer` writes pictures of each category's maps when
+passed as
 ``evaluate(..., on_scored=...)``.
 """
 
@@ -244,7 +245,7 @@ def evaluate(
     on_scored : callable, default=None
         Called as ``on_scored(category, maps, masks)`` once a category is scored, with
         its test maps ``(n_test, H, W)`` and its masks at the maps' size, e.g.
-        :func:`sk_padim.plotting.heatmap_writer` to draw pictures of them.
+        :func:`sk_padim.heatmaps.heatmap_writer` to draw pictures of them.
     progress : bool, default=False
         Show a progress bar over the categories.
 

@@ -44,7 +44,7 @@ _FLOAT16_MIN_VALUES = 1024
 _KEEP_FLOAT32 = ("mean_high", "mean_low")
 
 
-class ExportedPadim(nn.Module):
+class _ExportedPadim(nn.Module):
     """uint8 images ``(B, H, W, 3)`` -> ``anomaly_map``, ``score`` [, ``is_anomalous``].
 
     The same :class:`~sk_padim.core.model.PadimModel` that scores in Python, its Gaussians'
@@ -179,7 +179,7 @@ def export_onnx(
     return path
 
 
-def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, int]]:
+def _exportable(model, float16: bool) -> tuple[_ExportedPadim, dict, tuple[int, int]]:
     """The module to export, its metadata and its input size."""
     threshold, source, feat, pixel_threshold = None, "", None, None
     if hasattr(model, "estimator") and hasattr(model, "predict_masks"):  # a calibrator
@@ -206,7 +206,7 @@ def _exportable(model, float16: bool) -> tuple[ExportedPadim, dict, tuple[int, i
     gaussians = scorer.gaussians.in_memory().cpu()
     packed_scorer = PatchScorer(gaussians, copy.deepcopy(scorer.maps).cpu())
     embedding = pruned_embedding(copy.deepcopy(embedding).cpu())
-    module = ExportedPadim(PadimModel(embedding, packed_scorer), threshold).eval()
+    module = _ExportedPadim(PadimModel(embedding, packed_scorer), threshold).eval()
     normalization_mean, normalization_std = embedding.normalization
     metadata = {
         "sk_padim_version": __version__,

@@ -1,12 +1,13 @@
-"""The steps of a :class:`~sk_padim.PadimDetector` fit, as functions of its parameters.
+"""The ways of fitting a :class:`~sk_padim.PadimDetector`, as functions of its parameters.
 
-The detector composes them: texture mode's tiling of a feature grid
-(:func:`feature_tiles`, :func:`n_positions`, :func:`scoring_gaussians`), where the fitted
-arrays go under ``max_memory`` (:func:`memory_layout`), the statistics of feature batches
-(:func:`accumulate`, :func:`fit_statistics`) and their Gaussians (:func:`fit_gaussians`),
-the training images' held-out distance grids (:func:`held_out_grids`), and the
-thresholds set from their maps (:func:`thresholds_from_grids`, recorded as
-:func:`threshold_rule` says).
+Each gives a :class:`Fit` (shape, count, statistics, Gaussians, threshold attributes)
+that the detector takes at once: :func:`fit_passes` (``fit`` and ``fit_batches``: the
+statistics of feature batches, their Gaussians laid out under ``max_memory`` by
+:func:`memory_layout`, and the thresholds from the training images' held-out maps),
+:func:`added_fit` (``partial_fit``), :func:`statistics_fit` (``from_statistics``) and
+:func:`state_fit` (``from_fitted_state``). The detector's scoring uses
+:func:`scoring_gaussians` (texture mode's tiles) and :func:`map_generator`; its files
+record the fit with :func:`fitted_record`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from sk_padim.conformal import (
     SuspectTrainingImagesWarning,
+    conformal_rank,
     conformal_threshold,
     implied_false_alarm_rate,
     suspect_indices,
 )
+from sk_padim.core.devices import resolve_device
+from sk_padim.core.feature_checks import feature_batches
 from sk_padim.core.images import size_pair
 from sk_padim.core.mahalanobis import PatchGaussians
 from sk_padim.core.postprocess import AnomalyMapGenerator, image_scores_and_pixel_quantile
@@ -34,23 +39,15 @@ from sk_padim.core.texture import FeatureTiles, TiledGaussians
 
 __all__ = [
     "THRESHOLD_ATTRIBUTES",
-    "accumulate",
-    "check_threshold_rule",
-    "feature_tiles",
-    "first_shape",
-    "fit_gaussians",
-    "fit_statistics",
-    "given_threshold",
-    "held_out_grids",
+    "Fit",
+    "added_fit",
+    "fit_passes",
+    "fitted_record",
+    "map_generator",
     "memory_layout",
-    "n_positions",
     "scoring_gaussians",
-    "threshold_attributes",
-    "threshold_record",
-    "threshold_rule",
-    "thresholds_from_grids",
-    "too_few_images",
-    "warn_of_suspects",
+    "state_fit",
+    "statistics_fit",
 ]
 
 THRESHOLD_ATTRIBUTES = (
@@ -63,23 +60,31 @@ THRESHOLD_ATTRIBUTES = (
 """The fitted attributes that the thresholds set (each only where it is known)."""
 
 
-def feature_tiles(shape, texture_tile) -> FeatureTiles | None:
+def _feature_tiles(shape, texture_tile) -> FeatureTiles | None:
     """The texture tiling of ``(d, h, w)`` features, or None (one Gaussian per cell)."""
     if texture_tile is None:
         return None
     return FeatureTiles(shape[1:], size_pair(texture_tile, "texture_tile"))
 
 
-def n_positions(shape, texture_tile) -> int:
+def _n_positions(shape, texture_tile) -> int:
     """Positions of the Gaussians of ``(d, h, w)`` features: the grid's, or a tile's."""
-    tiles = feature_tiles(shape, texture_tile)
+    tiles = _feature_tiles(shape, texture_tile)
     return shape[1] * shape[2] if tiles is None else tiles.tile[0] * tiles.tile[1]
 
 
 def scoring_gaussians(gaussians: PatchGaussians, shape, texture_tile):
     """``gaussians`` as they score ``(d, h, w)`` features: tile by tile in texture mode."""
-    tiles = feature_tiles(shape, texture_tile)
+    tiles = _feature_tiles(shape, texture_tile)
     return gaussians if tiles is None else TiledGaussians(gaussians, tiles)
+
+
+def map_generator(shape, params: dict, device) -> AnomalyMapGenerator:
+    """The maps of ``(d, h, w)`` features, by the detector's ``params``: ``map_size``
+    (four times the grid by default), ``sigma`` and ``truncate``."""
+    size = params["map_size"]
+    size = (4 * shape[1], 4 * shape[2]) if size is None else size_pair(size, "map_size")
+    return AnomalyMapGenerator(shape[1:], size, params["sigma"], params["truncate"]).to(device)
 
 
 def memory_layout(n_positions: int, n_features: int, max_memory: float, store) -> str:
@@ -102,7 +107,134 @@ def memory_layout(n_positions: int, n_features: int, max_memory: float, store) -
     return "store_all"
 
 
-def first_shape(batches: Iterator[torch.Tensor]) -> tuple[tuple[int, ...], Iterator[torch.Tensor]]:
+class Fit(NamedTuple):
+    """What :func:`fit_passes` fitted, for the detector to take at once."""
+
+    shape: tuple[int, int, int]
+    count: int
+    statistics: PatchStatistics | None  # None: the Gaussians replaced them (in place)
+    gaussians: PatchGaussians
+    thresholds: dict  # fitted attributes by name (THRESHOLD_ATTRIBUTES)
+
+
+def fit_passes(batches: Callable[[], Iterator[torch.Tensor]], device, params: dict) -> Fit:
+    """Fit on ``batches()``, feature batches on ``device``, by the detector's ``params``:
+    one pass accumulates the statistics, a second scores the training images for the
+    thresholds. An error or an interrupt deletes what the fit wrote to ``store``."""
+    _check_threshold_rule(params["threshold"], params["false_alarm_rate"])
+    texture_tile = params["texture_tile"]
+    shape, stream = _first_shape(batches())
+    layout = memory_layout(
+        _n_positions(shape, texture_tile), shape[0], params["max_memory"], params["store"]
+    )
+    store = StoreFolder(params["store"]) if layout.startswith("store") else None
+    try:
+        stats, n_images = _fit_statistics(stream, shape, texture_tile, store, device)
+        gaussians = _fit_gaussians(stats, layout, store, params["reg"], params["covariance_dtype"])
+        count = stats.count
+        if layout == "in_place":
+            stats = None  # its scatter holds the factors now; free its mean
+        thresholds = _fitted_thresholds(count, gaussians, batches, shape, n_images, params, device)
+        if store is not None:
+            store.complete()
+    except BaseException:
+        if store is not None:
+            store.discard()
+        raise
+    _warn_of_suspects(thresholds, stacklevel=5)  # past fit, sklearn's _fit_context
+    return Fit(shape, count, stats, gaussians, thresholds)
+
+
+def added_fit(
+    previous: PatchStatistics | None, features: torch.Tensor, params: dict, device
+) -> Fit:
+    """``partial_fit``: the statistics of ``features`` added to a copy of ``previous``
+    (None in a first call); thresholds only from an explicit ``threshold``."""
+    shape, texture_tile = tuple(features.shape[1:]), params["texture_tile"]
+    if previous is None:
+        positions, d = _n_positions(shape, texture_tile), shape[0]
+        if memory_layout(positions, d, params["max_memory"], params["store"]) != "memory":
+            raise ValueError(
+                f"partial_fit keeps the statistics and Gaussians of {positions} positions in "
+                f"memory, more than max_memory={params['max_memory']} GiB: fit on all the "
+                "images at once (fit writes what does not fit to store), or raise max_memory."
+            )
+        stats = PatchStatistics.empty(positions, d, device)
+    else:
+        stats = previous.to(device).copy()
+    for batch in feature_batches(features, params["batch_size"], device):
+        _accumulate(batch, stats, texture_tile)
+    stats = stats.check_finite()
+    return Fit(shape, stats.count, stats, None, _given_threshold(params["threshold"]))
+
+
+def statistics_fit(
+    statistics: PatchStatistics, feature_shape, held_out_distances, params: dict
+) -> Fit:
+    """``from_statistics``: given statistics of ``(d, h, w)`` features, with thresholds
+    from the maps of ``held_out_distances`` (batches of grids) if given."""
+    _check_threshold_rule(params["threshold"], params["false_alarm_rate"])
+    shape = tuple(int(size) for size in feature_shape)
+    if (statistics.n_positions, statistics.n_features) != (
+        _n_positions(shape, params["texture_tile"]),
+        shape[0],
+    ):
+        raise ValueError(
+            f"Statistics of {statistics.n_positions} positions and "
+            f"{statistics.n_features} features do not fit feature_shape={feature_shape}."
+        )
+    thresholds = _given_threshold(params["threshold"])
+    if held_out_distances is not None:
+        tiles = _feature_tiles(shape, params["texture_tile"])
+        n_images = statistics.count // (1 if tiles is None else tiles.n_tiles)
+        device = resolve_device(params["device"])
+        thresholds = _thresholds_from_grids(held_out_distances, shape, n_images, params, device)
+        _warn_of_suspects(thresholds, stacklevel=4)  # past from_statistics
+    return Fit(shape, statistics.count, statistics, None, thresholds)
+
+
+def state_fit(arrays: dict, record: dict, params: dict) -> Fit:
+    """``from_fitted_state``: a saved model's statistics (``mean`` and ``scatter``) or,
+    for one that keeps its Gaussians only, its factors, with the thresholds of its
+    :func:`fitted_record`, checked against its ``params``."""
+    shape = tuple(int(size) for size in record["feature_shape_"])
+    count = int(record["n_samples_seen_"])
+    thresholds = _threshold_attributes(record)
+    if "scatter" in arrays:
+        stats = PatchStatistics.from_arrays(count, arrays["mean"], arrays["scatter"])
+        return statistics_fit(stats, shape, None, params)._replace(thresholds=thresholds)
+    gaussians = PatchGaussians.from_arrays(**arrays)
+    if params["covariance_dtype"] != gaussians.storage or (
+        (len(gaussians), gaussians.n_features)
+        != (_n_positions(shape, params["texture_tile"]), shape[0])
+    ):
+        raise ValueError(
+            f"the stored {gaussians.storage} factors do not fit a "
+            f"{params['covariance_dtype']} model of {shape}"
+        )
+    return Fit(shape, count, None, gaussians, thresholds)
+
+
+def _fitted_thresholds(count, gaussians, batches, shape, n_images: int, params, device) -> dict:
+    """The thresholds from the training images' leave-one-out maps (their own scores
+    under the model fitted on all ``count`` samples are far lower than a new normal
+    image's); ``batches()`` gives the training features again."""
+    rate = params["false_alarm_rate"]
+    if count < 2:
+        message = _too_few_images(rate, n_images)
+        if rate is not None:
+            raise ValueError(message)
+        # stacklevel: past fit_passes, the detector's fit and scikit-learn's _fit_context
+        warnings.warn(message, UserWarning, stacklevel=5)
+        return _given_threshold(params["threshold"])
+    if rate is not None:
+        conformal_rank(n_images, rate)  # too few images: an error before scoring
+    scoring = scoring_gaussians(gaussians, shape, params["texture_tile"])
+    grids = _held_out_grids(batches, scoring, count, n_images)
+    return _thresholds_from_grids(grids, shape, n_images, params, device)
+
+
+def _first_shape(batches: Iterator[torch.Tensor]) -> tuple[tuple[int, ...], Iterator[torch.Tensor]]:
     """The ``(d, h, w)`` of the first of feature ``batches``, and all the batches."""
     first = next(batches, None)
     if first is None:
@@ -110,18 +242,18 @@ def first_shape(batches: Iterator[torch.Tensor]) -> tuple[tuple[int, ...], Itera
     return tuple(first.shape[1:]), itertools.chain([first], batches)
 
 
-def accumulate(batch: torch.Tensor, stats: PatchStatistics, texture_tile) -> None:
+def _accumulate(batch: torch.Tensor, stats: PatchStatistics, texture_tile) -> None:
     """Add a batch of features (or of their tiles, in texture mode) to ``stats``."""
-    tiles = feature_tiles(batch.shape[1:], texture_tile)
+    tiles = _feature_tiles(batch.shape[1:], texture_tile)
     stats.update(batch if tiles is None else tiles.samples(batch))
 
 
-def fit_statistics(
+def _fit_statistics(
     batches: Iterable[torch.Tensor], shape, texture_tile, store: StoreFolder | None, device
 ) -> tuple[PatchStatistics, int]:
     """The statistics of the feature ``batches`` (scatter in ``store`` if given) and the
     number of images."""
-    positions, d = n_positions(shape, texture_tile), shape[0]
+    positions, d = _n_positions(shape, texture_tile), shape[0]
     scatter = None
     if store is not None:
         scatter = store.create("scatter", (positions, d * (d + 1) // 2), torch.float32)
@@ -129,12 +261,12 @@ def fit_statistics(
     n_images = 0
     for batch in batches:
         n_images += len(batch)
-        accumulate(batch, stats, texture_tile)
+        _accumulate(batch, stats, texture_tile)
         del batch  # not held while the next batch is made (streamed fits)
     return stats.check_finite(), n_images
 
 
-def fit_gaussians(
+def _fit_gaussians(
     stats: PatchStatistics, layout: str, store: StoreFolder | None, reg: float, storage: str
 ) -> PatchGaussians:
     """The Gaussians of ``stats``, laid out as ``layout`` (:func:`memory_layout`)."""
@@ -146,7 +278,7 @@ def fit_gaussians(
     return stats.gaussians(reg, storage, factor_out)
 
 
-def held_out_grids(
+def _held_out_grids(
     batches: Callable[[], Iterable[torch.Tensor]], scoring, count: int, n_images: int
 ) -> Iterator[torch.Tensor]:
     """The leave-one-out distance grids of the training features that ``batches()`` gives
@@ -166,7 +298,7 @@ def held_out_grids(
         )
 
 
-def check_threshold_rule(threshold, false_alarm_rate) -> None:
+def _check_threshold_rule(threshold, false_alarm_rate) -> None:
     if threshold is not None and false_alarm_rate is not None:
         raise ValueError(
             f"threshold={threshold!r} and false_alarm_rate={false_alarm_rate!r} "
@@ -174,7 +306,7 @@ def check_threshold_rule(threshold, false_alarm_rate) -> None:
         )
 
 
-def too_few_images(false_alarm_rate, n_images: int) -> str:
+def _too_few_images(false_alarm_rate, n_images: int) -> str:
     """Why one training sample sets no thresholds: an error message with
     ``false_alarm_rate``, else the warning's."""
     if false_alarm_rate is not None:
@@ -189,32 +321,32 @@ def too_few_images(false_alarm_rate, n_images: int) -> str:
     )
 
 
-def given_threshold(threshold) -> dict:
+def _given_threshold(threshold) -> dict:
     """The fitted attributes of an explicit ``threshold`` (none without one)."""
     if threshold is None:
         return {}
-    rule = threshold_rule("given", None, None, None, None)
+    rule = _threshold_rule("given", None, None, None, None)
     return {"threshold_": float(threshold), "threshold_rule_": rule}
 
 
-def thresholds_from_grids(
-    grids: Iterable[torch.Tensor],
-    maps: AnomalyMapGenerator,
-    n_images: int,
-    threshold,
-    false_alarm_rate,
-    pixel_quantile: float,
+def _thresholds_from_grids(
+    grids: Iterable[torch.Tensor], shape, n_images: int, params: dict, device
 ) -> dict:
-    """The fitted attributes set from the ``maps`` of held-out distance ``grids`` (an
-    iterable of batches): their image scores (``training_scores_``), the image threshold
-    (``threshold``, or by ``false_alarm_rate``), how it was set, the ``pixel_quantile``
-    of their pixels and the suspect training images."""
+    """The fitted attributes set from the maps of held-out distance ``grids`` of
+    ``(d, h, w)`` features (an iterable of batches), by the detector's ``params``: their
+    image scores (``training_scores_``), the image threshold (``threshold``, or by
+    ``false_alarm_rate``), how it was set, the ``pixel_quantile`` of their pixels and the
+    suspect training images."""
+    threshold, rate = params["threshold"], params["false_alarm_rate"]
+    maps = map_generator(shape, params, device)
     with torch.inference_mode():
-        scores, pixel = image_scores_and_pixel_quantile(grids, maps, n_images, pixel_quantile)
+        scores, pixel = image_scores_and_pixel_quantile(
+            grids, maps, n_images, params["pixel_quantile"]
+        )
     if threshold is not None:
         threshold, rule = float(threshold), "given"
-    elif false_alarm_rate is not None:
-        threshold, rule = conformal_threshold(scores, false_alarm_rate), "false_alarm_rate"
+    elif rate is not None:
+        threshold, rule = conformal_threshold(scores, rate), "false_alarm_rate"
     else:
         threshold, rule = float(scores.max()), "highest_training_score"
     implied = implied_false_alarm_rate(scores, threshold)
@@ -222,14 +354,14 @@ def thresholds_from_grids(
         "threshold_": threshold,
         "pixel_threshold_": pixel,
         "training_scores_": scores,
-        "threshold_rule_": threshold_rule(
-            rule, false_alarm_rate, implied, len(scores), pixel_quantile
+        "threshold_rule_": _threshold_rule(
+            rule, rate, implied, len(scores), params["pixel_quantile"]
         ),
         "suspect_indices_": suspect_indices(scores),
     }
 
 
-def threshold_rule(rule, rate, implied, n_images, pixel_quantile) -> dict:
+def _threshold_rule(rule, rate, implied, n_images, pixel_quantile) -> dict:
     """``threshold_rule_``: how the image threshold was set."""
     return {
         "rule": rule,
@@ -240,9 +372,13 @@ def threshold_rule(rule, rate, implied, n_images, pixel_quantile) -> dict:
     }
 
 
-def threshold_record(detector) -> dict:
-    """A fitted detector's threshold attributes as JSON-able values (those it has)."""
-    record = {}
+def fitted_record(detector) -> dict:
+    """A fitted detector's counts, shape and threshold attributes as JSON-able values
+    (the thresholds it has), which :func:`state_fit` reads back."""
+    record = {
+        "n_samples_seen_": int(detector.n_samples_seen_),
+        "feature_shape_": [int(size) for size in detector.feature_shape_],
+    }
     for name in ("threshold_", "pixel_threshold_"):
         if hasattr(detector, name):
             record[name] = float(getattr(detector, name))
@@ -254,8 +390,8 @@ def threshold_record(detector) -> dict:
     return record
 
 
-def threshold_attributes(record: dict) -> dict:
-    """The threshold attributes of a :func:`threshold_record`, as fitted values."""
+def _threshold_attributes(record: dict) -> dict:
+    """The threshold attributes of a :func:`fitted_record`, as fitted values."""
     attributes = {
         name: float(record[name]) for name in ("threshold_", "pixel_threshold_") if name in record
     }
@@ -268,14 +404,15 @@ def threshold_attributes(record: dict) -> dict:
     return attributes
 
 
-def warn_of_suspects(suspects, n_training: int, stacklevel: int) -> None:
-    """Warn when a fit found ``suspects`` among its ``n_training`` images (``stacklevel``
-    as for ``warnings.warn`` called in this function)."""
+def _warn_of_suspects(attributes: dict, stacklevel: int) -> None:
+    """Warn when a fit's threshold ``attributes`` name suspect training images
+    (``stacklevel`` as for ``warnings.warn`` called in this function)."""
+    suspects = attributes.get("suspect_indices_", ())
     if len(suspects):
         listed = ", ".join(map(str, suspects[:20])) + (", ..." if len(suspects) > 20 else "")
         warnings.warn(
-            f"{len(suspects)} of {n_training} training images score as "
-            f"outliers among the training images (indices {listed}): perhaps defective "
+            f"{len(suspects)} of {len(attributes['training_scores_'])} training images score "
+            f"as outliers among the training images (indices {listed}): perhaps defective "
             "parts among the good ones. Look at them (suspect_indices_), and refit without "
             "those that are defective.",
             SuspectTrainingImagesWarning,

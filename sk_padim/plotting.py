@@ -8,19 +8,12 @@ never imports it.
   defect outline and the thresholded map.
 - :class:`ImageScoreDisplay`: the image-level ROC curve and the histograms of the
   image scores of normal and anomalous images.
-- :func:`save_heatmaps`: an :class:`AnomalyMapDisplay` PNG file per image.
-- :func:`heatmap_writer`: pictures of each category that
-  :func:`sk_padim.evaluation.evaluate` scores.
+- :func:`new_map_axes`: a new figure laid out for an :class:`AnomalyMapDisplay`.
 
-The pictures are written whole or not at all (``sk_padim.files.atomic_file``).
+:mod:`sk_padim.heatmaps` writes the pictures to files.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -28,20 +21,15 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 
 from sk_padim._checks import image_labels
-from sk_padim.calibration import f1_optimal_threshold
 from sk_padim.core.images import check_images, read_image
-from sk_padim.evaluation import Category
-from sk_padim.files import atomic_file
 from sk_padim.metrics import image_auroc
-from sk_padim.regions import defect_regions, normalized_score, relative_score
+from sk_padim.regions import normalized_score, relative_score
 
 __all__ = [
     "AnomalyMapDisplay",
     "ImageScoreDisplay",
     "check_matplotlib",
-    "heatmap_writer",
-    "picture_names",
-    "save_heatmaps",
+    "new_map_axes",
 ]
 
 _PANEL_INCHES = 3.0
@@ -83,41 +71,6 @@ def check_matplotlib(caller: str) -> None:
     _pyplot(caller)
 
 
-def picture_names(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """File names (without suffix) for pictures of images, unique and readable.
-
-    Each name is the image's path relative to the folder that holds all the images,
-    without its suffix, with ``/`` replaced by ``_`` (``good/000.png`` gives
-    ``good_000``). A name that repeats gets ``-2``, ``-3``, ... appended.
-
-    Parameters
-    ----------
-    paths : sequence of str or path-like
-        Image file paths.
-
-    Returns
-    -------
-    names : list of str
-        One name per path, in the same order.
-
-    Examples
-    --------
-    >>> from sk_padim.plotting import picture_names
-    >>> picture_names(["test/good/000.png", "test/hole/000.png", "test/hole/000.jpg"])
-    ['good_000', 'hole_000', 'hole_000-2']
-    """
-    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
-    root = os.path.commonpath(folders) if folders else ""
-    counts: dict[str, int] = {}
-    names = []
-    for path in paths:
-        name = os.path.splitext(os.path.relpath(os.path.abspath(path), root))[0]
-        name = name.replace(os.sep, "_")
-        counts[name] = counts.get(name, 0) + 1
-        names.append(name if counts[name] == 1 else f"{name}-{counts[name]}")
-    return names
-
-
 def _pyplot(caller: str):
     """matplotlib.pyplot, or an ImportError that says how to install it."""
     try:
@@ -130,11 +83,8 @@ def _pyplot(caller: str):
 
 
 def _new_axes(caller: str, n_panels: int, layout: dict, *, pyplot: bool) -> np.ndarray:
-    """``n_panels`` Axes side by side on a new figure of fixed layout.
-
-    With ``pyplot=False`` the figure is not registered with pyplot: no GUI backend is
-    touched and nothing needs closing, which suits writing files in a loop.
-    """
+    """``n_panels`` Axes side by side on a new figure of fixed layout, registered with
+    pyplot if ``pyplot``."""
     plt = _pyplot(caller)
     figsize = (_PANEL_INCHES * n_panels, _PANEL_INCHES + _TITLE_INCHES)
     layout = {**layout, "top": 1 - _TITLE_INCHES / figsize[1]}
@@ -147,18 +97,43 @@ def _new_axes(caller: str, n_panels: int, layout: dict, *, pyplot: bool) -> np.n
     return figure.subplots(1, n_panels, squeeze=False, gridspec_kw=layout)[0]
 
 
-def _map_layout(n_panels: int) -> dict:
-    """The maps' layout; when the map panel is the last one, room on the right for its
-    colour bar."""
-    if n_panels > 2:
-        return _MAP_LAYOUT
-    return {**_MAP_LAYOUT, "right": 1 - _COLORBAR_INCHES / (_PANEL_INCHES * n_panels)}
+def new_map_axes(n_panels: int, *, pyplot: bool = True) -> np.ndarray:
+    """Make Axes side by side on a new figure laid out for an :class:`AnomalyMapDisplay`.
+
+    The figure is 3 inches per panel by 3.6 inches, with room above the panels for
+    their titles and right of the map panel (the second) for its colour bar. Pass the
+    Axes as ``ax`` to :meth:`AnomalyMapDisplay.plot` or
+    :meth:`AnomalyMapDisplay.from_predictions`.
+
+    Parameters
+    ----------
+    n_panels : int
+        Number of panels: 2, or 3 with a threshold (see :class:`AnomalyMapDisplay`).
+    pyplot : bool, default=True
+        Register the figure with pyplot. With ``pyplot=False`` the figure is not
+        registered: no GUI backend is touched and nothing needs closing, which suits
+        writing files in a loop.
+
+    Returns
+    -------
+    axes : ndarray of shape (n_panels,) of matplotlib Axes
+        The panels, left to right, all on one new figure.
+
+    Examples
+    --------
+    >>> from sk_padim.plotting import new_map_axes
+    >>> axes = new_map_axes(3, pyplot=False)
+    >>> len(axes), axes[0].figure.get_size_inches().tolist()
+    (3, [9.0, 3.6])
+    """
+    layout = _MAP_LAYOUT
+    if n_panels <= 2:  # the map panel is the last one: room on its right for the colour bar
+        layout = {**_MAP_LAYOUT, "right": 1 - _COLORBAR_INCHES / (_PANEL_INCHES * n_panels)}
+    return _new_axes("AnomalyMapDisplay", n_panels, layout, pyplot=pyplot)
 
 
-def _check_axes(ax, n_panels: int, caller: str, layout: dict) -> np.ndarray:
-    """``ax`` as an array of ``n_panels`` Axes; new ones on a pyplot figure if None."""
-    if ax is None:
-        return _new_axes(caller, n_panels, layout, pyplot=True)
+def _check_axes(ax, n_panels: int, caller: str) -> np.ndarray:
+    """The given ``ax`` as an array of ``n_panels`` Axes."""
     axes = np.ravel(np.asarray(ax, dtype=object))
     if axes.size != n_panels:
         raise ValueError(
@@ -256,7 +231,7 @@ class AnomalyMapDisplay:
 
     See Also
     --------
-    save_heatmaps : Write one such picture per image.
+    sk_padim.heatmaps.save_heatmaps : Write one such picture per image.
     ImageScoreDisplay : Image-level ROC curve and score histograms.
 
     Examples
@@ -335,7 +310,9 @@ class AnomalyMapDisplay:
             )
         cut = self.threshold if self.pixel_threshold is None else self.pixel_threshold
         n_panels = 2 if cut is None else 3
-        self.ax_ = _check_axes(ax, n_panels, "AnomalyMapDisplay", _map_layout(n_panels))
+        self.ax_ = (
+            new_map_axes(n_panels) if ax is None else _check_axes(ax, n_panels, "AnomalyMapDisplay")
+        )
         self.figure_ = self.ax_[0].figure
         height, width = image.shape[:2]
         extent = (-0.5, width - 0.5, height - 0.5, -0.5)
@@ -663,7 +640,11 @@ class ImageScoreDisplay:
         scores = np.asarray(self.scores, dtype=float)
         self.roc_auc_ = image_auroc(labels, scores)
         self.fpr_, self.tpr_, _ = roc_curve(labels, scores)
-        self.ax_ = _check_axes(ax, 2, "ImageScoreDisplay", _PLOT_LAYOUT)
+        self.ax_ = (
+            _new_axes("ImageScoreDisplay", 2, _PLOT_LAYOUT, pyplot=True)
+            if ax is None
+            else _check_axes(ax, 2, "ImageScoreDisplay")
+        )
         self.figure_ = self.ax_[0].figure
         roc_ax, hist_ax = self.ax_
 
@@ -758,191 +739,3 @@ class ImageScoreDisplay:
         """
         scores = estimator.decision_function(X)
         return cls.from_predictions(y, scores, threshold=threshold, ax=ax, bins=bins)
-
-
-def save_heatmaps(
-    images,
-    maps: ArrayLike,
-    folder: str | os.PathLike,
-    *,
-    masks: ArrayLike | Sequence[ArrayLike] | None = None,
-    threshold: float | None = None,
-    threshold_source: str | None = None,
-    names: Sequence[str] | None = None,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    dpi: int = 100,
-    pixel_threshold: float | None = None,
-    regions: Sequence | None = None,
-) -> list[Path]:
-    """Write one :class:`AnomalyMapDisplay` PNG file per image.
-
-    All pictures share one colour scale, so a normal image looks cool and a defect
-    stands out hot: by default from the median of all the maps' pixels (a typical
-    normal pixel, drawn transparent) to their maximum. The image score shown is the
-    map's maximum (PaDiM's image score); with a threshold, each picture says whether the
-    image is flagged (``score >= threshold``). Each PNG is 3 inches per panel by 3.6
-    inches at ``dpi``, whatever the image size: 900 x 360 pixels for three panels at
-    the default 100 dpi.
-
-    Parameters
-    ----------
-    images : ndarray of shape (n, H, W[, C]) or list
-        The images: an array, or a list of arrays, file paths or PIL images.
-    maps : array-like of shape (n, H', W')
-        Their anomaly maps, e.g. ``score_samples(images)``.
-    folder : str or path-like
-        Where to write; created if needed. Existing files of the same names are
-        replaced.
-    masks : array-like of shape (n, H'', W'') or list of (H_i, W_i) arrays, default=None
-        Ground-truth defect masks, outlined in the pictures.
-    threshold : float, default=None
-        Threshold of the verdict and of the predicted-defect panel; ``None`` leaves
-        them out. An image is flagged when its score, the maximum of its map, is
-        ``>=`` it, so exactly the flagged images have red pixels.
-    threshold_source : str, default=None
-        Where ``threshold`` came from, shown in the verdict.
-    names : sequence of str, default=None
-        File names without the ``.png`` suffix; by default ``000``, ``001``, ...
-    vmin, vmax : float, default=None
-        Colour scale of the maps; by default the median and the maximum of all ``maps``.
-    dpi : int, default=100
-        Resolution of the PNG files.
-    pixel_threshold : float, default=None
-        The pixel threshold of the predicted-defect panel, when it differs from
-        ``threshold`` (e.g. ``PadimDetector.pixel_threshold_``).
-    regions : sequence of lists of sk_padim.regions.Region, default=None
-        Each image's defect regions (:func:`sk_padim.regions.defect_regions`), boxed.
-
-    Returns
-    -------
-    paths : list of pathlib.Path
-        The files written, in the order of ``images``.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> import numpy as np
-    >>> from PIL import Image
-    >>> from sk_padim.plotting import save_heatmaps
-    >>> images = np.full((2, 32, 32), 100, dtype=np.uint8)
-    >>> maps = np.zeros((2, 32, 32))
-    >>> maps[1, 10:20, 10:20] = 1.0
-    >>> paths = save_heatmaps(images, maps, tempfile.mkdtemp(), names=["good", "bad"])
-    >>> [path.name for path in paths], Image.open(paths[0]).size
-    (['good.png', 'bad.png'], (600, 360))
-    """
-    images = check_images(images)
-    maps = np.asarray(maps, dtype=float)
-    names = [f"{i:03d}" for i in range(len(images))] if names is None else list(names)
-    if not len(images) == len(maps) == len(names) or (
-        masks is not None and len(masks) != len(maps)
-    ):
-        raise ValueError(
-            f"Got {len(images)} images, {len(maps)} maps, {len(names)} names"
-            + ("" if masks is None else f" and {len(masks)} masks")
-            + "; pass one of each per image."
-        )
-    vmin = np.median(maps) if vmin is None else vmin
-    vmax = maps.max() if vmax is None else vmax
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    n_panels = 2 if threshold is None and pixel_threshold is None else 3
-    paths = []
-    for i, (image, anomaly_map, name) in enumerate(zip(images, maps, names, strict=True)):
-        axes = _new_axes("save_heatmaps", n_panels, _map_layout(n_panels), pyplot=False)
-        display = AnomalyMapDisplay.from_predictions(
-            image,
-            anomaly_map,
-            mask=None if masks is None else masks[i],
-            threshold=threshold,
-            score=float(anomaly_map.max()),
-            threshold_source=threshold_source,
-            vmin=vmin,
-            vmax=vmax,
-            ax=axes,
-            pixel_threshold=pixel_threshold,
-            regions=None if regions is None else regions[i],
-        )
-        paths.append(folder / f"{name}.png")
-        with atomic_file(paths[-1]) as file:
-            display.figure_.savefig(file, dpi=dpi, format="png")
-    return paths
-
-
-def heatmap_writer(
-    folder: str | os.PathLike, n_per_type: int = 2
-) -> Callable[[Category, np.ndarray, np.ndarray], list[Path]]:
-    """Draw each evaluated category: ``evaluate(..., on_scored=heatmap_writer(...))``.
-
-    For each category that :func:`sk_padim.evaluation.evaluate` scores, the returned
-    function writes :func:`save_heatmaps` pictures of the first ``n_per_type`` test
-    images of each defect type (``good`` included) to ``<folder>/<category>/``, named
-    ``<type>_000.png``, ``<type>_001.png``, ... The predicted-defect panel and the
-    verdicts use the pixel threshold with the best F1 on that category's test images
-    (:func:`~sk_padim.f1_optimal_threshold`); the pictures box the defect regions at
-    that threshold (:func:`sk_padim.regions.defect_regions`), and the regions of every
-    test image go to ``<folder>/<category>/regions.jsonl``, one JSON record per region,
-    its image named ``<type>_<i>`` as the pictures are.
-
-    Parameters
-    ----------
-    folder : str or path-like
-        Where the categories' folders go.
-    n_per_type : int, default=2
-        Pictures per defect type and category.
-
-    Returns
-    -------
-    on_scored : callable
-        ``on_scored(category, maps, masks) -> paths``, the pictures written.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> import numpy as np
-    >>> from sk_padim.evaluation import Category
-    >>> from sk_padim.plotting import heatmap_writer
-    >>> maps = np.zeros((3, 16, 16))
-    >>> masks = np.zeros((3, 16, 16), dtype=bool)
-    >>> maps[2, 4:8, 4:8] = masks[2, 4:8, 4:8] = 1
-    >>> kinds = np.array(["good", "good", "hole"])
-    >>> category = Category("tile", maps, maps, kinds != "good", masks, kinds)
-    >>> paths = heatmap_writer(tempfile.mkdtemp(), 1)(category, maps, masks)
-    >>> [path.relative_to(path.parents[1]).as_posix() for path in paths]
-    ['tile/good_000.png', 'tile/hole_000.png']
-    """
-
-    def on_scored(category: Category, maps: np.ndarray, masks: np.ndarray) -> list[Path]:
-        types = np.asarray(category.defect_types_test)
-        all_names = [""] * len(types)
-        selected, names = [], []
-        for kind in np.unique(types):
-            indices = np.flatnonzero(types == kind)
-            for i, index in enumerate(indices):
-                all_names[index] = f"{kind}_{i:03d}"
-            selected += indices[:n_per_type].tolist()
-            names += [all_names[index] for index in indices[:n_per_type]]
-        threshold = f1_optimal_threshold(masks, maps)
-        regions = defect_regions(maps, threshold)
-        category_folder = Path(folder) / category.name
-        category_folder.mkdir(parents=True, exist_ok=True)
-        records = (
-            json.dumps({"image": all_names[region.image], "index": region.image, **region.record()})
-            for image_regions in regions
-            for region in image_regions
-        )
-        with atomic_file(category_folder / "regions.jsonl") as file:
-            file.write("".join(record + "\n" for record in records).encode())
-        return save_heatmaps(
-            [category.X_test[i] for i in selected],
-            maps[selected],
-            category_folder,
-            masks=[category.masks_test[i] for i in selected],
-            threshold=threshold,
-            threshold_source="best pixel F1 on tests",
-            names=names,
-            regions=[regions[i] for i in selected],
-        )
-
-    return on_scored

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from sk_padim._checks import check_int
+
 __all__ = [
     "Region",
     "defect_regions",
@@ -251,8 +253,7 @@ def defect_regions(
         raise ValueError(f"maps must have shape (n, H, W) or (H, W); got {maps.shape}.")
     if connectivity not in (1, 2):
         raise ValueError(f"connectivity must be 1 or 2; got {connectivity!r}.")
-    if int(min_area) != min_area or min_area < 1:
-        raise ValueError(f"min_area must be a positive integer; got {min_area!r}.")
+    min_area = check_int(min_area, "min_area", 1)
     n, height, width = maps.shape
     # One labelling for the batch: the maps one under the other, a blank row after each.
     stacked = np.pad(maps, ((0, 0), (0, 1), (0, 0))).reshape(n * (height + 1), width)

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from sk_padim._checks import one_line
 from sk_padim.conformal import drift_report, p_values_from_scores
-from sk_padim.files import atomic_file
-from sk_padim.plotting import picture_names, save_heatmaps
+from sk_padim.files import atomic_file, output_names
+from sk_padim.heatmaps import save_heatmaps
 from sk_padim.regions import defect_regions, normalized_score, relative_score
 from sk_padim.streaming import iter_scores
 
@@ -88,7 +88,7 @@ class ScoreRun:
             if self.args.regions:
                 _keep_regions_of(self.regions_path, self.kept)
         if self.args.heatmaps:
-            self.names = dict(zip(self.paths, picture_names(self.paths), strict=True))
+            self.names = dict(zip(self.paths, output_names(self.paths), strict=True))
         if self.args.regions:
             self.regions = open(self.regions_path, "a" if self.kept else "w", encoding="utf-8")
 

@@ -18,9 +18,10 @@ __all__ = [
     "warn_if_versions_differ",
 ]
 
-STATE_FORMAT = 3
-"""The layout of the estimators' fitted state and of the package's modules (format 3: the torch
-core in ``sk_padim.core``); files of another layout must be refitted."""
+STATE_FORMAT = 4
+"""The layout of the estimators' fitted state and of the package's modules (format 4: the torch
+core in ``sk_padim.core``, a detector's Gaussians in ``FittedGaussians``); files of another
+layout must be refitted."""
 
 
 class VersionMismatchWarning(UserWarning):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from synthetic import assert_labels_like, textures_with_squares
 from torch import nn
@@ -22,8 +23,8 @@ from torch import nn
 from sk_padim import PadimDetector, PatchFeatureTransformer
 from sk_padim.core.backbones import TruncatedBackbone
 from sk_padim.core.devices import DeviceFeatures
-from sk_padim.core.model import PadimModel
 from sk_padim.datasets import list_images
+from sk_padim.pipelines import padim_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = [
@@ -78,12 +79,19 @@ def channels_first(images: np.ndarray) -> torch.Tensor:
 
 def test_torch_core_maps_equal_the_estimators_maps(fitted, images):
     _, test = images
-    model = PadimModel.from_pipeline(fitted, "cpu")
+    model = padim_model(fitted, "cpu")
     with torch.inference_mode():
         maps, scores = model(channels_first(test))
     np.testing.assert_allclose(maps.numpy(), fitted.score_samples(test), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(scores.numpy(), fitted.decision_function(test), rtol=1e-5)
     np.testing.assert_allclose(scores.numpy(), maps.numpy().max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_torch_model_of_a_pipeline_needs_a_fitted_padim_pipeline():
+    with pytest.raises(NotFittedError):
+        padim_model(make_pipeline())
+    with pytest.raises(TypeError, match="padim_model needs Pipeline"):
+        padim_model(Pipeline([("padim", PadimDetector())]))
 
 
 def test_scorer_module_equals_the_detector(fitted, images):
@@ -258,7 +266,8 @@ def _private_uses(path: Path) -> list[str]:
     [
         *(ROOT / "sk_padim" / name for name in ("streaming.py", "dask.py", "persistence.py")),
         *(ROOT / "sk_padim" / name for name in ("cli.py", "evaluation.py", "demo.py")),
-        *(ROOT / "sk_padim" / name for name in ("plotting.py", "export.py", "score_run.py")),
+        *(ROOT / "sk_padim" / name for name in ("plotting.py", "heatmaps.py")),
+        *(ROOT / "sk_padim" / name for name in ("export.py", "score_run.py")),
         *sorted((ROOT / "benchmarks").glob("*.py")),
     ],
     ids=lambda path: path.name,

@@ -302,7 +302,7 @@ def test_distributed_scorer_keeps_its_model_on_the_cluster_until_closed(client, 
         time.sleep(0.05)
 
 
-def test_heat_maps_are_written_per_image_under_relative_names(
+def test_heat_maps_are_written_per_image_under_flat_relative_names(
     client, image_paths, local_fit, tmp_path
 ):
     pipe, test = local_fit, image_paths[1]
@@ -310,10 +310,10 @@ def test_heat_maps_are_written_per_image_under_relative_names(
     scores = scores.compute()
     maps = pipe.score_samples(test)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert written == [f"{kind}/{i:03d}.npy" for kind in ("bad", "good") for i in range(4)]
+    assert written == [f"{kind}_{i:03d}.npy" for kind in ("bad", "good") for i in range(4)]
     for path, anomaly_map, score in zip(test, maps, scores, strict=True):
         kind, name = path.split(os.sep)[-2:]
-        saved = np.load(tmp_path / kind / name.replace(".png", ".npy"))
+        saved = np.load(tmp_path / f"{kind}_{name.replace('.png', '.npy')}")
         np.testing.assert_allclose(saved, anomaly_map, rtol=1e-5)
         assert score == saved.max()
 
@@ -399,11 +399,24 @@ def test_a_cluster_without_workers_is_a_clear_error(image_paths, local_fit):
                 call()
 
 
-def test_clashing_heat_map_names_are_an_error(client, image_paths, local_fit, tmp_path):
-    first = image_paths[0][0]
-    twin = first.replace(".png", ".jpg")
-    with pytest.raises(ValueError, match="would both write the heat map"):
-        score_distributed(local_fit, [first, twin], client, heatmap_dir=tmp_path)
+def test_images_differing_only_by_extension_get_a_map_each(
+    client, image_paths, local_fit, tmp_path
+):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    twins = [str(folder / "a.png"), str(folder / "a.jpg")]
+    with Image.open(image_paths[1][0]) as good, Image.open(image_paths[1][-1]) as bad:
+        good.save(twins[0])
+        bad.save(twins[1])
+    score_distributed(local_fit, twins, client, heatmap_dir=tmp_path / "maps").compute()
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["a-2.npy", "a.npy"]
+    expected = local_fit.score_samples(twins)
+    assert not np.allclose(expected[0], expected[1])  # so a swap would show
+    for name, anomaly_map in zip(["a", "a-2"], expected, strict=True):
+        # Float32 maps of another process: equal up to rounding.
+        np.testing.assert_allclose(
+            np.load(tmp_path / "maps" / f"{name}.npy"), anomaly_map, rtol=1e-5
+        )
 
 
 def test_grid_search_on_the_dask_joblib_backend_equals_local_search(client):

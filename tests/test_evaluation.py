@@ -19,7 +19,7 @@ from sk_padim.evaluation import (
     results_table,
     write_results,
 )
-from sk_padim.plotting import heatmap_writer
+from sk_padim.heatmaps import heatmap_writer
 
 
 class MapIsImage(BaseEstimator):

@@ -29,7 +29,7 @@ from sk_padim import (
 )
 from sk_padim import export as export_module
 from sk_padim.cli import main
-from sk_padim.core.model import PadimModel
+from sk_padim.pipelines import padim_model
 
 
 def make_pipeline(image_size, n_features=100, backbone="resnet18", **feat_params):
@@ -179,7 +179,7 @@ def test_calibrated_threshold_and_torch_core_are_exported(tmp_path):
     metadata = {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
     assert float(metadata["pixel_threshold"]) == pytest.approx(good.pixel_threshold_)
     assert float(metadata["threshold"]) == pytest.approx(pipe[-1].threshold_)
-    outputs = run(export_onnx(PadimModel.from_pipeline(pipe), tmp_path / "core.onnx"), test)
+    outputs = run(export_onnx(padim_model(pipe), tmp_path / "core.onnx"), test)
     assert len(outputs) == 2  # no threshold, no verdict
     np.testing.assert_allclose(outputs[1], pipe.decision_function(test), rtol=1e-4)
 

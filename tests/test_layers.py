@@ -30,6 +30,7 @@ LAZY_IMPORTS = {
         "demo",
         "evaluation",
         "export",
+        "heatmaps",
         "persistence",
         "pipelines",
         "plotting",
@@ -169,7 +170,7 @@ def test_lazy_imports_are_exactly_the_documented_ones():
 
 def test_evaluation_neither_reads_datasets_nor_draws():
     assert {module for module, _ in imported_modules("evaluation")}.isdisjoint(
-        {"plotting", "datasets", "mvtec"}
+        {"plotting", "heatmaps", "datasets", "mvtec"}
     )
     assert "core.images" in {module for module, _ in imported_modules("datasets")}
 

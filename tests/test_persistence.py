@@ -53,7 +53,7 @@ def test_pickling_leaves_the_fitted_models_as_they_were(fitted, data):
     for (_, step), state in zip(fitted.steps, before, strict=True):
         assert vars(step).keys() == state.keys()
         assert all(vars(step)[name] is value for name, value in state.items())
-    assert "_gaussians_by_device" in vars(fitted[-1])
+    assert "_fitted_gaussians" in vars(fitted[-1])
     expected = fitted.decision_function(data[1])
     np.testing.assert_array_equal(copy.decision_function(data[1]), expected)
 

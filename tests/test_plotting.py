@@ -12,8 +12,7 @@ from sk_padim.plotting import (
     AnomalyMapDisplay,
     ImageScoreDisplay,
     check_matplotlib,
-    picture_names,
-    save_heatmaps,
+    new_map_axes,
 )
 
 matplotlib.use("Agg")
@@ -24,18 +23,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 def close_figures():
     yield
     plt.close("all")
-
-
-@pytest.fixture
-def picture():
-    """A grey 48 x 48 image, a 24 x 24 map hot in one corner block, the true mask there."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(60, 200, size=(48, 48), dtype=np.uint8)
-    anomaly_map = rng.uniform(0, 1, size=(24, 24))
-    anomaly_map[4:10, 4:10] += 5
-    mask = np.zeros((48, 48), dtype=bool)
-    mask[8:20, 8:20] = True  # the same block at the image's resolution
-    return image, anomaly_map, mask
 
 
 def test_anomaly_map_display_draws_the_three_panels(picture):
@@ -132,50 +119,6 @@ def test_image_score_display_takes_masks_as_ground_truth():
     assert display.roc_auc_ == 1.0
 
 
-@pytest.mark.parametrize(("threshold", "width"), [(None, 600), (2.0, 900)])
-def test_save_heatmaps_writes_pngs_of_the_documented_size(tmp_path, picture, threshold, width):
-    image, anomaly_map, mask = picture
-    images = np.stack([image, image])
-    maps = np.stack([anomaly_map, np.zeros_like(anomaly_map)])
-    paths = save_heatmaps(
-        images, maps, tmp_path / "out", masks=[mask, mask], threshold=threshold, names=["a", "b"]
-    )
-    assert paths == [tmp_path / "out" / "a.png", tmp_path / "out" / "b.png"]
-    for path in paths:
-        with Image.open(path) as png:
-            assert png.format == "PNG"
-            assert png.size == (width, 360)  # 3 inches per panel by 3.6 inches, at 100 dpi
-
-
-def test_save_heatmaps_size_follows_dpi(tmp_path, picture):
-    image, anomaly_map, _ = picture
-    (path,) = save_heatmaps(image[None], anomaly_map[None], tmp_path, dpi=50)
-    assert path.name == "000.png"
-    with Image.open(path) as png:
-        assert png.size == (300, 180)
-
-
-def test_save_heatmaps_uses_one_colour_scale_for_all_images(tmp_path, monkeypatch, picture):
-    image, anomaly_map, _ = picture
-    scales = []
-    original = AnomalyMapDisplay.plot
-
-    def record(self, *args, **kwargs):
-        scales.append((self.vmin, self.vmax))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(AnomalyMapDisplay, "plot", record)
-    maps = np.stack([anomaly_map, anomaly_map / 2])
-    save_heatmaps(np.stack([image, image]), maps, tmp_path)
-    assert scales == [(np.median(maps), maps.max())] * 2
-
-
-def test_save_heatmaps_rejects_mismatched_lengths(tmp_path, picture):
-    image, anomaly_map, _ = picture
-    with pytest.raises(ValueError, match="Got 1 images, 2 maps"):
-        save_heatmaps(image[None], np.stack([anomaly_map] * 2), tmp_path)
-
-
 def test_missing_matplotlib_names_the_plot_extra(monkeypatch, picture):
     image, anomaly_map, _ = picture
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
@@ -208,20 +151,21 @@ def test_colour_bar_and_its_labels_lie_inside_the_saved_figure(tmp_path, picture
         assert bar.x1 <= display.ax_[2].get_window_extent().x0
 
 
-def test_save_heatmaps_pictures_hold_the_whole_colour_bar(tmp_path, picture, monkeypatch):
+@pytest.mark.parametrize("pyplot", [True, False])
+@pytest.mark.parametrize("n_panels", [2, 3])
+def test_new_map_axes_fit_the_display_and_its_whole_colour_bar(picture, pyplot, n_panels):
     image, anomaly_map, _ = picture
-    drawn = []
-    original = AnomalyMapDisplay.plot
-
-    def record(self, *args, **kwargs):
-        drawn.append(original(self, *args, **kwargs))
-        return drawn[-1]
-
-    monkeypatch.setattr(AnomalyMapDisplay, "plot", record)
-    save_heatmaps(image[None], anomaly_map[None] * 1000, tmp_path)
-    (display,) = drawn
+    axes = new_map_axes(n_panels, pyplot=pyplot)
+    threshold = None if n_panels == 2 else 400.0
+    display = AnomalyMapDisplay.from_predictions(
+        image, anomaly_map * 1000, threshold=threshold, score=466.0, ax=axes
+    )
+    assert display.figure_.get_size_inches().tolist() == [3.0 * n_panels, 3.6]
     bar = _extent_in_pixels(display.colorbar_.ax, display.figure_)
-    assert bar.x1 <= display.figure_.bbox.x1
+    right = display.figure_.bbox.x1 if n_panels == 2 else axes[2].get_window_extent().x0
+    assert bar.x1 <= right
+    # Without pyplot the figure is not registered: nothing to close.
+    assert len(plt.get_fignums()) == (1 if pyplot else 0)
 
 
 @pytest.mark.parametrize(
@@ -251,17 +195,6 @@ def test_without_a_threshold_there_is_no_verdict(picture):
     assert display.ax_[1].get_title() == "anomaly map, score 3"
 
 
-def test_picture_names_are_paths_below_the_common_folder(tmp_path):
-    paths = [tmp_path / "test" / "good" / "000.png", tmp_path / "test" / "hole" / "000.png"]
-    assert picture_names(paths) == ["good_000", "hole_000"]
-    assert picture_names([tmp_path / "a.png", tmp_path / "a.jpg", tmp_path / "b.png"]) == [
-        "a",
-        "a-2",
-        "b",
-    ]
-    assert picture_names([]) == []
-
-
 def test_regions_are_boxed_on_the_prediction_panel_at_the_pixel_threshold():
     from sk_padim.regions import defect_regions
 
@@ -278,27 +211,4 @@ def test_regions_are_boxed_on_the_prediction_panel_at_the_pixel_threshold():
     boxes = [(b.get_x(), b.get_y(), b.get_width(), b.get_height()) for b in display.boxes_]
     assert boxes == [(19.5, 7.5, 12.0, 8.0), (3.5, 39.5, 4.0, 4.0)]
     assert [b.axes for b in display.boxes_] == [display.ax_[2]] * 2
-    plt.close("all")
-
-
-def test_heatmap_writer_writes_the_regions_of_every_test_image(tmp_path):
-    import json
-
-    from sk_padim.evaluation import Category
-    from sk_padim.plotting import heatmap_writer
-
-    maps = np.zeros((4, 16, 16))
-    masks = np.zeros((4, 16, 16), dtype=bool)
-    maps[2, 2:5, 3:7] = masks[2, 2:5, 3:7] = 1  # one 3 x 4 defect
-    maps[3, 10:12, 10:12] = masks[3, 10:12, 10:12] = 1  # one 2 x 2 defect
-    kinds = np.array(["good", "good", "hole", "hole"])
-    category = Category("tile", maps, maps, kinds != "good", masks, kinds)
-    paths = heatmap_writer(tmp_path, 1)(category, maps, masks)
-    assert [path.name for path in paths] == ["good_000.png", "hole_000.png"]
-    lines = (tmp_path / "tile" / "regions.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    got = [(r["image"], r["index"], r["region"], r["area"]) for r in records]
-    assert got == [("hole_000", 2, 1, 12), ("hole_001", 3, 1, 4)]
-    box = [records[0][k] for k in ("row_min", "col_min", "row_max", "col_max")]
-    assert box == [2, 3, 5, 7]
     plt.close("all")

@@ -88,6 +88,12 @@ def test_min_area_and_connectivity():
     assert defect_regions(maps[0], 2.0) == [[]]  # one map, nothing above
 
 
+@pytest.mark.parametrize("min_area", [0, 2.5, "3", True])
+def test_min_area_that_is_not_a_positive_int_is_refused(min_area):
+    with pytest.raises(ValueError, match="min_area must be an int >= 1"):
+        defect_regions(np.zeros((1, 4, 4)), 0.5, min_area=min_area)
+
+
 @pytest.mark.parametrize("threshold", [0, -1.0, np.nan])
 def test_a_threshold_that_is_not_positive_is_refused(threshold):
     with pytest.raises(ValueError, match="positive"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -10,7 +10,12 @@ import torch
 from sk_padim.core.devices import as_tensor
 from sk_padim.core.statistics import all_finite
 
-__all__ = ["check_feature_shape_matches", "check_features", "feature_batches"]
+__all__ = [
+    "check_feature_shape_matches",
+    "check_features",
+    "feature_batches",
+    "stream_feature_batches",
+]
 
 _TRANSFORMER_HINT = (
     "PadimDetector takes patch features (n, d, h, w), not images: put a "
@@ -107,3 +112,17 @@ def feature_batches(
                 "Features contain NaN or infinite values; check the images and the backbone."
             )
         yield batch
+
+
+def stream_feature_batches(
+    arrays: Iterable, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """:func:`feature_batches` of each feature array that ``arrays`` gives, all of the
+    first one's ``(d, h, w)``; an array is not held while the next one is made."""
+    shape = None
+    for features in arrays:
+        features = check_features(features)
+        shape = shape or tuple(features.shape[1:])
+        check_feature_shape_matches(features, shape)
+        yield from feature_batches(features, batch_size, device)
+        del features

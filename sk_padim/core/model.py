@@ -92,6 +92,8 @@ class PatchScorer(nn.Module):
 class PadimModel(nn.Module):
     """A fitted PaDiM pipeline as one module: pixels -> ``(maps, scores)``.
 
+    :func:`sk_padim.pipelines.padim_model` makes it from a fitted pipeline.
+
     Parameters
     ----------
     embedding : PatchEmbedding
@@ -111,7 +113,7 @@ class PadimModel(nn.Module):
     ...     ("feat", PatchFeatureTransformer(weights=None, image_size=32, n_features=8)),
     ...     ("padim", PadimDetector()),
     ... ]).fit(X)
-    >>> model = PadimModel.from_pipeline(pipe, "cpu")
+    >>> model = PadimModel(pipe[0].to_module("cpu"), pipe[1].to_module("cpu")).eval()
     >>> with torch.inference_mode():
     ...     maps, scores = model(torch.from_numpy(X).permute(0, 3, 1, 2))
     >>> bool(np.allclose(scores.numpy(), pipe.decision_function(X), atol=1e-4))
@@ -139,28 +141,3 @@ class PadimModel(nn.Module):
             Image anomaly scores, the maximum of each map.
         """
         return self.scorer(self.embedding(pixels))
-
-    @classmethod
-    def from_pipeline(cls, pipeline, device: str | torch.device = "cpu") -> PadimModel:
-        """Make the model of a fitted ``Pipeline([transformer, detector])``.
-
-        Parameters
-        ----------
-        pipeline : Pipeline
-            A fitted ``[PatchFeatureTransformer, PadimDetector]`` pipeline; each step's
-            ``to_module(device)`` gives its stage.
-        device : str or torch.device, default="cpu"
-            Where the model runs.
-
-        Returns
-        -------
-        model : PadimModel
-            In eval mode, on ``device``.
-        """
-        steps = [step for _, step in getattr(pipeline, "steps", ())]
-        if len(steps) != 2 or not all(hasattr(step, "to_module") for step in steps):
-            raise TypeError(
-                "from_pipeline needs a fitted Pipeline([(name, PatchFeatureTransformer(...)), "
-                f"(name, PadimDetector(...))]); got {type(pipeline).__name__}."
-            )
-        return cls(steps[0].to_module(device), steps[1].to_module(device)).eval()
