@@ -162,12 +162,9 @@ def fit_distributed(
     >>> scores = score_distributed(pipe, test_paths, client).compute()  # doctest: +SKIP
     """
     (feat_name, feat), (detector_name, detector) = padim_steps(pipeline, "fit_distributed")
-    paths = _check_paths(paths)
-    if partition_size is not None:
-        partition_size = check_int(partition_size, "partition_size", 1)
-    if torch_threads is not None:
-        torch_threads = check_int(torch_threads, "torch_threads", 1)
-    retries = check_int(retries, "retries", 0)
+    paths, partition_size, torch_threads, retries = _task_options(
+        paths, partition_size, torch_threads, retries
+    )
     _check_client(client)
     if detector.texture_tile is not None:
         raise ValueError(
@@ -498,14 +495,21 @@ class DistributedScorer:
         self.close()
 
 
-def _score_options(paths, partition_size, heatmap_dir, torch_threads, retries) -> tuple:
-    """Checked scoring arguments, with the heat maps' file paths (or None)."""
+def _task_options(paths, partition_size, torch_threads, retries) -> tuple:
+    """The paths and the tasks' options of a fit or a scoring, checked."""
     paths = _check_paths(paths)
     if partition_size is not None:
         partition_size = check_int(partition_size, "partition_size", 1)
     if torch_threads is not None:
         torch_threads = check_int(torch_threads, "torch_threads", 1)
-    retries = check_int(retries, "retries", 0)
+    return paths, partition_size, torch_threads, check_int(retries, "retries", 0)
+
+
+def _score_options(paths, partition_size, heatmap_dir, torch_threads, retries) -> tuple:
+    """Checked scoring arguments, with the heat maps' file paths (or None)."""
+    paths, partition_size, torch_threads, retries = _task_options(
+        paths, partition_size, torch_threads, retries
+    )
     targets = None
     if heatmap_dir is not None:
         if not isinstance(heatmap_dir, (str, os.PathLike)):
