@@ -265,7 +265,8 @@ def _private_uses(path: Path) -> list[str]:
     "path",
     [
         *(ROOT / "sk_padim" / name for name in ("streaming.py", "dask.py", "persistence.py")),
-        *(ROOT / "sk_padim" / name for name in ("cli.py", "evaluation.py", "demo.py")),
+        *(ROOT / "sk_padim" / name for name in ("cli.py", "cli_parser.py", "evaluation.py")),
+        ROOT / "sk_padim" / "demo.py",
         *(ROOT / "sk_padim" / name for name in ("plotting.py", "heatmaps.py")),
         *(ROOT / "sk_padim" / name for name in ("export.py", "score_run.py")),
         *sorted((ROOT / "benchmarks").glob("*.py")),

@@ -201,9 +201,10 @@ def write_images(folder: Path, images: np.ndarray) -> Path:
 
 
 def test_cli_names_the_library_choices():
-    from sk_padim import cli
+    from sk_padim import cli_parser
 
-    assert cli._PRECISIONS == runtimes.PRECISIONS and cli._RUNTIMES == runtimes.RUNTIMES
+    assert cli_parser._PRECISIONS == runtimes.PRECISIONS
+    assert cli_parser._RUNTIMES == runtimes.RUNTIMES
 
 
 @needs_openvino
