@@ -66,8 +66,9 @@ def padim_steps(pipeline, caller: str, fitted: bool = False) -> tuple[tuple, tup
 
 
 def padim_model(pipeline, device: str | torch.device = "cpu") -> PadimModel:
-    """The torch model of a fitted ``Pipeline([transformer, detector])``: pixels -> maps
-    and scores, each step's ``to_module(device)`` a stage (scoring as the pipeline does).
+    """Make the torch model of a fitted pipeline: pixels -> anomaly maps and scores.
+
+    Each step's ``to_module(device)`` is a stage; the model scores as the pipeline does.
 
     Parameters
     ----------
