@@ -391,3 +391,24 @@ def test_drift_report_counts_and_combines_its_tests():
     assert report["drift_p_value"] == pytest.approx(
         min(1, 2 * min(report["count_p_value"], report["shift_p_value"]))
     )
+
+
+@pytest.mark.parametrize("route", ["fit", "fit_batches", "from_statistics", "one_image"])
+def test_fit_warnings_point_at_the_callers_line(route):
+    # stacklevel is counted through the fitting functions and scikit-learn's _fit_context:
+    # the warning must name this file, where the user's call is.
+    X = features(30)
+    X[[3, 7]] += 6.0  # two outliers among the training images: suspects
+    expected = UserWarning if route == "one_image" else SuspectTrainingImagesWarning
+    with pytest.warns(expected) as record:
+        if route == "fit":
+            PadimDetector().fit(X)
+        elif route == "fit_batches":
+            PadimDetector().fit_batches(lambda: np.split(X, 3))
+        elif route == "one_image":
+            PadimDetector().fit(X[:1])
+        else:
+            stats = PatchStatistics.empty(9, 4, "cpu").update(torch.from_numpy(X))
+            grids = stats.held_out_distances(stats.gaussians(0.01), torch.from_numpy(X))
+            PadimDetector.from_statistics(stats, (4, 3, 3), held_out_distances=[grids])
+    assert [warning.filename for warning in record] == [__file__]
