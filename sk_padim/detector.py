@@ -37,6 +37,7 @@ from sk_padim.fitting import (
     scoring_gaussians,
     state_fit,
     statistics_fit,
+    warn_of_suspects,
 )
 from sk_padim.versioning import VersionedPickleMixin
 
@@ -241,6 +242,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         device = resolve_device(self.device)
         batches = functools.partial(feature_batches, features, self.batch_size, device)
         self._set_fitted(fit_passes(batches, device, params))
+        warn_of_suspects(self, stacklevel=4)  # past fit and _fit_context
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -275,11 +277,9 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         """
         params = self._checked_params()
         device = resolve_device(self.device)
-
-        def batches():
-            return stream_feature_batches(make_batches(), self.batch_size, device)
-
+        batches = functools.partial(stream_feature_batches, make_batches, self.batch_size, device)
         self._set_fitted(fit_passes(batches, device, params))
+        warn_of_suspects(self, stacklevel=4)  # past fit_batches and _fit_context
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -377,6 +377,7 @@ class PadimDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         detector = cls(**params)
         checked = detector._checked_params()
         detector._set_fitted(statistics_fit(statistics, feature_shape, held_out_distances, checked))
+        warn_of_suspects(detector, stacklevel=3)
         return detector
 
     def score_samples(self, X) -> np.ndarray | torch.Tensor:

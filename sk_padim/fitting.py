@@ -48,6 +48,7 @@ __all__ = [
     "scoring_gaussians",
     "state_fit",
     "statistics_fit",
+    "warn_of_suspects",
 ]
 
 THRESHOLD_ATTRIBUTES = (
@@ -141,7 +142,6 @@ def fit_passes(batches: Callable[[], Iterator[torch.Tensor]], device, params: di
         if store is not None:
             store.discard()
         raise
-    _warn_of_suspects(thresholds, stacklevel=5)  # past fit, sklearn's _fit_context
     return Fit(shape, count, stats, gaussians, thresholds)
 
 
@@ -189,7 +189,6 @@ def statistics_fit(
         n_images = statistics.count // (1 if tiles is None else tiles.n_tiles)
         device = resolve_device(params["device"])
         thresholds = _thresholds_from_grids(held_out_distances, shape, n_images, params, device)
-        _warn_of_suspects(thresholds, stacklevel=4)  # past from_statistics
     return Fit(shape, statistics.count, statistics, None, thresholds)
 
 
@@ -404,14 +403,15 @@ def _threshold_attributes(record: dict) -> dict:
     return attributes
 
 
-def _warn_of_suspects(attributes: dict, stacklevel: int) -> None:
-    """Warn when a fit's threshold ``attributes`` name suspect training images
-    (``stacklevel`` as for ``warnings.warn`` called in this function)."""
-    suspects = attributes.get("suspect_indices_", ())
+def warn_of_suspects(detector, stacklevel: int) -> None:
+    """Warn when a fitted ``detector`` names suspect training images (``stacklevel`` as
+    for ``warnings.warn`` called in this function). The detector warns once it holds
+    the fit, so that a warning turned into an error leaves it consistent with its store."""
+    suspects = getattr(detector, "suspect_indices_", ())
     if len(suspects):
         listed = ", ".join(map(str, suspects[:20])) + (", ..." if len(suspects) > 20 else "")
         warnings.warn(
-            f"{len(suspects)} of {len(attributes['training_scores_'])} training images score "
+            f"{len(suspects)} of {len(detector.training_scores_)} training images score "
             f"as outliers among the training images (indices {listed}): perhaps defective "
             "parts among the good ones. Look at them (suspect_indices_), and refit without "
             "those that are defective.",

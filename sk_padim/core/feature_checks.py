@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -115,12 +115,12 @@ def feature_batches(
 
 
 def stream_feature_batches(
-    arrays: Iterable, batch_size: int, device: torch.device
+    make_arrays: Callable[[], Iterable], batch_size: int, device: torch.device
 ) -> Iterator[torch.Tensor]:
-    """:func:`feature_batches` of each feature array that ``arrays`` gives, all of the
-    first one's ``(d, h, w)``; an array is not held while the next one is made."""
+    """:func:`feature_batches` of each feature array that ``make_arrays()`` gives, all of
+    the first one's ``(d, h, w)``; an array is not held while the next one is made."""
     shape = None
-    for features in arrays:
+    for features in make_arrays():
         features = check_features(features)
         shape = shape or tuple(features.shape[1:])
         check_feature_shape_matches(features, shape)
