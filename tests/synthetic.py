@@ -4,6 +4,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from sk_padim import make_defect_textures
+
 
 def smooth_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth random RGB texture, uint8, (size, size, 3)."""
@@ -47,3 +49,17 @@ def assert_labels_like(flags, scores, threshold, labels, rtol=1e-4):
     clear = np.abs(scores - threshold) > 2 * rtol * abs(threshold)
     assert clear.sum() >= len(clear) - 1
     np.testing.assert_array_equal(flags[clear], (labels == -1)[clear])
+
+
+def gravel_with_defects():
+    """128 px gravel: 36 good crops (``X_train``) and 4 with a hole or a patch
+    (``X_test``), as ``sk_padim.make_defect_textures`` makes them."""
+    return make_defect_textures(
+        "gravel",
+        image_size=128,
+        n_train=36,
+        n_test_good=0,
+        n_test_defective=4,
+        defect_kinds=("hole", "patch"),
+        random_state=0,
+    )

@@ -11,6 +11,7 @@ import joblib
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import gravel_with_defects
 
 from sk_padim import make_defect_textures
 from sk_padim.cli import main
@@ -144,15 +145,7 @@ def test_run_time_thresholds_override_the_models_for_one_run(gravel, tmp_path, c
 def contaminated(tmp_path_factory):
     """36 good gravel crops (128 px) and 4 with a hole or a patch, in one folder."""
     root = tmp_path_factory.mktemp("contaminated")
-    data = make_defect_textures(
-        "gravel",
-        image_size=128,
-        n_train=36,
-        n_test_good=0,
-        n_test_defective=4,
-        defect_kinds=("hole", "patch"),
-        random_state=0,
-    )
+    data = gravel_with_defects()
     write_images(data.gravel.X_train, root / "train", prefix="good")
     bad = write_images(data.gravel.X_test, root / "train", prefix="zbad")
     return root, bad

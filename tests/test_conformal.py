@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 from sklearn.pipeline import Pipeline
+from synthetic import gravel_with_defects
 
 from sk_padim import (
     PadimDetector,
@@ -300,15 +301,7 @@ def test_suspect_rule_is_a_robust_z_score_of_the_log_scores():
 @pytest.fixture(scope="module")
 def photos_with_defects():
     """128 px gravel: features of good crops and of crops with a hole or a patch."""
-    data = make_defect_textures(
-        "gravel",
-        image_size=128,
-        n_train=36,
-        n_test_good=0,
-        n_test_defective=4,
-        defect_kinds=("hole", "patch"),
-        random_state=0,
-    )
+    data = gravel_with_defects()
     out = {}
     for name, category in data.items():
         feat = PatchFeatureTransformer(
